@@ -1,0 +1,246 @@
+"""GPT-2, the whole forward pass, with every tap where its quantity is born.
+
+Read top to bottom: Attention, MLP, Block, GPT. Each ``taps(name, x)`` call is a named point
+that a caller may record or replace (see ``taps.py``); with nothing asked it returns ``x``.
+Shapes: B batch, S sequence, D d_model, H heads, d d_head, M d_mlp, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ACTIVATIONS, OFFICIAL, GPTConfig
+from .errors import InputError, MemoryBudgetError
+from .taps import NO_TAPS, Edit, Taps, Trace, nbytes_estimate, select, tap_names
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention; ``qkv`` is GPT-2's fused c_attn, ``out`` its c_proj."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.out = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.attn_pdrop)
+        inverse_layer = layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
+        self.scale = 1 / (math.sqrt(self.d_head) * inverse_layer)
+        self.prefix = f"blocks.{layer}.attn."
+
+    def forward(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+        """[B, S, D] (the ln1 output) -> [B, S, D], attention's write to the residual (before dropout)."""
+        B, S, _ = x.shape
+        p = self.prefix
+        # c_attn's output columns are [Q | K | V], each split head by head.
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.d_head).unbind(2)
+        q, k, v = taps(p + "q", q), taps(p + "k", k), taps(p + "v", v)  # [B, S, H, d]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
+        if taps.wants(p + "scores") or taps.wants(p + "pattern"):
+            # The pattern is wanted, so compute it in the open.
+            scores = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, Q, K]
+            future = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
+            scores = taps(p + "scores", scores.masked_fill(future, float("-inf")))
+            pattern = taps(p + "pattern", scores.softmax(dim=-1))
+            z = self.dropout(pattern) @ v
+        else:
+            # Same maths, fused: the pattern is never materialised.
+            drop = self.dropout.p if self.training else 0.0
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=drop)
+        z = taps(p + "z", z.transpose(1, 2))  # [B, S, H, d]
+        delta = self.out(z.flatten(2))
+        if taps.wants(p + "heads"):
+            # Split c_proj by head: head h writes z[..., h, :] @ W_O[h]; the bias belongs to no head.
+            w_o = self.out.weight.T.view(self.n_head, self.d_head, -1)  # [H, d, D]
+            heads = taps(p + "heads", torch.einsum("bshd,hdm->bshm", z, w_o))  # [B, S, H, D]
+            if p + "heads" in taps.edits:
+                delta = heads.sum(dim=2) + self.out.bias
+        return delta
+
+
+class MLP(nn.Module):
+    """Two layers with GELU between; ``fc`` is GPT-2's c_fc, ``proj`` its c_proj."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.d_mlp)
+        self.act = ACTIVATIONS[cfg.activation_function]
+        self.proj = nn.Linear(cfg.d_mlp, cfg.n_embd)
+        self.prefix = f"blocks.{layer}.mlp."
+
+    def forward(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+        """[B, S, D] (the ln2 output) -> [B, S, D], through M neurons."""
+        pre = taps(self.prefix + "pre", self.fc(x))  # [B, S, M]
+        post = taps(self.prefix + "post", self.act(pre))
+        return self.proj(post)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg, layer)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg, layer)
+        self.dropout = nn.Dropout(cfg.resid_pdrop)
+        self.prefix = f"blocks.{layer}."
+
+    def forward(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+        """[B, S, D] -> [B, S, D]: resid_post = resid_pre + attn_delta + mlp_delta."""
+        p = self.prefix
+        x = taps(p + "resid_pre", x)
+        attn_delta = taps(p + "attn_delta", self.dropout(self.attn(taps(p + "ln1", self.ln1(x)), taps)))
+        x = taps(p + "resid_mid", x + attn_delta)
+        mlp_delta = taps(p + "mlp_delta", self.dropout(self.mlp(taps(p + "ln2", self.ln2(x)), taps)))
+        return taps(p + "resid_post", x + mlp_delta)
+
+
+class GPT(nn.Module):
+    """GPT-2 with named taps. ``model(tokens)`` -> logits; ``model.run(...)`` -> (logits, trace)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.embd_pdrop)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.tap_names = tap_names(cfg.n_layer)
+        self.source = "untrained (initialised) weights"
+        self.trace_budget_bytes: int | None = None  # memory guard for run(); None = no limit
+        self.eval()  # dropout only when asked for with .train()
+
+    def forward(self, tokens: torch.Tensor, taps: Taps = NO_TAPS) -> torch.Tensor:
+        """tokens [B, S] (int) -> logits [B, S, V]."""
+        check_tokens(tokens, self.cfg)
+        B, S = tokens.shape
+        positions = torch.arange(S, device=tokens.device)
+        embed = taps("embed", self.embed(tokens))  # [B, S, D]
+        pos_embed = taps("pos_embed", self.pos_embed(positions).expand(B, S, -1))
+        x = self.dropout(embed + pos_embed)
+        for block in self.blocks:
+            x = block(x, taps)
+        x = taps("ln_f", self.ln_f(x))
+        return taps("logits", F.linear(x, self.embed.weight))  # unembedding tied to the embedding
+
+    def run(self, inputs: str | Sequence | torch.Tensor, taps: str | Iterable[str] = (),
+            edits: Mapping[str, Edit] | None = None, *, grad: bool = False,
+            to: torch.device | str | None = None, dtype: torch.dtype | None = None,
+            positions: slice | list[int] | None = None) -> tuple[torch.Tensor, Trace]:
+        """Run once, recording ``taps`` (names or glob patterns) and applying ``edits``.
+
+        inputs: text, a list of ids, a list of equal-length lists, or an int tensor [S] or [B, S].
+        edits: tap name or pattern -> function (tensor -> same-shaped tensor) or replacement tensor.
+        The edits last for this call only. Returns logits [B, S, V] and a read-only Trace whose
+        tensors are detached unless ``grad=True``; ``to``, ``dtype`` and ``positions`` shape what
+        is kept (see Taps).
+        """
+        tokens = self.tokens(inputs)
+        record = select(taps, self.tap_names) if taps else []
+        resolved = {name: edit for pattern, edit in (edits or {}).items()
+                    for name in select(pattern, self.tap_names)}
+        self.check_budget(record, *tokens.shape, dtype or self.embed.weight.dtype)
+        call = Taps(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions)
+        with torch.set_grad_enabled(grad):
+            logits = self(tokens, call)
+        return logits, Trace(call.trace, self.cfg.n_layer)
+
+    def tokens(self, inputs: str | Sequence | torch.Tensor) -> torch.Tensor:
+        """Text, ids or a tensor -> validated int64 tensor [B, S] on the model's device."""
+        if isinstance(inputs, str):
+            if not inputs:
+                raise InputError("empty text: give at least one character (or token id)")
+            inputs = [self.tokenizer.encode(inputs, allowed_special={"<|endoftext|>"})]
+        if not isinstance(inputs, torch.Tensor):
+            try:
+                inputs = torch.tensor(inputs)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InputError(f"cannot make a token tensor from {type(inputs).__name__} ({e}); give "
+                                 "text, a list of ints, or a list of equal-length lists of ints") from None
+        if inputs.dim() == 1:
+            inputs = inputs.unsqueeze(0)
+        check_tokens(inputs, self.cfg)
+        return inputs.to(device=self.embed.weight.device, dtype=torch.long)
+
+    def check_budget(self, record: list[str], batch: int, seq: int, dtype: torch.dtype) -> None:
+        """Refuse, before allocating, a run whose recorded taps would exceed ``trace_budget_bytes``."""
+        if self.trace_budget_bytes is None or not record:
+            return
+        sizes = nbytes_estimate(record, batch, seq, self.cfg, dtype.itemsize)
+        total = sum(sizes.values())
+        if total > self.trace_budget_bytes:
+            worst = sorted(sizes, key=sizes.get, reverse=True)[:3]
+            raise MemoryBudgetError(
+                f"recording {len(record)} taps for {batch}x{seq} tokens would hold {total / 2**20:.1f} MiB, "
+                f"over the budget of {self.trace_budget_bytes / 2**20:.1f} MiB; the largest are "
+                f"{', '.join(f'{n} ({sizes[n] / 2**20:.1f} MiB)' for n in worst)}. Record fewer taps or "
+                "positions, record in a lower dtype, or raise model.trace_budget_bytes")
+
+    @property
+    def tokenizer(self):
+        """GPT-2's BPE (a tiktoken Encoding): ``.encode(text)``, ``.decode(ids)``."""
+        from .tokenizer import gpt2_tokenizer
+
+        return gpt2_tokenizer()
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> GPT:
+        """Load a GPT-2 checkpoint (hub name or local directory with config.json + safetensors)."""
+        from .weights import load_checkpoint
+
+        cfg, state, source = load_checkpoint(name_or_dir)
+        model = cls(cfg).to(dtype=dtype)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+        model.source = source
+        return model.to(device)
+
+    @classmethod
+    def random(cls, size: str | GPTConfig = "gpt2", *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> GPT:
+        """A GPT-2 of an official size (or any config) with seeded random weights, as HF initialises them."""
+        if isinstance(size, str):
+            if size not in OFFICIAL:
+                raise InputError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OFFICIAL)}")
+            cfg = OFFICIAL[size]
+        else:
+            cfg = size
+        generator = torch.Generator().manual_seed(seed)
+        model = cls(cfg)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
+                    param.fill_(1.0 if name.endswith("weight") else 0.0)
+                else:  # GPT-2 shrinks the residual projections by sqrt(2 * n_layer)
+                    std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("out.weight", "proj.weight")) else 0.02
+                    param.normal_(0.0, std, generator=generator)
+        model.source = f"RANDOM weights (seed {seed}), {size if isinstance(size, str) else 'custom'} shape"
+        return model.to(dtype=dtype, device=device)
+
+
+def check_tokens(tokens: torch.Tensor, cfg: GPTConfig) -> None:
+    """Raise InputError unless ``tokens`` is an integer tensor [B, S] of ids the model can run."""
+    if not isinstance(tokens, torch.Tensor):
+        raise InputError(f"tokens must be a tensor, got {type(tokens).__name__}; model.run also takes text and lists")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise InputError(f"token ids must be integers, got a {tokens.dtype} tensor; use .long()")
+    if tokens.dim() != 2:
+        raise InputError(f"tokens must be shaped [batch, seq], got shape {tuple(tokens.shape)}")
+    if tokens.numel() == 0:
+        raise InputError(f"empty input (shape {tuple(tokens.shape)}): give at least one token")
+    if tokens.shape[1] > cfg.n_positions:
+        raise InputError(f"{tokens.shape[1]} tokens is longer than the context of {cfg.n_positions}; "
+                         f"split the input or keep the last {cfg.n_positions} tokens")
+    if not torch.compiler.is_compiling():
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+                             "were these ids made by another tokenizer?")

@@ -1,0 +1,224 @@
+"""The tap vocabulary, and what one call records and edits.
+
+A tap is a named point of the forward pass. ``model.py`` passes every intermediate tensor
+through ``taps(name, x)``; this module decides, per call, whether that tensor is replaced by
+an edit and whether it is kept in the trace. With nothing asked, a tap is one set lookup.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EditError, MiniGPTError, MiniGPTWarning, TapError, closest
+
+# Name -> (shape, where it sits). The order is the order in which the forward pass meets them.
+# Shapes use: B batch, S seq (Q query, K key positions), H heads, D d_model, d d_head, M d_mlp, V vocab.
+MODEL_TAPS_BEFORE = {
+    "embed": ("B S D", "token embedding"),
+    "pos_embed": ("B S D", "position embedding"),
+}
+BLOCK_TAPS = {
+    "resid_pre": ("B S D", "residual stream entering the block (= embed + pos_embed for block 0)"),
+    "ln1": ("B S D", "LayerNorm 1 output, the input of attention"),
+    "attn.q": ("B S H d", "queries"),
+    "attn.k": ("B S H d", "keys"),
+    "attn.v": ("B S H d", "values"),
+    "attn.scores": ("B H Q K", "q.k / sqrt(d), causally masked with -inf, before softmax"),
+    "attn.pattern": ("B H Q K", "softmax of the scores"),
+    "attn.z": ("B S H d", "each head's pattern-weighted sum of values"),
+    "attn.heads": ("B S H D", "each head's own write to the residual (z @ W_O per head, no bias)"),
+    "attn_delta": ("B S D", "what attention adds to the residual (output projection + bias)"),
+    "resid_mid": ("B S D", "resid_pre + attn_delta"),
+    "ln2": ("B S D", "LayerNorm 2 output, the input of the MLP"),
+    "mlp.pre": ("B S M", "MLP neurons before GELU"),
+    "mlp.post": ("B S M", "MLP neurons after GELU"),
+    "mlp_delta": ("B S D", "what the MLP adds to the residual (output projection + bias)"),
+    "resid_post": ("B S D", "resid_mid + mlp_delta, the block's output"),
+}
+MODEL_TAPS_AFTER = {
+    "ln_f": ("B S D", "final LayerNorm output (HuggingFace's last hidden state)"),
+    "logits": ("B S V", "ln_f @ embed.weight.T"),
+}
+# Taps that exist only if asked for: they cost extra work or force the unfused attention path.
+ON_DEMAND = ("attn.heads", "attn.scores", "attn.pattern")
+
+
+def tap_names(n_layer: int) -> list[str]:
+    """Every tap of a model with ``n_layer`` blocks, in forward order."""
+    blocks = [f"blocks.{layer}.{name}" for layer in range(n_layer) for name in BLOCK_TAPS]
+    return [*MODEL_TAPS_BEFORE, *blocks, *MODEL_TAPS_AFTER]
+
+
+def select(patterns: str | Iterable[str], names: list[str]) -> list[str]:
+    """Expand tap names and glob patterns (``blocks.*.resid_post``) into names, in forward order.
+
+    Raises TapError for an unknown name or a pattern that matches nothing.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TapError(f"tap names are strings, got {type(pattern).__name__} {pattern!r}")
+        if any(c in pattern for c in "*?["):
+            hits = fnmatch.filter(names, pattern)
+            if not hits:
+                raise TapError(f"tap pattern {pattern!r} matches no tap{closest(pattern, names)} "
+                               "(minigpt.taps.tap_names(n_layer) lists them all)")
+            chosen.update(hits)
+        elif pattern in names:
+            chosen.add(pattern)
+        else:
+            raise TapError(f"unknown tap {pattern!r}{closest(pattern, names)} "
+                           "(minigpt.taps.tap_names(n_layer) lists them all)")
+    return [n for n in names if n in chosen]
+
+
+Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+
+
+class Taps:
+    """What one forward call records and edits; called at every tap by the model.
+
+    ``record``: exact tap names to keep. ``edits``: exact tap name -> edit, where an edit is a
+    function (tensor -> tensor of the same shape, dtype and device) or a tensor to put in place.
+    The value recorded at a tap is the value the rest of the forward uses (after its edit).
+    Recorded tensors are detached unless ``grad`` is true; ``to``/``dtype`` move or cast them
+    (e.g. to the CPU from a GPU run, or to bfloat16) and ``positions`` keeps only those sequence
+    positions of taps whose second axis is the sequence.
+    """
+
+    def __init__(self, record: Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
+                 grad: bool = False, to: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, positions: slice | list[int] | None = None):
+        self.record = frozenset(record)
+        self.edits = dict(edits or {})
+        self.wanted = self.record | self.edits.keys()
+        self.grad, self.to, self.dtype, self.positions = grad, to, dtype, positions
+        self.trace: dict[str, torch.Tensor] = {}
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name not in self.wanted:
+            return x
+        if name in self.edits:
+            x = apply_edit(name, self.edits[name], x)
+        if name in self.record:
+            self.trace[name] = self._keep(name, x)
+        return x
+
+    def _keep(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        kept = x if self.grad else x.detach()
+        if self.positions is not None and not name.endswith(("attn.scores", "attn.pattern")):
+            kept = kept[:, self.positions]
+        if self.to is not None or self.dtype is not None:
+            kept = kept.to(device=self.to, dtype=self.dtype)
+        return kept
+
+
+NO_TAPS = Taps()
+
+
+def apply_edit(name: str, edit: Edit, x: torch.Tensor) -> torch.Tensor:
+    """Run one edit at tap ``name`` and check that its result can replace ``x``."""
+    if isinstance(edit, torch.Tensor):
+        new = edit
+    else:
+        try:
+            new = edit(x)
+        except MiniGPTError:
+            raise
+        except Exception as e:
+            e.add_note(f"(raised by the edit at tap {name!r})")
+            raise
+    if not isinstance(new, torch.Tensor):
+        raise EditError(f"the edit at tap {name!r} returned {type(new).__name__}, not a tensor; "
+                        "an edit must return a tensor shaped like its input")
+    if new.shape != x.shape:
+        raise EditError(f"the edit at tap {name!r} gave shape {tuple(new.shape)} but the tap has "
+                        f"shape {tuple(x.shape)}; an edit must keep the shape")
+    if new.dtype != x.dtype or new.device != x.device:
+        raise EditError(f"the edit at tap {name!r} gave {new.dtype} on {new.device} but the tap "
+                        f"is {x.dtype} on {x.device}; convert with .to(x)")
+    if not torch.compiler.is_compiling():
+        _warn_if_not_finite(name, new)
+    return new
+
+
+def _warn_if_not_finite(name: str, x: torch.Tensor) -> None:
+    # -inf is legitimate in attention scores: it is how a key is masked out.
+    bad = torch.isnan(x).any() if name.endswith("attn.scores") else ~torch.isfinite(x).all()
+    if bad:
+        warnings.warn(f"the edit at tap {name!r} produced NaN or inf values", MiniGPTWarning, stacklevel=4)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    name: str
+    shape: str
+    meaning: str
+
+
+def describe(n_layer: int) -> Iterator[TapInfo]:
+    """(name, shape, meaning) for every tap, in forward order: the tap map as data."""
+    groups = {**MODEL_TAPS_BEFORE, **MODEL_TAPS_AFTER}
+    for name in tap_names(n_layer):
+        short = name.split(".", 2)[2] if name.startswith("blocks.") else name
+        shape, meaning = BLOCK_TAPS.get(short) or groups[name]
+        yield TapInfo(name, shape, meaning)
+
+
+class Trace(Mapping[str, torch.Tensor]):
+    """Read-only mapping from tap name to the tensor recorded in one call."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], n_layer: int):
+        self._tensors = dict(tensors)
+        self.n_layer = n_layer
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise TapError(f"tap {name!r} was not recorded in this run{closest(name, self._tensors)}; "
+                           f"ask for it with run(..., taps=[{name!r}])") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"Trace({', '.join(f'{k}: {tuple(v.shape)}' for k, v in self._tensors.items())})"
+
+    def stack(self, tap: str) -> torch.Tensor:
+        """One block tap across all blocks: ``stack('resid_post')`` -> [n_layer, *shape]."""
+        return torch.stack([self[f"blocks.{layer}.{tap}"] for layer in range(self.n_layer)])
+
+    def hidden_states(self) -> tuple[torch.Tensor, ...]:
+        """What HuggingFace's ``output_hidden_states=True`` returns: n_layer + 1 tensors [B, S, D].
+
+        The input of every block, then ``ln_f`` (so the last one is normalised, unlike
+        ``blocks.{last}.resid_post``). Needs taps ``blocks.*.resid_pre`` and ``ln_f``.
+        """
+        needed = [f"blocks.{layer}.resid_pre" for layer in range(self.n_layer)] + ["ln_f"]
+        missing = [n for n in needed if n not in self._tensors]
+        if missing:
+            raise TapError(f"hidden_states() needs taps {missing[:3]}{'...' if len(missing) > 3 else ''}; "
+                           "run with taps=['blocks.*.resid_pre', 'ln_f']")
+        return tuple(self._tensors[n] for n in needed)
+
+
+def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg, bytes_per_value: int) -> dict[str, int]:
+    """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic)."""
+    sizes = {"B": batch, "S": seq, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
+             "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
+    shapes = {i.name: i.shape for i in describe(cfg.n_layer)}
+    return {n: math.prod(sizes[a] for a in shapes[n].split()) * bytes_per_value for n in names}

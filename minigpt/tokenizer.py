@@ -1,0 +1,51 @@
+"""GPT-2's byte-level BPE through tiktoken, usable offline.
+
+tiktoken fetches its vocabulary from the internet on first use. minigpt first looks for a
+verified local copy (``vocab_path()``; put it there with ``scripts/seed_tokenizer.py``), and only
+then asks tiktoken, which uses its own cache or the network.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import tiktoken
+import tiktoken.load
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from .errors import TokenizerError
+
+GPT2_VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT_ID = 50256
+
+
+def vocab_path() -> Path:
+    """Where the verified vocabulary file lives ($MINIGPT_TOKENIZER_FILE overrides)."""
+    if "MINIGPT_TOKENIZER_FILE" in os.environ:
+        return Path(os.environ["MINIGPT_TOKENIZER_FILE"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "minigpt" / "gpt2.tiktoken"
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's encoding (50257 tokens, ``<|endoftext|>`` = 50256)."""
+    path = vocab_path()
+    if path.exists():
+        try:
+            ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_VOCAB_SHA256)
+        except ValueError as e:
+            raise TokenizerError(f"{path} is not GPT-2's vocabulary ({e}); delete it and run "
+                                 "`python scripts/seed_tokenizer.py`") from e
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={END_OF_TEXT: END_OF_TEXT_ID}, explicit_n_vocab=50257)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken raises requests/OS errors of many kinds when offline
+        raise TokenizerError(
+            f"GPT-2's tokenizer vocabulary is not available offline ({type(e).__name__}). "
+            f"Run `python scripts/seed_tokenizer.py` (takes it from PyPI's openai-whisper sdist), "
+            f"or put a verified gpt2.tiktoken at {path} (or set MINIGPT_TOKENIZER_FILE), "
+            "or pass token ids instead of text.") from e
