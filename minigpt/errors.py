@@ -32,6 +32,10 @@ class HubError(MiniGPTError, OSError):
     """The hub cannot give the model: offline with nothing cached, or no such model."""
 
 
+class HubUnreachableError(HubError):
+    """The hub cannot be reached (offline or HF_HUB_OFFLINE=1) and the model is not cached."""
+
+
 class TokenizerError(MiniGPTError, OSError):
     """GPT-2's BPE vocabulary is not available."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
-from .errors import CheckpointError, HubError
+from .errors import CheckpointError, HubError, HubUnreachableError
 
 # HF name (without "transformer.") -> minigpt name, and whether the tensor is a Conv1D weight,
 # which HF stores [in, out] while nn.Linear wants [out, in].
@@ -142,30 +142,52 @@ def _index_shards(index: Path) -> list[str]:
 
 
 def hub_directory(repo_id: str) -> Path:
-    """Fetch (or find in the cache) config.json and the safetensors weights of a hub model."""
+    """Directory holding config.json and the safetensors weights of a hub model.
+
+    The local cache is tried first, so a cached model loads without touching the network;
+    otherwise the files are downloaded (unless HF_HUB_OFFLINE=1).
+    """
+    try:
+        return _hub_fetch(repo_id, local_only=True)
+    except HubUnreachableError:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise
+    return _hub_fetch(repo_id, local_only=False)
+
+
+def _hub_fetch(repo_id: str, local_only: bool) -> Path:
     import huggingface_hub as hub
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError)
 
+    def fetch(filename: str) -> Path:
+        return Path(hub.hf_hub_download(repo_id, filename, local_files_only=local_only))
+
     try:
-        config = Path(hub.hf_hub_download(repo_id, CONFIG_FILE))
+        config = fetch(CONFIG_FILE)
         try:
-            hub.hf_hub_download(repo_id, WEIGHTS_FILE)
-        except EntryNotFoundError:
-            index = Path(hub.hf_hub_download(repo_id, INDEX_FILE))
+            fetch(WEIGHTS_FILE)
+        except (RemoteEntryNotFoundError, LocalEntryNotFoundError) as missing:
+            try:  # a sharded checkpoint
+                index = fetch(INDEX_FILE)
+            except (RemoteEntryNotFoundError, LocalEntryNotFoundError):
+                raise missing from None
             for shard in sorted(set(_index_shards(index))):
-                hub.hf_hub_download(repo_id, shard)
+                fetch(shard)
+    except LocalEntryNotFoundError as e:
+        raise HubUnreachableError(
+            f"cannot get {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) and the model "
+            f"is not in the local cache. On a connected machine run `python scripts/download.py {repo_id} DIR` "
+            "and pass DIR instead of the name, or use random weights of the same shape "
+            "(`minigpt ... --random-if-offline`, or GPT.random(size))") from e
     except RepositoryNotFoundError as e:
         raise HubError(f"no model {repo_id!r} on the hub (or it is private); check the name, "
                        "e.g. 'gpt2', 'gpt2-medium', 'distilgpt2', or pass a local directory") from e
-    except EntryNotFoundError as e:
+    except RemoteEntryNotFoundError as e:
         raise CheckpointError(f"hub model {repo_id!r} has no {WEIGHTS_FILE}; minigpt reads safetensors "
                               "only and never unpickles .bin files: convert it to safetensors first") from e
-    except LocalEntryNotFoundError as e:
-        raise HubError(f"cannot get {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) "
-                       "and it is not in the local cache. On a connected machine run "
-                       f"`python scripts/download.py {repo_id} DIR` and pass DIR here, or use "
-                       "random weights of the same shape (minigpt ... --random-if-offline)") from e
     except HfHubHTTPError as e:
         raise HubError(f"the hub refused {repo_id!r}: {e}") from e
     except ValueError as e:  # a malformed repo id
