@@ -1,0 +1,96 @@
+"""The ``minigpt`` command. Subcommands share one way to get a model (``load_model``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .config import OFFICIAL
+from .errors import HubUnreachableError, MiniGPTError
+from .model import GPT
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model and friends, for every subcommand that needs a model."""
+    parser.add_argument("--model", default="gpt2", help="hub name (gpt2, gpt2-medium, ...) or local checkpoint directory")
+    parser.add_argument("--random", action="store_true",
+                        help="use seeded RANDOM weights of the --model size (one of: " + ", ".join(OFFICIAL) + ")")
+    parser.add_argument("--random-if-offline", action="store_true",
+                        help="if the hub cannot be reached and nothing is cached, fall back to random weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(args: argparse.Namespace) -> GPT:
+    """The model that --model/--random/--random-if-offline ask for; says on stderr what it got."""
+    kwargs = {"dtype": DTYPES[args.dtype], "device": args.device}
+    if args.random:
+        model = GPT.random(args.model, seed=args.seed, **kwargs)
+    else:
+        try:
+            model = GPT.from_pretrained(args.model, **kwargs)
+        except HubUnreachableError as e:
+            if not (args.random_if_offline and args.model in OFFICIAL):
+                raise
+            print(f"note: {e}\nnote: falling back to RANDOM weights of the {args.model} shape "
+                  "(mechanics only: findings that need trained weights will not hold)", file=sys.stderr)
+            model = GPT.random(args.model, seed=args.seed, **kwargs)
+    print(f"model: {model.source}", file=sys.stderr)
+    return model
+
+
+def trace(args: argparse.Namespace) -> None:
+    """Per block: residual norms, the reconstruction law, and the ln_f check."""
+    model = load_model(args)
+    n = model.cfg.n_layer
+    logits, tr = model.run(args.text, taps=["blocks.*.resid_pre", "blocks.*.attn_delta", "blocks.*.mlp_delta",
+                                            "blocks.*.resid_post", "ln_f"])
+    hidden = tr.hidden_states()
+    tokens = tr["ln_f"].shape[1]
+
+    def norm(x: torch.Tensor) -> float:  # mean L2 norm of one token's vector
+        return x.float().norm(dim=-1).mean().item()
+
+    print(f"{tokens} tokens, {n} blocks; norms are the mean L2 norm per token")
+    print(f"{'block':>5} {'|resid_pre|':>12} {'|attn_delta|':>13} {'|mlp_delta|':>12} {'|resid_post|':>13} "
+          f"{'max|pre+attn+mlp-post|':>23} {'max|post-H[L+1]|':>17}")
+    for layer in range(n):
+        pre, a, m, post = (tr[f"blocks.{layer}.{t}"] for t in ("resid_pre", "attn_delta", "mlp_delta", "resid_post"))
+        law = (pre + a + m - post).abs().max().item()
+        # hidden_states[L+1] is the next block's input, except after the last block, where it is ln_f's output.
+        vs_hidden = (post - hidden[layer + 1]).abs().max().item()
+        print(f"{layer:>5} {norm(pre):>12.4g} {norm(a):>13.4g} {norm(m):>12.4g} {norm(post):>13.4g} "
+              f"{law:>23.3g} {vs_hidden:>17.3g}")
+    last = tr[f"blocks.{n - 1}.resid_post"]
+    again = model.ln_f(last)
+    print(f"\nln_f check: the last block's raw output differs from hidden_states[-1] by up to "
+          f"{(last - hidden[-1]).abs().max().item():.4g};\n            ln_f(raw output) differs from it by "
+          f"{(again - hidden[-1]).abs().max().item():.3g}: hidden_states[-1] is normalised by ln_f.")
+    top = logits[0, -1].topk(5)
+    words = [repr(model.tokenizer.decode([i])) for i in top.indices.tolist()]
+    print(f"next-token top 5: {', '.join(words)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minigpt", description="GPT-2 by hand, with taps and edits.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("trace", help="per-block residual norms, reconstruction law and ln_f check")
+    p.add_argument("text")
+    add_model_args(p)
+    p.set_defaults(func=trace)
+    args = parser.parse_args(argv)
+    try:
+        with torch.no_grad():
+            args.func(args)
+    except MiniGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
