@@ -1,0 +1,141 @@
+"""What every probe shares: one-sequence input, recording on the CPU in float32, labels, findings."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minigpt import GPT, Trace
+from minigpt.errors import InputError, MiniGPTError
+from minigpt.taps import Edit
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim of the lecture notes, checked on this model and text.
+
+    ``holds`` is None when the claim cannot be checked here (e.g. a 1-block model has no
+    penultimate block). ``needs_trained`` marks claims about what training produced: random
+    weights need not show them, while the others follow from the architecture alone.
+    """
+
+    key: str             # short stable id within its probe, e.g. 'law' or 'ln_f_restores'
+    claim: str
+    holds: bool | None
+    detail: str
+    needs_trained: bool = False
+
+    def line(self) -> str:
+        mark = {True: "holds", False: "does NOT hold", None: "n/a"}[self.holds]
+        return f"{self.claim}: {mark} ({self.detail})"
+
+
+def verdict_of(findings: Iterable[Finding]) -> str:
+    """The findings as one short text, one claim per sentence."""
+    return " ".join(f.line() + "." for f in findings)
+
+
+def single_sequence(model: GPT, inputs: str | list | torch.Tensor) -> torch.Tensor:
+    """Text, ids or a tensor -> int tensor [1, S]; probes read one sequence at a time."""
+    tokens = model.tokens(inputs)
+    if tokens.shape[0] != 1:
+        raise InputError(f"probes read one sequence, got a batch of {tokens.shape[0]}; "
+                         "pass one text or one list of ids (loop over the batch to probe each)")
+    return tokens
+
+
+def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str, Edit] | None = None,
+           positions: list[int] | None = None) -> tuple[torch.Tensor, Trace]:
+    """Run once: logits [S, V] (float32, CPU) and a trace of float32 CPU tensors [1, ...].
+
+    ``positions`` keeps only those sequence positions in the trace (the logits keep all).
+    """
+    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=torch.float32, positions=positions)
+    return logits[0].detach().to("cpu", torch.float32), trace
+
+
+RESIDUAL_TAPS = ["blocks.0.resid_pre", "blocks.*.resid_post"]
+
+
+def residual_states(trace: Trace) -> torch.Tensor:
+    """The raw residual stream: embeddings, then every block's output -> [n_layer + 1, S, D]."""
+    n = trace.n_layer
+    return torch.stack([trace["blocks.0.resid_pre"][0]] + [trace[f"blocks.{i}.resid_post"][0] for i in range(n)])
+
+
+def hidden_stack(trace: Trace) -> torch.Tensor:
+    """HuggingFace's hidden states (the last one after ln_f) -> [n_layer + 1, S, D]."""
+    return torch.stack([h[0] for h in trace.hidden_states()])
+
+
+def residual_labels(n_layer: int) -> list[str]:
+    """Names of the raw residual states: 'emb', then 'b{i}' = output of block i."""
+    return ["emb"] + [f"b{i}" for i in range(n_layer)]
+
+
+def hidden_labels(n_layer: int) -> list[str]:
+    """Names of HF's hidden states: 'emb', 'b0'..'b{n-2}', then 'ln_f' (= ln_f of the last block's output)."""
+    return ["emb"] + [f"b{i}" for i in range(n_layer - 1)] + ["ln_f"]
+
+
+def apply_ln_f(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The model's final LayerNorm on x [..., D], in the model's dtype and device -> float32 CPU.
+
+    Computing in the model's own dtype makes the result bit-equal to the ``ln_f`` tap.
+    """
+    w = model.ln_f.weight
+    y = F.layer_norm(x.to(w.device, w.dtype), (w.shape[0],), w, model.ln_f.bias, model.ln_f.eps)
+    return y.detach().to("cpu", torch.float32)
+
+
+def unembedding(model: GPT) -> torch.Tensor:
+    """W_U [V, D] (tied to the token embedding), float32 on the CPU."""
+    return model.embed.weight.detach().to("cpu", torch.float32)
+
+
+def float_eps(model: GPT) -> float:
+    """Machine epsilon of the model's dtype (sets how close 'equal' must be)."""
+    return torch.finfo(model.embed.weight.dtype).eps
+
+
+def token_text(model: GPT, ids: Iterable[int]) -> list[str]:
+    """Each id as readable text (repr of its decoded string), or '#id' without a tokenizer."""
+    ids = [int(i) for i in ids]
+    try:
+        tok = model.tokenizer
+        return [repr(tok.decode([i])) for i in ids]
+    except (MiniGPTError, KeyError, ValueError):
+        return [f"#{i}" for i in ids]
+
+
+def decode_text(model: GPT, ids: list[int]) -> str:
+    """The ids as text, or '#id #id ...' without a tokenizer."""
+    try:
+        return model.tokenizer.decode([int(i) for i in ids])
+    except (MiniGPTError, KeyError, ValueError):
+        return " ".join(f"#{int(i)}" for i in ids)
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two same-sized tensors (flattened, float64)."""
+    x, y = x.flatten().double(), y.flatten().double()
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.norm() * y.norm()).item()
+    return float((x @ y).item() / denom) if denom > 0 else float("nan")
+
+
+def max_abs(x: torch.Tensor) -> float:
+    return float(x.abs().max().item()) if x.numel() else 0.0
+
+
+def check_index(what: str, value: int, count: int) -> int:
+    """Clamp a block or head index into [0, count), accepting negative indices Python-style."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{what} must be an integer, got {value!r}")
+    if value < 0:
+        value += count
+        if value < 0:
+            raise InputError(f"{what} {value - count} is out of range for {count} {what}s")
+    return min(value, count - 1)

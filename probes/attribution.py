@@ -1,0 +1,104 @@
+"""Direct logit attribution (beyond the notes): who writes the predicted token's logit.
+
+The residual before ln_f is a sum of parts: token and position embeddings, and per block each
+head's write (``attn.heads``), the attention output bias, and the MLP's delta. ln_f is affine
+once its scale is frozen at the value it had in this run:
+
+    ln_f(x) = (x - mean(x)) / sigma * gamma + beta,   sigma = sqrt(var(x) + eps)
+
+so the logit of token t is exactly  sum_i (p_i - mean(p_i)) / sigma . (gamma * W_U[t])  +  beta . W_U[t].
+Each term is one part's direct contribution; they sum to the logit up to float rounding. Only
+the scale sigma is shared (taken from the whole residual); state it when quoting the parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from minigpt import GPT
+
+from ._common import Finding, check_index, record, single_sequence, token_text, unembedding, verdict_of
+
+
+@dataclass
+class Attribution:
+    """Contributions (float64) to the logit of ``target_id`` at ``position``."""
+
+    position: int
+    target_id: int                # the model's prediction at that position
+    target_token: str
+    logit: float                  # the model's logit for it
+    scale: float                  # sigma, the frozen ln_f scale of the residual at that position
+    names: list[str]              # in order: embed, pos_embed, b{L}.h{h}, b{L}.attn_bias, b{L}.mlp, ln_f.bias
+    contributions: torch.Tensor   # [parts] each part's direct contribution
+    heads: torch.Tensor           # [n_layer, n_head]
+    attn_bias: torch.Tensor       # [n_layer]
+    mlp: torch.Tensor             # [n_layer]
+    embed: float
+    pos_embed: float
+    ln_f_bias: float              # beta . W_U[t], the part no component writes
+    sum_error: float              # |sum of contributions - logit|
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return verdict_of(self.findings)
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        """The k parts with the largest |contribution|, largest first."""
+        order = self.contributions.abs().argsort(descending=True)[:k]
+        return [(self.names[i], self.contributions[i].item()) for i in order.tolist()]
+
+
+def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1,
+              target: int | None = None) -> Attribution:
+    """Split the logit of ``target`` (default: the model's prediction) at ``position`` into direct parts."""
+    cfg = model.cfg
+    n = cfg.n_layer
+    tokens = single_sequence(model, inputs)
+    position = check_index("position", position, tokens.shape[1])
+    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta",
+            f"blocks.{n - 1}.resid_post"]
+    logits, trace = record(model, tokens, taps, positions=[position])
+    target = int(logits[position].argmax()) if target is None else check_index("target", target, cfg.vocab_size)
+
+    def at(name: str) -> torch.Tensor:
+        return trace[name][0, 0].double()  # [D] (or [H, D] for heads) at the position
+
+    heads = torch.stack([at(f"blocks.{i}.attn.heads") for i in range(n)])  # [n, H, D]
+    # The output bias of attention belongs to no head: it is what attn_delta holds beyond the heads.
+    bias = torch.stack([at(f"blocks.{i}.attn_delta") for i in range(n)]) - heads.sum(dim=1)  # [n, D]
+    mlp = torch.stack([at(f"blocks.{i}.mlp_delta") for i in range(n)])  # [n, D]
+    parts = torch.cat([at("embed")[None], at("pos_embed")[None], torch.cat([heads, bias[:, None], mlp[:, None]], 1)
+                      .flatten(0, 1)])  # [2 + n (H + 2), D]
+    names = ["embed", "pos_embed"] + [f"b{i}.{p}" for i in range(n)
+                                      for p in [*(f"h{h}" for h in range(cfg.n_head)), "attn_bias", "mlp"]]
+
+    resid = at(f"blocks.{n - 1}.resid_post")
+    sigma = (resid.var(unbiased=False) + model.ln_f.eps).sqrt()
+    gamma = model.ln_f.weight.detach().to("cpu", torch.float64)
+    beta = model.ln_f.bias.detach().to("cpu", torch.float64)
+    w_u = unembedding(model)[target].double()
+    direction = gamma * w_u / sigma
+    contributions = (parts - parts.mean(dim=1, keepdim=True)) @ direction
+    ln_f_bias = (beta @ w_u).item()
+    logit = logits[position, target].item()
+    total = contributions.sum().item() + ln_f_bias
+    per_block = contributions[2:].view(n, cfg.n_head + 2)
+    result = Attribution(
+        position=position, target_id=target, target_token=token_text(model, [target])[0], logit=logit,
+        scale=sigma.item(), names=names + ["ln_f.bias"],
+        contributions=torch.cat([contributions, torch.tensor([ln_f_bias], dtype=torch.float64)]),
+        heads=per_block[:, :cfg.n_head], attn_bias=per_block[:, cfg.n_head], mlp=per_block[:, cfg.n_head + 1],
+        embed=contributions[0].item(), pos_embed=contributions[1].item(), ln_f_bias=ln_f_bias,
+        sum_error=abs(total - logit))
+    tol = 1e-3 * max(1.0, abs(logit)) if model.embed.weight.dtype != torch.float32 else 1e-4 * max(1.0, abs(logit))
+    (name, value), = result.top(1)
+    result.findings = [
+        Finding("sum", "the parts sum to the logit (ln_f's scale frozen at this run's value)", result.sum_error <= tol,
+                f"logit {logit:.4f}, sum of parts {total:.4f}, ln_f scale sigma = {result.scale:.4g}"),
+        Finding("largest", f"largest direct contribution to {result.target_token}", None, f"{name}: {value:+.3f}",
+                needs_trained=True),
+    ]
+    return result

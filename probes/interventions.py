@@ -1,0 +1,174 @@
+"""The notes' four interventions and their downstream impact (notes, section 3).
+
+1. zero the keys of one head (head 2 by default) of a block;
+2. replace the even MLP neurons (after GELU) of a block by Gaussian noise of mean 10;
+3. and 4. multiply a block's output by 0.1 and by 10.
+Each is compared with the clean run: the spread (std) and mean |value| of every residual state
+(embeddings, each block's raw output, and ln_f's output = HF's hidden_states[-1]), the KL
+divergence of the next-token distribution, and whether the top-1 prediction changes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from minigpt import GPT, edits
+from minigpt.taps import Edit
+
+from ._common import (RESIDUAL_TAPS, Finding, check_index, record, residual_labels, residual_states,
+                      single_sequence, token_text, verdict_of)
+
+
+@dataclass
+class InterventionResult:
+    """One edited run against the clean one. Per-layer arrays follow ``Interventions.labels``."""
+
+    name: str                     # head_keys, mlp_noise, scale_0.1, scale_10
+    title: str                    # what was done, in words
+    block: int
+    std: torch.Tensor             # [n + 2] std of each state in the edited run
+    mean_abs: torch.Tensor        # [n + 2] mean |value|
+    std_ratio: torch.Tensor       # [n + 2] edited std / clean std
+    kl_last: float                # KL(clean || edited) of the next-token distribution at the last position (nats)
+    kl_mean: float                # the same averaged over positions
+    top1_clean: str               # the clean prediction at the last position
+    top1_edited: str
+    top1_changed: bool
+    top1_changed_fraction: float  # fraction of positions whose top-1 prediction changed
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return verdict_of(self.findings)
+
+
+@dataclass
+class Interventions:
+    """The clean run and the four edited runs."""
+
+    labels: list[str]             # 'emb', 'b0'..'b{n-1}' (raw block outputs), 'ln_f' (= HF hidden_states[-1])
+    block: int                    # the block every edit acts on (clamped to the model's depth)
+    head: int                     # the head whose keys are zeroed (clamped to n_head)
+    clean_std: torch.Tensor       # [n + 2]
+    clean_mean_abs: torch.Tensor  # [n + 2]
+    clean_post_gelu_near_zero: float  # fraction of the block's clean post-GELU values in [-0.2, 1]
+    clean_post_gelu_mean: float
+    results: list[InterventionResult] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> InterventionResult:
+        return next(r for r in self.results if r.name == name)
+
+
+def states_with_ln_f(model: GPT, trace) -> torch.Tensor:
+    """Embeddings, every block's raw output, and ln_f's output -> [n + 2, S, D]."""
+    states = residual_states(trace)
+    return torch.cat([states, trace["ln_f"][0][None]])
+
+
+def kl_rows(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_edited) per position, from logits [S, V] -> [S] (nats, float64)."""
+    p = clean_logits.double().log_softmax(-1)
+    q = edited_logits.double().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int = 9, head: int = 2,
+              noise_mean: float = 10.0, noise_std: float = 1.0, factors: tuple[float, float] = (0.1, 10.0),
+              seed: int = 0) -> Interventions:
+    """Run the four exercises at ``block`` (default 9, clamped to the last block) against the clean run."""
+    cfg = model.cfg
+    block, head = check_index("block", block, cfg.n_layer), check_index("head", head, cfg.n_head)
+    tokens = single_sequence(model, inputs)
+    taps = [*RESIDUAL_TAPS, "ln_f"]
+    clean_logits, clean = record(model, tokens, [*taps, f"blocks.{block}.mlp.post"])
+    clean_states = states_with_ln_f(model, clean)
+    clean_std = clean_states.flatten(1).std(dim=1)
+    post = clean[f"blocks.{block}.mlp.post"][0]
+
+    exercises: list[tuple[str, str, dict[str, Edit]]] = [
+        ("head_keys", f"zero the keys of head {head} in block {block}", edits.zero_head_keys(block, head)),
+        ("mlp_noise", f"even MLP neurons of block {block} := Gaussian noise, mean {noise_mean:g}, std {noise_std:g}",
+         edits.noise_neurons(block, "even", noise_mean, noise_std, seed)),
+        *[(f"scale_{f:g}", f"multiply block {block}'s output by {f:g}", edits.scale_block(block, f)) for f in factors],
+    ]
+    result = Interventions(labels=residual_labels(cfg.n_layer) + ["ln_f"], block=block, head=head,
+                           clean_std=clean_std, clean_mean_abs=clean_states.abs().flatten(1).mean(dim=1),
+                           clean_post_gelu_near_zero=((post >= -0.2) & (post <= 1)).float().mean().item(),
+                           clean_post_gelu_mean=post.mean().item())
+    top_clean = clean_logits.argmax(-1)
+    for name, title, edit in exercises:
+        logits, trace = record(model, tokens, taps, edit)
+        states = states_with_ln_f(model, trace)
+        std = states.flatten(1).std(dim=1)
+        kl = kl_rows(clean_logits, logits)
+        top = logits.argmax(-1)
+        clean_word, edited_word = token_text(model, [top_clean[-1], top[-1]])
+        item = InterventionResult(
+            name=name, title=title, block=block, std=std, mean_abs=states.abs().flatten(1).mean(dim=1),
+            std_ratio=std / clean_std.clamp_min(1e-30), kl_last=kl[-1].item(), kl_mean=kl.mean().item(),
+            top1_clean=clean_word, top1_edited=edited_word, top1_changed=bool(top[-1] != top_clean[-1]),
+            top1_changed_fraction=(top != top_clean).double().mean().item())
+        item.findings = _findings(item, result, cfg.n_layer)
+        result.results.append(item)
+    return result
+
+
+def _impact(item: InterventionResult) -> str:
+    change = f"top-1 changes {item.top1_clean} -> {item.top1_edited}" if item.top1_changed else \
+        f"top-1 stays {item.top1_clean}"
+    return (f"KL at the last position {item.kl_last:.3g} nats (mean over positions {item.kl_mean:.3g}); {change}; "
+            f"{item.top1_changed_fraction:.0%} of positions change their top-1")
+
+
+def _findings(item: InterventionResult, run: Interventions, n_layer: int) -> list[Finding]:
+    b = item.block
+    at = b + 1  # index of block b's output in labels (0 is the embeddings)
+    last_raw, final = n_layer, n_layer + 1
+    impact = Finding("impact", "downstream impact on the next-token distribution", None, _impact(item))
+    if item.name == "head_keys":
+        return [Finding("head_uniform",
+                        f"zeroed keys make head {run.head}'s attention uniform over the prefix; the spread "
+                        "of later layers barely moves", None,
+                        f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.3f}, at the last block "
+                        f"b{n_layer - 1}: {item.std_ratio[last_raw]:.3f}"), impact]
+    if item.name == "mlp_noise":
+        return [Finding("out_of_distribution",
+                        "real post-GELU activations are mostly near zero or slightly negative, so mean-10 noise "
+                        "is far out of distribution", run.clean_post_gelu_near_zero >= 0.9,
+                        f"clean run: {run.clean_post_gelu_near_zero:.1%} of block {b}'s post-GELU values lie in "
+                        f"[-0.2, 1], mean {run.clean_post_gelu_mean:.3g}", needs_trained=True),
+                Finding("spread_inflated",
+                        "the noise inflates the spread from that block on", bool(item.std_ratio[at] > 1.5),
+                        f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.3g}, at the last block: "
+                        f"{item.std_ratio[last_raw]:.3g}"), impact]
+    factor = float(item.name.split("_", 1)[1])
+    exact = abs(item.std_ratio[at].item() - factor) <= 1e-3 * factor
+    jump = Finding("exact_factor", f"the spread at block {b} is multiplied by exactly {factor:g}", exact,
+                   f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.6g}")
+    if b == n_layer - 1:
+        later = Finding("later_blocks",
+                        "later blocks compensate", None, f"block {b} is the last block: there is no later block")
+    else:
+        # How much of the factor survives at the last block, on a log scale: 1 = all of it, 0 = none.
+        kept = math.log(item.std_ratio[last_raw].item()) / math.log(factor)
+        if factor < 1:
+            later = Finding("later_blocks",
+                            "at 0.1 the spread collapses at the block and recovers in later blocks", kept <= 0.5,
+                            f"ratio at the last block b{n_layer - 1}: {item.std_ratio[last_raw]:.3g} "
+                            f"({kept:.0%} of the collapse left, on a log scale)", needs_trained=True)
+        else:
+            later = Finding("later_blocks", "the later blocks themselves bring the exploded spread back down",
+                            kept <= 0.5,
+                            f"ratio at the last block's raw output: {item.std_ratio[last_raw]:.3g} "
+                            f"({kept:.0%} of the x{factor:g} left, on a log scale)", needs_trained=True)
+    findings = [jump, later]
+    if factor > 1:
+        findings.append(Finding(
+            "ln_f_compensates",
+            "the last hidden state (HF's hidden_states[-1]) is back to the clean spread: ln_f renormalises it",
+            bool(0.5 <= item.std_ratio[final] <= 2),
+            f"std ratio after ln_f {item.std_ratio[final]:.3g} vs {item.std_ratio[last_raw]:.3g} before it; "
+            "the notes' 'compensation' at the last layer is largely ln_f"))
+    return findings + [impact]
