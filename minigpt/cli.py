@@ -75,6 +75,14 @@ def trace(args: argparse.Namespace) -> None:
     print(f"next-token top 5: {', '.join(words)}")
 
 
+def report(args: argparse.Namespace) -> None:
+    """Run every probe on the text; write index.html, report.json and the PNG figures into --out."""
+    from probes.report import build_report  # the probes (and matplotlib) only for this command
+
+    model = load_model(args)
+    build_report(model, args.text, args.out, block=args.block, head=args.head)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="minigpt", description="GPT-2 by hand, with taps and edits.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("text")
     add_model_args(p)
     p.set_defaults(func=trace)
+    p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures")
+    p.add_argument("text")
+    p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")
+    p.add_argument("--block", type=int, default=9, help="block the interventions edit (default 9, clamped to the depth)")
+    p.add_argument("--head", type=int, default=2, help="head whose keys are zeroed (default 2, clamped to n_head)")
+    add_model_args(p)
+    # Offline with nothing cached, the report still runs, on random weights, and says so on the page.
+    p.set_defaults(func=report, random_if_offline=True)
     args = parser.parse_args(argv)
     try:
         with torch.no_grad():
