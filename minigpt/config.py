@@ -42,16 +42,26 @@ class GPTConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
+                                         or self.n_inner < 1):
             problems.append(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1):
+                problems.append(f"{name} must be a probability in [0, 1], got {value!r}")
+        if not isinstance(self.scale_attn_by_inverse_layer_idx, bool):
+            problems.append(f"scale_attn_by_inverse_layer_idx must be true or false, "
+                            f"got {self.scale_attn_by_inverse_layer_idx!r}")
         if self.activation_function not in ACTIVATIONS:
             problems.append(f"activation_function {self.activation_function!r} is not supported "
                             f"(supported: {', '.join(ACTIVATIONS)})")
-        if not (isinstance(self.layer_norm_epsilon, (int, float)) and math.isfinite(self.layer_norm_epsilon)
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and not isinstance(self.layer_norm_epsilon, bool)
+                and math.isfinite(self.layer_norm_epsilon)
                 and self.layer_norm_epsilon > 0):
             problems.append(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
         if problems:
-            raise CheckpointError("bad GPT-2 config: " + "; ".join(problems))
+            raise CheckpointError("bad GPT-2 config: " + "; ".join(problems)
+                                  + ". Fix config.json (or the GPTConfig arguments)")
 
     @property
     def d_head(self) -> int:
@@ -69,7 +79,14 @@ class GPTConfig:
         model_type = hf.get("model_type")
         if model_type != "gpt2":
             raise CheckpointError(f"config.json says model_type={model_type!r}; minigpt runs GPT-2 "
-                                  "checkpoints only (model_type 'gpt2')")
+                                  "checkpoints only (model_type 'gpt2'). Load other architectures with the "
+                                  "library made for them (e.g. transformers)")
+        # Options of HF's GPT-2 that change the maths minigpt implements: refuse rather than differ.
+        unsupported = {"scale_attn_weights": False, "add_cross_attention": True}
+        changed = [f"{k}={hf[k]!r}" for k, v in unsupported.items() if k in hf and hf[k] == v]
+        if changed:
+            raise CheckpointError(f"config.json sets {', '.join(changed)}; minigpt implements standard GPT-2 "
+                                  "only (scaled self-attention, no cross-attention): use transformers for this model")
         if hf.get("tie_word_embeddings", True) is False:
             raise CheckpointError("config.json unties the unembedding (tie_word_embeddings=false); "
                                   "GPT-2 ties it to the token embedding and so does minigpt")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .errors import EditError, MiniGPTError, MiniGPTWarning, TapError, closest
+from .errors import EditError, MiniGPTWarning, TapError, closest
 
 # Name -> (shape, where it sits). The order is the order in which the forward pass meets them.
 # Shapes use: B batch, S seq (Q query, K key positions), H heads, D d_model, d d_head, M d_mlp, V vocab.
@@ -57,26 +58,67 @@ def tap_names(n_layer: int) -> list[str]:
 def select(patterns: str | Iterable[str], names: list[str]) -> list[str]:
     """Expand tap names and glob patterns (``blocks.*.resid_post``) into names, in forward order.
 
-    Raises TapError for an unknown name or a pattern that matches nothing.
+    Raises TapError for an unknown name, a block that does not exist, or a pattern that matches nothing.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
+    elif not isinstance(patterns, Iterable):
+        raise TapError(f"taps must be a tap name, a glob pattern or a list of them, got "
+                       f"{type(patterns).__name__} {patterns!r}")
     chosen: set[str] = set()
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise TapError(f"tap names are strings, got {type(pattern).__name__} {pattern!r}")
+            raise TapError(f"tap names are strings, got {type(pattern).__name__} {pattern!r}; "
+                           "write e.g. 'blocks.0.resid_post' or 'blocks.*.attn.pattern'")
         if any(c in pattern for c in "*?["):
             hits = fnmatch.filter(names, pattern)
             if not hits:
-                raise TapError(f"tap pattern {pattern!r} matches no tap{closest(pattern, names)} "
-                               "(minigpt.taps.tap_names(n_layer) lists them all)")
+                raise TapError(f"tap pattern {pattern!r} matches no tap{_no_such_block(pattern, names)}"
+                               f"{closest(pattern, names)} {_LIST_HINT}")
             chosen.update(hits)
         elif pattern in names:
             chosen.add(pattern)
         else:
-            raise TapError(f"unknown tap {pattern!r}{closest(pattern, names)} "
-                           "(minigpt.taps.tap_names(n_layer) lists them all)")
+            raise TapError(f"unknown tap {pattern!r}{_no_such_block(pattern, names)}{closest(pattern, names)} "
+                           f"{_LIST_HINT}")
     return [n for n in names if n in chosen]
+
+
+_LIST_HINT = "(model.tap_names lists every tap; minigpt.describe(n_layer) says what each holds)"
+
+
+def _no_such_block(pattern: str, names: list[str]) -> str:
+    """': block 99 does not exist (blocks 0..3)' when ``pattern`` names a block past the last one."""
+    match = re.match(r"blocks\.(\d+)\.", pattern)
+    n_layer = sum(n.endswith(".resid_pre") for n in names)
+    if match and int(match.group(1)) >= n_layer:
+        return f": block {int(match.group(1))} does not exist, this model has blocks 0..{n_layer - 1}"
+    return ""
+
+
+def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[str, Edit]:
+    """``{name or pattern: edit}`` -> ``{tap name: edit}``, checked before anything runs.
+
+    Raises EditError for something that is not a mapping of functions or tensors, and for a tap
+    that two patterns both edit (which one should win is not ours to guess); TapError as ``select``.
+    """
+    if edits is None:
+        return {}
+    if not isinstance(edits, Mapping):
+        raise EditError(f"edits must be a dict {{tap name or pattern: function or tensor}}, got "
+                        f"{type(edits).__name__}; e.g. edits={{'blocks.0.resid_post': lambda x: 2 * x}}")
+    resolved: dict[str, Edit] = {}
+    source: dict[str, str] = {}
+    for pattern, edit in edits.items():
+        if not (callable(edit) or isinstance(edit, torch.Tensor)):
+            raise EditError(f"the edit for {pattern!r} is a {type(edit).__name__}; an edit is a function "
+                            "(tensor -> tensor of the same shape) or a replacement tensor")
+        for name in select(pattern, names):
+            if name in resolved:
+                raise EditError(f"tap {name!r} is edited twice, by {source[name]!r} and by {pattern!r}; "
+                                "combine the two into one function (or narrow the patterns)")
+            resolved[name], source[name] = edit, pattern
+    return resolved
 
 
 Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
@@ -127,36 +169,54 @@ NO_TAPS = Taps()
 
 
 def apply_edit(name: str, edit: Edit, x: torch.Tensor) -> torch.Tensor:
-    """Run one edit at tap ``name`` and check that its result can replace ``x``."""
+    """Run one edit at tap ``name`` and check that its result can replace ``x``.
+
+    An exception raised by the edit itself propagates unchanged, with a note naming the tap.
+    A result that is not a tensor of ``x``'s shape, dtype and device raises EditError;
+    NaN or inf values (other than -inf in ``attn.scores``) warn with MiniGPTWarning.
+    """
     if isinstance(edit, torch.Tensor):
         new = edit
-    else:
+    elif callable(edit):
         try:
             new = edit(x)
-        except MiniGPTError:
-            raise
         except Exception as e:
             e.add_note(f"(raised by the edit at tap {name!r})")
             raise
+    else:
+        raise EditError(f"the edit at tap {name!r} is a {type(edit).__name__}; an edit is a function "
+                        "(tensor -> tensor of the same shape) or a replacement tensor")
+    what = "replacement tensor" if new is edit else "result of the edit"
     if not isinstance(new, torch.Tensor):
         raise EditError(f"the edit at tap {name!r} returned {type(new).__name__}, not a tensor; "
-                        "an edit must return a tensor shaped like its input")
+                        f"an edit must return a tensor shaped like its input {tuple(x.shape)}")
     if new.shape != x.shape:
-        raise EditError(f"the edit at tap {name!r} gave shape {tuple(new.shape)} but the tap has "
-                        f"shape {tuple(x.shape)}; an edit must keep the shape")
+        raise EditError(f"the {what} at tap {name!r} has shape {tuple(new.shape)} but the tap has "
+                        f"shape {tuple(x.shape)}; an edit must keep the shape (see minigpt.describe)")
     if new.dtype != x.dtype or new.device != x.device:
-        raise EditError(f"the edit at tap {name!r} gave {new.dtype} on {new.device} but the tap "
-                        f"is {x.dtype} on {x.device}; convert with .to(x)")
+        raise EditError(f"the {what} at tap {name!r} is {new.dtype} on {new.device} but the tap "
+                        f"is {x.dtype} on {x.device}; convert the result with .to(x)")
     if not torch.compiler.is_compiling():
         _warn_if_not_finite(name, new)
     return new
 
 
 def _warn_if_not_finite(name: str, x: torch.Tensor) -> None:
-    # -inf is legitimate in attention scores: it is how a key is masked out.
-    bad = torch.isnan(x).any() if name.endswith("attn.scores") else ~torch.isfinite(x).all()
-    if bad:
-        warnings.warn(f"the edit at tap {name!r} produced NaN or inf values", MiniGPTWarning, stacklevel=4)
+    """MiniGPTWarning if an edit's result holds NaN or inf (the rest of the forward would carry them)."""
+    if name.endswith("attn.scores"):
+        # -inf is legitimate in attention scores: it is how a key is masked out. But +inf, or a
+        # query whose every key is -inf, makes the softmax NaN.
+        bad = torch.isnan(x) | torch.isposinf(x)
+        if bad.any() or torch.isneginf(x).all(dim=-1).any():
+            warnings.warn(f"the edit at tap {name!r} produced NaN or +inf scores, or masked every key of a "
+                          "query with -inf; the attention pattern will hold NaN. Mask keys with -inf but "
+                          "leave each query at least one", MiniGPTWarning, stacklevel=2)
+    elif not torch.isfinite(x).all():
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        warnings.warn(f"the edit at tap {name!r} produced {n_nan} NaN and {n_inf} inf values; the rest of "
+                      "the forward and the logits will carry them. Check the edit for a division by zero "
+                      "or an overflow (warnings.simplefilter('error', MiniGPTWarning) turns this into an error)",
+                      MiniGPTWarning, stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -216,9 +276,16 @@ class Trace(Mapping[str, torch.Tensor]):
         return tuple(self._tensors[n] for n in needed)
 
 
-def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg, bytes_per_value: int) -> dict[str, int]:
-    """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic)."""
-    sizes = {"B": batch, "S": seq, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
+def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg, bytes_per_value: int,
+                    positions: slice | list[int] | None = None) -> dict[str, int]:
+    """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic).
+
+    ``positions`` (as in Taps) shrinks the sequence axis of the taps shaped [B, S, ...]; the
+    attention scores and pattern [B, H, Q, K] are always kept whole.
+    """
+    kept = seq if positions is None else len(range(seq)[positions] if isinstance(positions, slice) else positions)
+    sizes = {"B": batch, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
              "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
-    shapes = {i.name: i.shape for i in describe(cfg.n_layer)}
-    return {n: math.prod(sizes[a] for a in shapes[n].split()) * bytes_per_value for n in names}
+    shapes = {i.name: i.shape.split() for i in describe(cfg.n_layer)}
+    return {n: math.prod(kept if axis == "S" else sizes[axis] for axis in shapes[n]) * bytes_per_value
+            for n in names}

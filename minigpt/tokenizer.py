@@ -36,9 +36,9 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     if path.exists():
         try:
             ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_VOCAB_SHA256)
-        except ValueError as e:
-            raise TokenizerError(f"{path} is not GPT-2's vocabulary ({e}); delete it and run "
-                                 "`python scripts/seed_tokenizer.py`") from e
+        except (ValueError, OSError) as e:  # hash mismatch or garbage; a directory or unreadable file
+            raise TokenizerError(f"{path} is not GPT-2's vocabulary ({type(e).__name__}: {e}); delete it and run "
+                                 "`python scripts/seed_tokenizer.py` (or point MINIGPT_TOKENIZER_FILE at a good copy)") from e
         return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                  special_tokens={END_OF_TEXT: END_OF_TEXT_ID}, explicit_n_vocab=50257)
     try:

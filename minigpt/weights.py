@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from .config import GPTConfig
-from .errors import CheckpointError, HubError, HubUnreachableError
+from .errors import CheckpointError, HubError, HubUnreachableError, MiniGPTWarning
 
 # HF name (without "transformer.") -> minigpt name, and whether the tensor is a Conv1D weight,
 # which HF stores [in, out] while nn.Linear wants [out, in].
@@ -47,16 +48,20 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
     """HF GPT-2 tensors (official or ``save_pretrained`` layout) -> minigpt state dict.
 
     Checks everything at once and raises one CheckpointError listing every missing,
-    unexpected and mis-shaped tensor.
+    unexpected, mis-shaped and non-float tensor (or, first, saying that the config and the
+    weights describe different models). Warns (MiniGPTWarning) if a tensor holds NaN or inf.
     """
+    _check_agreement(hf, cfg)
     expected = expected_shapes(cfg)
     names = name_map(cfg.n_layer)
     ours: dict[str, torch.Tensor] = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, not_float = [], [], []
     lm_head = None
     for key, tensor in hf.items():
-        name = key.removeprefix("transformer.")
-        if name == "lm_head.weight":
+        name = key.removeprefix("transformer.") if isinstance(key, str) else key
+        if not isinstance(tensor, torch.Tensor):
+            not_float.append(f"{key}: a {type(tensor).__name__}, not a tensor")
+        elif name == "lm_head.weight":
             lm_head = tensor
         elif name in names:
             new, conv1d = names[name]
@@ -64,10 +69,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
             if tuple(value.shape) != expected[new]:
                 want = expected[new][::-1] if conv1d else expected[new]
                 misshaped.append(f"{key}: {tuple(tensor.shape)}, expected {want}")
+            if not tensor.is_floating_point():
+                not_float.append(f"{key}: {tensor.dtype}")
             ours[new] = value.contiguous()
-        elif not _IGNORED.fullmatch(name):
-            unexpected.append(key)
-    missing = [k for k in expected if k not in ours]
+        elif not (isinstance(name, str) and _IGNORED.fullmatch(name)):
+            unexpected.append(str(key))
+    hf_name = {ours_: hf_ for hf_, (ours_, _) in names.items()}
+    missing = [hf_name[k] for k in expected if k not in ours]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -75,14 +83,48 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
         problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}"
                         f"{' ...' if len(unexpected) > 8 else ''}")
     if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped[:8])}")
+        problems.append(f"mis-shaped {len(misshaped)}: {'; '.join(misshaped[:8])}{' ...' if len(misshaped) > 8 else ''}")
+    if not_float:
+        problems.append(f"not floating point {len(not_float)}: {'; '.join(not_float[:8])}"
+                        f"{' ...' if len(not_float) > 8 else ''}")
     if not problems and lm_head is not None and not torch.equal(lm_head, ours["embed.weight"]):
         problems.append("lm_head.weight differs from wte.weight; GPT-2's unembedding is tied and "
                         "minigpt does not run untied heads")
     if problems:
         raise CheckpointError("the weights do not fit this GPT-2 config (n_layer="
-                              f"{cfg.n_layer}, n_embd={cfg.n_embd}, vocab={cfg.vocab_size}): " + " | ".join(problems))
+                              f"{cfg.n_layer}, n_embd={cfg.n_embd}, vocab={cfg.vocab_size}): " + " | ".join(problems)
+                              + ". Is this a complete GPT-2 checkpoint saved with its own config.json?")
+    _warn_if_not_finite(ours)
     return ours
+
+
+def _check_agreement(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> None:
+    """One clear CheckpointError when config.json and the weights describe different models.
+
+    Runs before anything is built from the config, so an absurd config (n_layer=10**9) fails fast.
+    """
+    blocks = {int(m.group(1)) for k in hf if isinstance(k, str) and (m := re.match(r"(?:transformer\.)?h\.(\d+)\.", k))}
+    found = []
+    if blocks and max(blocks) + 1 != cfg.n_layer:
+        found.append(f"n_layer={cfg.n_layer} but the weights hold blocks h.0..h.{max(blocks)} ({max(blocks) + 1})")
+    for table, axis0 in (("wte.weight", "vocab_size"), ("wpe.weight", "n_positions")):
+        t = hf.get(table, hf.get("transformer." + table))
+        want = (getattr(cfg, axis0), cfg.n_embd)
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and tuple(t.shape) != want:
+            found.append(f"{axis0}={want[0]}, n_embd={want[1]} but {table} is {list(t.shape)} ([{axis0}, n_embd])")
+    if found:
+        raise CheckpointError("config.json and the weights describe different models: the config says "
+                              + "; ".join(found) + ". Use the config.json saved with these weights")
+
+
+def _warn_if_not_finite(state: dict[str, torch.Tensor]) -> None:
+    bad = [k for k, v in state.items() if not torch.isfinite(v if v.dtype in _FINITE_OK else v.float()).all()]
+    if bad:
+        warnings.warn(f"the checkpoint holds NaN or inf in {len(bad)} tensors ({', '.join(bad[:4])}); every output "
+                      "will be NaN. Was the download corrupted? Fetch the weights again", MiniGPTWarning, stacklevel=3)
+
+
+_FINITE_OK = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], n_layer: int, official: bool = True) -> dict[str, torch.Tensor]:
@@ -99,8 +141,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} does not exist; the checkpoint is incomplete: download it again") from e
+    except Exception as e:  # SafetensorError mostly; any failure to parse an untrusted file is the file's fault
+        kind = "" if isinstance(e, SafetensorError) else f"{type(e).__name__}: "
+        raise CheckpointError(f"{path} is not a readable safetensors file ({kind}{e}); it may be truncated "
                               "or corrupt: download it again") from e
 
 
@@ -125,20 +170,34 @@ def read_directory(directory: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]
         for shard in sorted(set(_index_shards(directory / INDEX_FILE))):
             tensors.update(read_safetensors(directory / shard))
     else:
-        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt*"))
+        # Only names are looked at: these files are never opened.
+        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+                         for p in directory.glob(pattern))
+        others = sorted(p.name for pattern in ("*.h5", "*.msgpack", "*.onnx", "*.gguf") for p in directory.glob(pattern))
         hint = (f" It holds {', '.join(pickles)}: pickle files, which minigpt refuses to load because "
                 "unpickling can run arbitrary code. Convert it once, where you trust the file, with "
                 "transformers: GPT2LMHeadModel.from_pretrained(dir).save_pretrained(dir, "
                 "safe_serialization=True).") if pickles else ""
-        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE}.{hint}")
+        if others:
+            hint += (f" It holds {', '.join(others)}, a format minigpt does not read; save the model as "
+                     f"safetensors ({WEIGHTS_FILE}) with the library that wrote it.")
+        raise CheckpointError(f"{directory} has no {WEIGHTS_FILE} (nor {INDEX_FILE} for a sharded one).{hint}")
     return cfg, tensors
 
 
 def _index_shards(index: Path) -> list[str]:
+    """The shard file names an index lists: plain names of files beside it, nothing else."""
     try:
-        return list(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"cannot read the shard index {index} ({e})") from e
+        shards = list(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read the shard index {index} ({type(e).__name__}: {e}); download it again") from e
+    # A name with a path in it could make us read a file outside the checkpoint.
+    wrong = [s for s in shards if not isinstance(s, str) or Path(s).name != s or s in ("", ".", "..")
+             or not s.endswith(".safetensors")]
+    if wrong:
+        raise CheckpointError(f"the shard index {index} lists {wrong[:3]!r}; shards must be plain .safetensors "
+                              "file names in the checkpoint's directory: download the checkpoint again")
+    return shards
 
 
 def hub_directory(repo_id: str) -> Path:
@@ -197,6 +256,8 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
 
 def load_checkpoint(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str]:
     """(config, minigpt state dict, description of the source) for a directory or hub name."""
+    if not isinstance(name_or_dir, (str, Path)) or not str(name_or_dir):
+        raise CheckpointError(f"expected a checkpoint directory or a hub name such as 'gpt2', got {name_or_dir!r}")
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         directory, source = path, f"weights from {path}"
