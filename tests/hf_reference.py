@@ -34,10 +34,14 @@ from minigpt.weights import from_hf_state_dict
 
 @st.composite
 def configs(draw, max_layer: int = 4, max_head: int = 4, max_d_head: int = 16, max_vocab: int = 300,
-            max_positions: int = 32) -> dict:
-    """A small random GPT-2 config, as ``GPT2Config`` keyword arguments (also valid config.json keys)."""
+            max_positions: int = 32, min_embd: int = 1) -> dict:
+    """A small random GPT-2 config, as ``GPT2Config`` keyword arguments (also valid config.json keys).
+
+    ``min_embd``: the smallest d_model. float32 comparisons want a few dimensions at least, since
+    a LayerNorm over one or two nearly equal values is ill-conditioned and magnifies rounding.
+    """
     n_head = draw(st.integers(1, max_head))
-    d_head = draw(st.integers(1, max_d_head))
+    d_head = draw(st.integers(min(max_d_head, -(-min_embd // n_head)), max_d_head))
     return dict(
         vocab_size=draw(st.integers(2, max_vocab)),
         n_positions=draw(st.integers(1, max_positions)),
@@ -183,8 +187,8 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
 
     Returns logits [B, S, V] and a dict keyed by minigpt tap names (values as the rest of the
     forward saw them, i.e. after the interventions), plus ``hidden_states`` (the tuple of
-    ``output_hidden_states``). The intervention hooks are registered first, so recording hooks
-    on the same module see their result; all hooks are removed on return.
+    ``output_hidden_states``). Intervention hooks run before every other hook, so the recording
+    hooks on the same module see their result; all hooks are removed on return.
     """
     reads: dict[str, torch.Tensor] = {}
     H = hf.config.n_head
@@ -203,9 +207,12 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
         return lambda x: heads(x.split(hf.config.n_embd, dim=-1)[part])
 
     with ExitStack() as stack, torch.no_grad():
-        for module, fn, kind in hooks:
+        # Interventions go to the front of each module's hook list (in the given order), ahead of
+        # transformers' own output-capturing hooks, so that output_hidden_states sees the edited
+        # value whatever was installed earlier.
+        for module, fn, kind in reversed(list(hooks)):
             register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
-            stack.callback(register(fn).remove)
+            stack.callback(register(fn, prepend=True).remove)
         if record:
             t = hf.transformer
             points: list[tuple[nn.Module, str, Callable, bool]] = [
@@ -258,6 +265,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """
     dtype = dtype or expected.dtype
     rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    actual, expected = actual.detach(), expected.detach()
     finite = expected[torch.isfinite(expected)]
     scale = float(finite.abs().max()) if finite.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(scale, 1.0),
