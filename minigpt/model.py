@@ -195,21 +195,6 @@ class GPT(nn.Module):
         itemsize = (dtype or self.embed.weight.dtype).itemsize
         return sum(nbytes_estimate(record, batch, seq, self.cfg, itemsize, positions).values())
 
-    def estimate_trace_bytes(self, taps: str | Iterable[str], batch: int, seq: int, *,
-                             dtype: torch.dtype | None = None, positions: slice | list[int] | None = None) -> int:
-        """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold.
-
-        ``taps`` as in run (names or globs); ``dtype`` and ``positions`` as in run. Exact for the
-        recorded values (numel x itemsize); with ``grad=True`` the autograd graph holds more.
-        """
-        for name, value in (("batch", batch), ("seq", seq)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        record = select(taps, self.tap_names) if taps else []
-        check_keep_options(False, None, dtype, positions, seq)
-        itemsize = (dtype or self.embed.weight.dtype).itemsize
-        return sum(nbytes_estimate(record, batch, seq, self.cfg, itemsize, positions).values())
-
     def check_budget(self, record: list[str], batch: int, seq: int, dtype: torch.dtype, *,
                      positions: slice | list[int] | None = None, device: torch.device | str | None = None) -> None:
         """Refuse, before allocating, a run whose recorded taps would exceed ``trace_budget_bytes``.
