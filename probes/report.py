@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,9 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
     say(f"report on {S} tokens with {getattr(model, 'source', 'a model')}; writing to {out}/")
 
     def save(fig, name: str) -> str:
-        fig.savefig(out / name, dpi=dpi)
+        with warnings.catch_warnings():  # tokens in scripts the default font lacks are drawn as boxes
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(out / name, dpi=dpi)
         return name
 
     sections = []
