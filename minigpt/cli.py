@@ -75,6 +75,25 @@ def trace(args: argparse.Namespace) -> None:
     print(f"next-token top 5: {', '.join(words)}")
 
 
+def generate(args: argparse.Namespace) -> None:
+    """Continue the text, printing each token as soon as it is chosen."""
+    model = load_model(args)
+    tokens = model.stream(args.text, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_at_eos=not args.no_stop)  # checks everything first
+    print(args.text, end="", flush=True)
+    pending: list[int] = []  # the tokens of a character split across several, until it is whole
+    for new in tokens:
+        pending.append(int(new[0]))
+        try:
+            print(model.tokenizer.decode_bytes(pending).decode("utf-8"), end="", flush=True)
+            pending = []
+        except UnicodeDecodeError:
+            pass
+    if pending:
+        print(model.tokenizer.decode(pending), end="")
+    print()
+
+
 def report(args: argparse.Namespace) -> None:
     """Run every probe on the text; write index.html, report.json and the PNG figures into --out."""
     from probes.report import build_report  # the probes (and matplotlib) only for this command
@@ -90,6 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("text")
     add_model_args(p)
     p.set_defaults(func=trace)
+    p = commands.add_parser("generate", help="continue a text, printing tokens as they come (KV cache)")
+    p.add_argument("text")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding p of the mass")
+    p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
+    add_model_args(p)  # its --seed seeds the sampling too
+    p.set_defaults(func=generate)
     p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures")
     p.add_argument("text")
     p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")

@@ -7,8 +7,9 @@ Shapes: B batch, S sequence, D d_model, H heads, d d_head, M d_mlp, V vocabulary
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from .config import ACTIVATIONS, OFFICIAL, GPTConfig
 from .errors import InputError, MemoryBudgetError
 from .taps import NO_TAPS, Edit, Taps, Trace, nbytes_estimate, resolve_edits, select, tap_names
+
+if TYPE_CHECKING:
+    from .generate import KVCache
 
 
 class Attention(nn.Module):
@@ -30,27 +34,36 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.attn_pdrop)
         inverse_layer = layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
         self.scale = 1 / (math.sqrt(self.d_head) * inverse_layer)
-        self.prefix = f"blocks.{layer}.attn."
+        self.layer, self.prefix = layer, f"blocks.{layer}.attn."
 
-    def forward(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
-        """[B, S, D] (the ln1 output) -> [B, S, D], attention's write to the residual (before dropout)."""
+    def forward(self, x: torch.Tensor, taps: Taps, cache: KVCache | None = None) -> torch.Tensor:
+        """[B, S, D] (the ln1 output) -> [B, S, D], attention's write to the residual (before dropout).
+
+        With a ``cache`` (generation), x holds only the newest S positions; their queries attend over
+        the K >= S cached positions too.
+        """
         B, S, _ = x.shape
         p = self.prefix
         # c_attn's output columns are [Q | K | V], each split head by head.
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.d_head).unbind(2)
         q, k, v = taps(p + "q", q), taps(p + "k", k), taps(p + "v", v)  # [B, S, H, d]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
+        mask = None  # None: plain causal attention among these S positions
+        if cache is not None:
+            # Store the new keys and values; attend over those of every position so far.
+            k, v, mask = cache.update(self.layer, k, v)  # [B, H, K, d] twice, mask [S, K] (True = may look)
         if taps.wants(p + "scores") or taps.wants(p + "pattern"):
             # The pattern is wanted, so compute it in the open.
             scores = (q @ k.transpose(-2, -1)) * self.scale  # [B, H, Q, K]
-            future = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
-            scores = taps(p + "scores", scores.masked_fill(future, float("-inf")))
+            visible = torch.ones(S, S, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+            scores = taps(p + "scores", scores.masked_fill(~visible, float("-inf")))
             pattern = taps(p + "pattern", scores.softmax(dim=-1))
             z = self.dropout(pattern) @ v
         else:
             # Same maths, fused: the pattern is never materialised.
             drop = self.dropout.p if self.training else 0.0
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=drop)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               scale=self.scale, dropout_p=drop)
         z = taps(p + "z", z.transpose(1, 2))  # [B, S, H, d]
         delta = self.out(z.flatten(2))
         if taps.wants(p + "heads"):
@@ -91,11 +104,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_pdrop)
         self.prefix = f"blocks.{layer}."
 
-    def forward(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: Taps, cache: KVCache | None = None) -> torch.Tensor:
         """[B, S, D] -> [B, S, D]: resid_post = resid_pre + attn_delta + mlp_delta."""
         p = self.prefix
         x = taps(p + "resid_pre", x)
-        attn_delta = taps(p + "attn_delta", self.dropout(self.attn(taps(p + "ln1", self.ln1(x)), taps)))
+        attn_delta = taps(p + "attn_delta", self.dropout(self.attn(taps(p + "ln1", self.ln1(x)), taps, cache)))
         x = taps(p + "resid_mid", x + attn_delta)
         mlp_delta = taps(p + "mlp_delta", self.dropout(self.mlp(taps(p + "ln2", self.ln2(x)), taps)))
         return taps(p + "resid_post", x + mlp_delta)
@@ -118,16 +131,20 @@ class GPT(nn.Module):
         self.trace_budget_bytes: int | str | None = "auto"
         self.eval()  # dropout only when asked for with .train()
 
-    def forward(self, tokens: torch.Tensor, taps: Taps = NO_TAPS) -> torch.Tensor:
-        """tokens [B, S] (int) -> logits [B, S, V]."""
+    def forward(self, tokens: torch.Tensor, taps: Taps = NO_TAPS, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, S] (int) -> logits [B, S, V].
+
+        With a ``cache`` (see generate.py) the tokens continue the sequence it holds: they take
+        the next S positions and attend over the cached keys and values as well as their own.
+        """
         check_tokens(tokens, self.cfg)
         B, S = tokens.shape
-        positions = torch.arange(S, device=tokens.device)
+        positions = torch.arange(S, device=tokens.device) if cache is None else cache.extend(S)
         embed = taps("embed", self.embed(tokens))  # [B, S, D]
         pos_embed = taps("pos_embed", self.pos_embed(positions).expand(B, S, -1))
         x = self.dropout(embed + pos_embed)
         for block in self.blocks:
-            x = block(x, taps)
+            x = block(x, taps, cache)
         x = taps("ln_f", self.ln_f(x))
         return taps("logits", F.linear(x, self.embed.weight))  # unembedding tied to the embedding
 
@@ -152,6 +169,32 @@ class GPT(nn.Module):
         with torch.set_grad_enabled(grad):
             logits = self(tokens, call)
         return logits, Trace(call.trace, self.cfg.n_layer)
+
+    def generate(self, prompt: str | Sequence | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_at_eos: bool = False, eos_id: int = 50256, taps: str | Iterable[str] = (),
+                 edits: Mapping[str, Edit] | None = None, compile: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, Trace]:
+        """Continue ``prompt`` (text, ids, or a tensor [B, S]) with a KV cache; returns ids [B, S + N].
+
+        The ids are the prompt followed by the N <= max_new_tokens new ones. ``temperature=0`` is
+        greedy; otherwise sample after ``top_k``/``top_p`` filtering, from ``seed`` if given. With
+        ``stop_at_eos`` a row that emits ``eos_id`` repeats it, and generation stops when all rows
+        have. ``edits`` stay in force at every step. With ``taps``, returns ``(ids, trace)`` where
+        the trace equals that of a full forward over the returned ids (attention scores/patterns
+        [B, H, T, T] included, future keys at -inf/0). ``compile=True``: static cache and
+        ``torch.compile`` (CUDA graphs on a GPU), no taps or edits. See generate.py.
+        """
+        from .generate import generate
+
+        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_at_eos=stop_at_eos, eos_id=eos_id, taps=taps, edits=edits, compile=compile)
+
+    def stream(self, prompt: str | Sequence | torch.Tensor, max_new_tokens: int, **settings) -> Iterator[torch.Tensor]:
+        """``generate`` one step at a time: yields the new ids [B] as each is chosen (taps: use generate)."""
+        from .generate import stream
+
+        return stream(self, prompt, max_new_tokens, **settings)
 
     def tokens(self, inputs: str | Sequence | torch.Tensor) -> torch.Tensor:
         """Text, ids or a tensor -> validated int64 tensor [B, S] on the model's device."""
