@@ -1,4 +1,5 @@
-"""What every probe shares: one-sequence input, recording on the CPU in float32, labels, findings."""
+"""What every probe shares: one-sequence input, recording on the CPU in float32 (float64 for a
+float64 model), labels, findings."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -48,12 +49,18 @@ def single_sequence(model: GPT, inputs: str | list | torch.Tensor) -> torch.Tens
 
 def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str, Edit] | None = None,
            positions: list[int] | None = None) -> tuple[torch.Tensor, Trace]:
-    """Run once: logits [S, V] (float32, CPU) and a trace of float32 CPU tensors [1, ...].
+    """Run once: logits [S, V] and a trace of tensors [1, ...], on the CPU in ``work_dtype(model)``.
 
     ``positions`` keeps only those sequence positions in the trace (the logits keep all).
     """
-    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=torch.float32, positions=positions)
-    return logits[0].detach().to("cpu", torch.float32), trace
+    dtype = work_dtype(model)
+    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=dtype, positions=positions)
+    return logits[0].detach().to("cpu", dtype), trace
+
+
+def work_dtype(model: GPT) -> torch.dtype:
+    """float32, or float64 for a float64 model: exact for every dtype the model may run in."""
+    return torch.float64 if model.embed.weight.dtype == torch.float64 else torch.float32
 
 
 RESIDUAL_TAPS = ["blocks.0.resid_pre", "blocks.*.resid_post"]
@@ -81,18 +88,18 @@ def hidden_labels(n_layer: int) -> list[str]:
 
 
 def apply_ln_f(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """The model's final LayerNorm on x [..., D], in the model's dtype and device -> float32 CPU.
+    """The model's final LayerNorm on x [..., D], in the model's dtype and device -> CPU, work_dtype.
 
     Computing in the model's own dtype makes the result bit-equal to the ``ln_f`` tap.
     """
     w = model.ln_f.weight
     y = F.layer_norm(x.to(w.device, w.dtype), (w.shape[0],), w, model.ln_f.bias, model.ln_f.eps)
-    return y.detach().to("cpu", torch.float32)
+    return y.detach().to("cpu", work_dtype(model))
 
 
 def unembedding(model: GPT) -> torch.Tensor:
-    """W_U [V, D] (tied to the token embedding), float32 on the CPU."""
-    return model.embed.weight.detach().to("cpu", torch.float32)
+    """W_U [V, D] (tied to the token embedding), on the CPU in work_dtype."""
+    return model.embed.weight.detach().to("cpu", work_dtype(model))
 
 
 def float_eps(model: GPT) -> float:

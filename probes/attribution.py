@@ -18,7 +18,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import Finding, check_index, record, single_sequence, token_text, unembedding, verdict_of
+from ._common import Finding, check_index, float_eps, record, single_sequence, token_text, unembedding, verdict_of
 
 
 @dataclass
@@ -93,7 +93,7 @@ def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = 
         heads=per_block[:, :cfg.n_head], attn_bias=per_block[:, cfg.n_head], mlp=per_block[:, cfg.n_head + 1],
         embed=contributions[0].item(), pos_embed=contributions[1].item(), ln_f_bias=ln_f_bias,
         sum_error=abs(total - logit))
-    tol = 1e-3 * max(1.0, abs(logit)) if model.embed.weight.dtype != torch.float32 else 1e-4 * max(1.0, abs(logit))
+    tol = max(1e-4, 4 * float_eps(model)) * max(1.0, abs(logit))  # the model's own logit carries its rounding
     (name, value), = result.top(1)
     result.findings = [
         Finding("sum", "the parts sum to the logit (ln_f's scale frozen at this run's value)", result.sum_error <= tol,

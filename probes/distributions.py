@@ -21,7 +21,7 @@ class Distributions:
     """L = n_layer + 1 hidden states; 'used' values are tokens first_token.. of every dimension."""
 
     labels: list[str]           # 'emb', 'b0'..'b{n-2}', 'ln_f'
-    states: torch.Tensor        # [L, S, D] every value (first token included), float32
+    states: torch.Tensor        # [L, S, D] every value (first token included)
     first_token: int            # 1 when the first token is left out of the statistics, else 0
     covariance: torch.Tensor    # [L, L] covariance between layers over the used values (ddof 1, like np.cov)
     r2: torch.Tensor            # [L, L] squared Pearson correlation

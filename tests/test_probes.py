@@ -342,3 +342,20 @@ def test_plot_logit_lens_and_attribution(model):
     heights = [p.get_height() for p in bars.patches]
     np.testing.assert_allclose(heights[n:], a.mlp.numpy(), rtol=1e-6)
     np.testing.assert_allclose(heights[:n], (a.heads.sum(1) + a.attn_bias).numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_architectural_findings_hold_in_other_dtypes(dtype):
+    """The claims that follow from the architecture hold within the rounding of the model's dtype."""
+    model = random_model().to(dtype)
+    checked = []
+    for probe in (probes.reconstruct, probes.check_final_norm, probes.lens, probes.attribute):
+        checked += [(probe.__name__, f.key, f.holds, f.detail) for f in probe(model, TOKENS).findings
+                    if not f.needs_trained and f.holds is not None]
+    iv = probes.intervene(model, TOKENS, block=1)
+    checked += [(item.name, f.key, f.holds, f.detail) for item in iv.results for f in item.findings
+                if f.key in ("exact_factor", "ln_f_compensates")]
+    assert len(checked) >= 10
+    assert [c for c in checked if c[2] is not True] == []
+    if dtype == torch.float64:  # recorded in float64, so the law is exact to float64 rounding
+        assert probes.reconstruct(model, TOKENS).rel_error_next.max() <= 1e-14
