@@ -55,6 +55,7 @@ class Interventions:
     clean_mean_abs: torch.Tensor  # [n + 2]
     clean_post_gelu_near_zero: float  # fraction of the block's clean post-GELU values in [-0.2, 1]
     clean_post_gelu_mean: float
+    head_pattern_deviation: float = float("nan")  # max |edited head's pattern - uniform over the prefix|
     results: list[InterventionResult] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> InterventionResult:
@@ -98,8 +99,9 @@ def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int = 9, 
                            clean_post_gelu_near_zero=((post >= -0.2) & (post <= 1)).float().mean().item(),
                            clean_post_gelu_mean=post.mean().item())
     top_clean = clean_logits.argmax(-1)
+    pattern_tap = f"blocks.{block}.attn.pattern"
     for name, title, edit in exercises:
-        logits, trace = record(model, tokens, taps, edit)
+        logits, trace = record(model, tokens, taps + [pattern_tap] * (name == "head_keys"), edit)
         states = states_with_ln_f(model, trace)
         std = states.flatten(1).std(dim=1)
         kl = kl_rows(clean_logits, logits)
@@ -110,6 +112,10 @@ def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int = 9, 
             std_ratio=std / clean_std.clamp_min(1e-30), kl_last=kl[-1].item(), kl_mean=kl.mean().item(),
             top1_clean=clean_word, top1_edited=edited_word, top1_changed=bool(top[-1] != top_clean[-1]),
             top1_changed_fraction=(top != top_clean).double().mean().item())
+        if name == "head_keys":  # with its keys at 0, the head scores every visible key 0: uniform attention
+            pattern = trace[pattern_tap][0, head].double()  # [Q, K]
+            uniform = torch.ones_like(pattern).tril() / torch.arange(1, len(pattern) + 1, dtype=torch.float64)[:, None]
+            result.head_pattern_deviation = (pattern - uniform).abs().max().item()
         item.findings = _findings(item, result, cfg.n_layer)
         result.results.append(item)
     return result
@@ -128,9 +134,10 @@ def _findings(item: InterventionResult, run: Interventions, n_layer: int) -> lis
     last_raw, final = n_layer, n_layer + 1
     impact = Finding("impact", "downstream impact on the next-token distribution", None, _impact(item))
     if item.name == "head_keys":
-        return [Finding("head_uniform",
-                        f"zeroed keys make head {run.head}'s attention uniform over the prefix; the spread "
-                        "of later layers barely moves", None,
+        return [Finding("head_uniform", f"with its keys at zero, head {run.head} attends uniformly to every "
+                        "earlier token", run.head_pattern_deviation <= 1e-3,
+                        f"max |pattern - 1/(position+1)| = {run.head_pattern_deviation:.2g}"),
+                Finding("spread", "the spread of the layers after the block", None,
                         f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.3f}, at the last block "
                         f"b{n_layer - 1}: {item.std_ratio[last_raw]:.3f}"), impact]
     if item.name == "mlp_noise":

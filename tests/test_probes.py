@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import probes
 from minigpt import GPT, GPTConfig, edits
@@ -138,11 +137,17 @@ def test_interventions_against_independent_runs(model):
         logits, _ = model.run(TOKENS, edits=edit)
         kl = kl_numpy(clean_logits, logits[0])
         item = iv[name]
-        assert item.kl_last == pytest.approx(kl[-1], rel=1e-6, abs=1e-12)
-        assert item.kl_mean == pytest.approx(kl.mean(), rel=1e-6, abs=1e-12)
+        # The head_keys run records the attention pattern, which takes the unfused attention path:
+        # the same maths, rounded differently, so its KL agrees to float32 rounding only.
+        rel = 1e-4 if name == "head_keys" else 1e-6
+        assert item.kl_last == pytest.approx(kl[-1], rel=rel, abs=1e-12)
+        assert item.kl_mean == pytest.approx(kl.mean(), rel=rel, abs=1e-12)
         changed = logits[0].argmax(-1) != clean_logits.argmax(-1)
         assert item.top1_changed == bool(changed[-1])
         assert item.top1_changed_fraction == pytest.approx(changed.double().mean().item())
+    # Zeroed keys: the head's attention is uniform over the visible tokens.
+    assert iv.head_pattern_deviation <= 1e-6
+    assert next(f for f in iv["head_keys"].findings if f.key == "head_uniform").holds is True
 
 
 @pytest.mark.parametrize("factor", [0.1, 10.0])
