@@ -88,25 +88,33 @@ def make_hf(config_kwargs: dict, seed: int = 0, dtype: torch.dtype = torch.float
 
     Scales keep activations O(1) at any width: matrices ~ N(0, 1/fan_in), embeddings ~ N(0, 1),
     biases ~ N(0, 0.3^2), LayerNorm weights ~ 1 + N(0, 0.3^2). The unembedding stays tied.
+    The noise is drawn in ``dtype`` (float32 for other dtypes), so one seed gives one model per dtype.
     """
     # Special-token ids inside the vocabulary, so transformers does not warn about them.
     special = {"bos_token_id": config_kwargs["vocab_size"] - 1, "eos_token_id": config_kwargs["vocab_size"] - 1}
     config = GPT2Config(**{**special, **config_kwargs}, attn_implementation="eager")
-    hf = GPT2LMHeadModel(config).to(dtype).eval()
+    # Built on the meta device: HF's own initialisation would be thrown away anyway (and takes
+    # seconds at the 124M shape).
+    with torch.device("meta"):
+        hf = GPT2LMHeadModel(config)
+    hf = hf.to_empty(device="cpu").to(dtype).eval()
+    hf.tie_weights()
+    draw = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in hf.named_parameters():  # the tied lm_head is the same tensor as wte
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            noise = torch.randn(param.shape, generator=generator, dtype=draw)
             if name.endswith(("wte.weight", "wpe.weight")):
                 value = noise
             elif ".ln_" in name and name.endswith("weight"):
-                value = 1 + 0.3 * noise
+                value = noise.mul_(0.3).add_(1)
             elif name.endswith("bias"):
-                value = 0.3 * noise
+                value = noise.mul_(0.3)
             else:  # a Conv1D weight [in, out]
-                value = noise / math.sqrt(param.shape[0])
-            param.copy_(value.to(dtype))
+                value = noise.mul_(1 / math.sqrt(param.shape[0]))
+            param.copy_(value)
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr(), "lm_head must stay tied"
+    assert not list(hf.buffers()), "a buffer would be left uninitialised"
     return hf
 
 
