@@ -101,7 +101,7 @@ def _findings(d: Distributions) -> list[Finding]:
         inner = _mean_off_diagonal(middle)
         findings.append(Finding("shared_variance",
                                 "the embeddings and the last layer share little variance with the rest; "
-                                "the middle blocks share a lot", edge < inner,
+                                "the middle blocks share a lot", edge < 0.75 * inner,
                                 f"mean R^2 with the middle blocks: embeddings {d.r2[0, others].mean():.3f}, last "
                                 f"{d.r2[-1, others].mean():.3f}; among the middle blocks {inner:.3f}",
                                 needs_trained=True))
@@ -115,10 +115,10 @@ def _findings(d: Distributions) -> list[Finding]:
                                 needs_trained=True))
     if L >= 3:
         peak = int(d.tail[1:-1].argmax()) + 1
-        widen = bool(d.tail[0] < d.tail[peak] and d.tail[-1] < d.tail[-2] and d.tail[L // 2] > d.tail[0])
+        widen = bool(d.tail[0] < d.tail[L // 2] and d.tail[-1] < d.tail[peak])
         findings.append(Finding("tails", "the tails are narrow at the embeddings, widen with depth, and narrow again "
                                 "at the last layer", widen,
-                                f"99.9th percentile of |value|: embeddings {d.tail[0]:.3g}, widest "
-                                f"{d.labels[peak]} {d.tail[peak]:.3g}, {d.labels[-2]} {d.tail[-2]:.3g}, last "
-                                f"(ln_f) {d.tail[-1]:.3g}", needs_trained=True))
+                                f"99.9th percentile of |value|: embeddings {d.tail[0]:.3g}, {d.labels[L // 2]} "
+                                f"{d.tail[L // 2]:.3g}, widest {d.labels[peak]} {d.tail[peak]:.3g}, last (ln_f) "
+                                f"{d.tail[-1]:.3g}", needs_trained=True))
     return findings
