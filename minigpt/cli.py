@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
     add_model_args(p)  # its --seed seeds the sampling too
     p.set_defaults(func=generate)
-    p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures")
+    p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures",
+                            description="Run every probe of the lecture notes on TEXT and write OUT/index.html, "
+                            "OUT/report.json and the PNG figures. Offline with nothing cached, it falls back to "
+                            "random weights of the --model size (--random-if-offline is on), and the page says so.")
     p.add_argument("text")
     p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")
     p.add_argument("--block", type=int, default=9, help="block the interventions edit (default 9, clamped to the depth)")
