@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from minigpt import GPT, EditError, GPTConfig, MiniGPTWarning, TapError, edits, tap_names
 from minigpt.edits import gaussian
 
-HIDDEN = ["blocks.*.resid_pre", "ln_f"]
+HIDDEN = ["blocks.*.resid_pre", "blocks.*.resid_post", "ln_f"]
 
 
 def pair(case: Case):
@@ -23,12 +23,23 @@ def pair(case: Case):
 
 
 def assert_same_run(hf, model, tokens, our_edits, hf_hooks) -> None:
-    """minigpt with ``our_edits`` and HF with ``hf_hooks`` give the same logits and hidden states."""
+    """minigpt with ``our_edits`` and HF with ``hf_hooks`` give the same logits and hidden states.
+
+    HF's hidden_states are block 0's input, each block's output, then ln_f's output. They equal
+    ``trace.hidden_states()`` (the input of every block) unless an edit changed some block's
+    input after the previous block's output was taken; so they are compared with resid_post.
+    """
     hf_logits, reads = hf_forward(hf, tokens, hf_hooks)
     logits, trace = model.run(tokens, taps=HIDDEN, edits=our_edits)
     assert_close(logits, hf_logits, msg="logits")
-    for i, (a, b) in enumerate(zip(trace.hidden_states(), reads["hidden_states"], strict=True)):
+    hidden, n_layer = reads["hidden_states"], model.cfg.n_layer
+    assert len(hidden) == n_layer + 1
+    ours = [trace["blocks.0.resid_pre"]] + [trace[f"blocks.{i}.resid_post"] for i in range(n_layer - 1)]
+    for i, (a, b) in enumerate(zip(ours + [trace["ln_f"]], hidden, strict=True)):
         assert_close(a, b, msg=f"hidden_states[{i}]")
+    if not any(name.endswith("resid_pre") for name in our_edits):
+        for i, (a, b) in enumerate(zip(trace.hidden_states(), hidden, strict=True)):
+            assert_close(a, b, msg=f"trace.hidden_states()[{i}]")
 
 
 def mix(seed: int):
