@@ -151,7 +151,12 @@ class Taps:
         if name not in self.wanted:
             return x
         if name in self.edits:
-            x = apply_edit(name, self.edits[name], x)
+            edit = self.edits[name]
+            # A function may edit its input in place, and that input can be a tensor already in
+            # the trace (resid_pre of block L+1 is resid_post of block L): give it a copy then.
+            if self.trace and not isinstance(edit, torch.Tensor):
+                x = x.clone()
+            x = apply_edit(name, edit, x)
         if name in self.record:
             self.trace[name] = self._keep(name, x)
         return x
@@ -162,6 +167,10 @@ class Taps:
             kept = kept[:, self.positions]
         if self.to is not None or self.dtype is not None:
             kept = kept.to(device=self.to, dtype=self.dtype)
+        if not self.grad and kept.untyped_storage().nbytes() > kept.numel() * kept.element_size():
+            # A view would keep its whole parent alive (q is a third of qkv, a slice of positions a
+            # sliver of the tap): copy, so the trace holds what nbytes_estimate says and no more.
+            kept = kept.clone()
         return kept
 
 

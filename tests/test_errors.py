@@ -285,6 +285,11 @@ def _bytes_held(trace) -> dict[str, int]:
     return {name: t.numel() * t.element_size() for name, t in trace.items()}
 
 
+def _bytes_in_memory(trace) -> int:
+    """What the trace really keeps alive: each distinct storage once (views keep their whole parent)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in trace.values()}.values())
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_estimate_equals_the_bytes_recorded(model, seed):
     """For random selections of taps, batch, positions and dtype, tap by tap."""
@@ -297,14 +302,18 @@ def test_estimate_equals_the_bytes_recorded(model, seed):
     _, trace = model.run(tokens, taps=chosen, positions=positions, dtype=dtype)
     itemsize = (dtype or torch.float32).itemsize
     assert _bytes_held(trace) == nbytes_estimate(chosen, batch, seq, CFG, itemsize, positions)
-    assert sum(_bytes_held(trace).values()) == model.estimate_trace_bytes(chosen, batch, seq, dtype=dtype,
-                                                                          positions=positions)
+    estimate = model.estimate_trace_bytes(chosen, batch, seq, dtype=dtype, positions=positions)
+    assert sum(_bytes_held(trace).values()) == estimate
+    assert _bytes_in_memory(trace) <= estimate  # no view keeps a bigger parent alive (q of qkv, a slice)
 
 
 def test_estimate_covers_every_tap(model):
     tokens = torch.randint(CFG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
     _, trace = model.run(tokens, taps="*")
     assert _bytes_held(trace) == nbytes_estimate(model.tap_names, 2, 5, CFG, 4)
+    for taps, positions in [("blocks.*.attn.q", None), ("blocks.0.attn.[kv]", None), ("*", slice(-1, None))]:
+        _, trace = model.run(tokens, taps=taps, positions=positions)
+        assert _bytes_in_memory(trace) <= model.estimate_trace_bytes(taps, 2, 5, positions=positions)
 
 
 def test_estimate_of_the_taps_that_grow_fast():
