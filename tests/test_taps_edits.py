@@ -375,6 +375,20 @@ def test_edit_that_mutates_its_input_in_place_does_not_touch_weights() -> None:
     assert_clean(model, clean, params)
 
 
+def test_in_place_edit_does_not_change_what_was_already_recorded() -> None:
+    """resid_pre of block L+1 is the very tensor recorded as resid_post of block L."""
+    model = small_model()
+    _, clean = model.run(TOKENS, taps="blocks.*.resid_post")
+
+    def zero_in_place(x):
+        return x.mul_(0)
+
+    _, trace = model.run(TOKENS, taps=["blocks.*.resid_post", "blocks.2.resid_pre"],
+                         edits={"blocks.2.resid_pre": zero_in_place})
+    assert torch.equal(trace["blocks.1.resid_post"], clean["blocks.1.resid_post"])
+    assert (trace["blocks.2.resid_pre"] == 0).all()
+
+
 def test_nan_from_an_edit_warns() -> None:
     model = small_model()
     with pytest.warns(MiniGPTWarning, match="blocks.1.mlp.post"):
