@@ -167,9 +167,10 @@ class Taps:
             kept = kept[:, self.positions]
         if self.to is not None or self.dtype is not None:
             kept = kept.to(device=self.to, dtype=self.dtype)
-        if not self.grad and kept.untyped_storage().nbytes() > kept.numel() * kept.element_size():
+        if not self.grad and kept.untyped_storage().size() > kept.numel() * kept.element_size():
             # A view would keep its whole parent alive (q is a third of qkv, a slice of positions a
             # sliver of the tap): copy, so the trace holds what nbytes_estimate says and no more.
+            # (An untyped storage's size() is its bytes; nbytes() would break torch.compile's graph.)
             kept = kept.clone()
         return kept
 
