@@ -196,6 +196,30 @@ def test_recording_does_not_change_logits(data, dtype: torch.dtype) -> None:
         assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
 
 
+@pytest.mark.parametrize("taps, edited, fused", [
+    ((), (), True),
+    (("blocks.*.attn.q", "blocks.*.attn.z", "blocks.*.attn.heads", "blocks.*.resid_post"), (), True),
+    ((), ("blocks.*.attn.k",), True),
+    (("blocks.*.attn.pattern",), (), False),
+    ((), ("blocks.*.attn.scores",), False),
+], ids=["nothing", "other-attention-taps", "edit-k", "record-pattern", "edit-scores"])
+def test_fused_attention_unless_scores_or_pattern_wanted(monkeypatch, taps, edited, fused) -> None:
+    import minigpt.model
+
+    calls = []
+    sdpa = minigpt.model.F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(minigpt.model.F, "scaled_dot_product_attention", counting)
+    model = dropout_model()
+    tokens = torch.arange(12).view(1, 12)
+    model.run(tokens, taps=list(taps), edits={name: (lambda x: x * 1.0) for name in edited})
+    assert len(calls) == (model.cfg.n_layer if fused else 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # (i) modes
 
