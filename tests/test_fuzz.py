@@ -418,8 +418,8 @@ def test_fuzz_checkpoint_files(checkpoint, data):
         event("load succeeded")
         assert tensors is not None
         expected = from_hf_state_dict(tensors, model.cfg)
-        for name, value in model.state_dict().items():
-            assert torch.equal(value, expected[name].to(value.dtype))
+        for name, value in model.state_dict().items():  # flipped data bytes may well make a NaN
+            torch.testing.assert_close(value, expected[name].to(value.dtype), rtol=0, atol=0, equal_nan=True)
 
 
 def _parses(raw: bytes) -> bool:
