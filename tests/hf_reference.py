@@ -179,7 +179,7 @@ def write_checkpoint(hf: GPT2LMHeadModel, directory: str | Path, layout: str = "
 Hook = tuple[nn.Module, Callable, str]
 
 
-def _first(output):
+def first_output(output):
     """A block's hidden state: element 0 of the tuple older transformers return, or the tensor itself."""
     return output[0] if isinstance(output, tuple) else output
 
@@ -204,7 +204,7 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
 
     def save(name: str, transform: Callable = lambda x: x, pre: bool = False) -> Callable:
         def hook(module, args, output=None):
-            value = args[0] if pre else _first(output)
+            value = args[0] if pre else first_output(output)
             reads[name] = transform(value).detach().clone()
         return hook
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import Case, assert_close, cases, hf_forward, make_hf, replace_first, to_minigpt, _first
+from hf_reference import Case, assert_close, cases, hf_forward, make_hf, replace_first, to_minigpt, first_output
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -85,7 +85,7 @@ def hf_hook_for(hf, name: str, f) -> list:
     if tap == "resid_pre":
         return [(block, lambda m, a: (f(a[0]), *a[1:]), "pre")]
     if tap == "resid_post":  # element 0 of the block's output (a tuple in older transformers)
-        return [(block, lambda m, a, out: replace_first(out, f(_first(out))), "forward")]
+        return [(block, lambda m, a, out: replace_first(out, f(first_output(out))), "forward")]
     if tap == "resid_mid":
         # HF adds attention's output to the residual inside the block: to make the sum come out as
         # f(resid_mid), attention's output becomes f(resid_pre + attn) - resid_pre.
@@ -157,7 +157,7 @@ def test_scale_block_equals_scaling_element_0_of_the_block_output(case: Case, da
     factor = data.draw(st.sampled_from([0.1, 10.0, -1.0, 0.0]), label="factor")
 
     def scale(module, args, output):
-        return replace_first(output, _first(output) * factor)
+        return replace_first(output, first_output(output) * factor)
 
     assert_same_run(hf, model, tokens, edits.scale_block(block, factor),
                     [(hf.transformer.h[block], scale, "forward")])
