@@ -1,0 +1,97 @@
+"""scripts/bench.py end to end in its quick mode (tiny model, 2 x 16 tokens): every contender is there
+with sane fields, the byte accounting is exact, and the memory-saving options of Taps really save.
+Never asserts on timings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt import GPTConfig, tap_names
+from minigpt.taps import nbytes_estimate
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "scripts" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_script", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_every_contender_is_measured_with_sane_fields(bench, quick) -> None:
+    report, out = quick
+    skip_tl = report["tl_skipped"] is not None
+    expected = [c.name for c in bench.contenders("cpu", compile=False, skip_tl=skip_tl)]
+    results = {r["name"]: r for r in report["results"]}
+    assert list(results) == expected
+    assert {"minigpt_plain", "minigpt_resid4", "minigpt_all", "hf_eager_plain", "hf_sdpa_plain",
+            "hf_eager_hidden_hooks", "hf_sdpa_hidden_hooks"} <= set(results)
+    for r in results.values():
+        assert len(r["times_s"]) == report["repeats"] == 2 and all(t > 0 for t in r["times_s"])
+        assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["fraction_of_ceiling"] > 0
+        assert r["ratio_to_minigpt_plain"] > 0 and r["ratio_to_hf_sdpa_plain"] > 0
+        assert r["max_abs_logit_diff_vs_minigpt"] < 1e-4, r["name"]  # every library ran the same weights
+        assert isinstance(r["peak_extra_bytes"], int) and r["logits_bytes"] == 2 * 16 * 1000 * 4
+        assert (r["recorded_bytes"] > 0) == (r["kind"] == "record"), r["name"]
+    assert report["matmul_ceiling_flops_per_s"] > 0 and report["forward_flops"] > 0
+    assert report["versions"]["torch"] and report["hardware"]
+    assert {t["target"] for t in report["targets"]} >= {"every tap: time over minigpt plain"}
+    table = (out / "bench.md").read_text()
+    assert all(r["label"] in table for r in results.values())
+
+
+def test_recorded_bytes_are_exact_and_the_keep_options_save(quick) -> None:
+    report, _ = quick
+    r = {x["name"]: x for x in report["results"]}
+    cfg = report["config"]
+    L, B, S, D = cfg["n_layer"], report["batch"], report["seq"], cfg["n_embd"]
+    residual = B * S * D * 4
+    # resid_pre of block 0, then attn_delta, mlp_delta and resid_post of each block; resid_pre of
+    # block L+1 is resid_post of block L, the same tensor, counted once.
+    assert r["minigpt_resid4"]["recorded_bytes"] == (1 + 3 * L) * residual
+    # HF: 13 hidden states (the last after ln_f: a tensor of its own) and the two c_proj outputs per block.
+    assert r["hf_sdpa_hidden_hooks"]["recorded_bytes"] == (L + 1 + 2 * L) * residual
+    # positions= keeps one position of S, as a compact copy (no view pinning the whole tensor).
+    assert r["minigpt_resid4_last"]["recorded_bytes"] == 4 * L * residual // S
+    # dtype=bfloat16: every tap a bf16 copy of its own, 2 bytes a value (the memory guard's arithmetic).
+    config = GPTConfig.from_hf(cfg)
+    assert r["minigpt_all_bf16"]["recorded_bytes"] == sum(nbytes_estimate(tap_names(L), B, S, config, 2).values())
+    assert r["minigpt_all_bf16"]["recorded_bytes"] < 0.6 * r["minigpt_all"]["recorded_bytes"]
+    if "tl_cache_resid4" in r:
+        assert r["tl_cache_resid4"]["recorded_tensors"] == 4 * L
+
+
+def test_memory_subprocess_reports_one_contender(bench, quick) -> None:
+    report, out = quick
+    args = bench.parse_args(["--quick", "--threads", "1", "--out", str(out)])
+    measured = bench.memory_subprocess("minigpt_resid4", args, out / "checkpoint-quick")
+    assert "memory_error" not in measured, measured
+    assert measured["peak_extra_bytes"] >= 0 and measured["recorded_tensors"] == 4 * report["config"]["n_layer"]
+
+
+def test_forward_flops_count_of_gpt2_small(bench) -> None:
+    # 12 x (24 B S D^2 + 4 B S^2 D) + 2 B S D V at batch 1 x 1024: the usual ~2 x 124M FLOPs a token and attention.
+    cfg = bench.GPTConfig()
+    assert bench.forward_flops(cfg, 1, 1024) == 12 * (24 * 1024 * 768**2 + 4 * 1024**2 * 768) + 2 * 1024 * 768 * 50257
