@@ -86,7 +86,7 @@ class Models:
         compiled = attention.endswith("+compile")
         model = GPT2LMHeadModel.from_pretrained(self.checkpoint, attn_implementation=attention.removesuffix("+compile"),
                                                 dtype=self.dtype).to(self.device).eval()
-        return torch.compile(model, fullgraph=True) if compiled else model
+        return torch.compile(model) if compiled else model  # not fullgraph: HF's graph is not ours to fix
 
     @cached_property
     def tl(self):
@@ -477,6 +477,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if args.quick else "GPT-2 small shape (124M), random weights", "config": cfg.to_hf(),
         "warmup_rounds": args.warmup, "repeats": args.repeats, "forward_flops": flops,
         "matmul_ceiling_flops_per_s": ceiling, "load_average": _load_average(), "command": args.command,
+        "allocator": args.allocator,
         "tl_skipped": "--skip-tl" if args.skip_tl else ("transformer_lens not installed" if skip_tl else None),
         "results": results,
     }
@@ -487,6 +488,22 @@ def run(args: argparse.Namespace, log=print) -> dict:
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     (out / "bench.md").write_text(markdown(report))
     return report
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc to keep freed blocks for reuse instead of handing them back to the kernel.
+
+    By default glibc returns big freed blocks at once (and serves blocks over its mmap threshold from
+    fresh mappings), so memory a trace held comes back on the next call as fresh pages, each zeroed by
+    the kernel on first touch: a cost that grows with the bytes recorded. This applies to every row
+    alike; it only changes the process's allocator, not any library.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    ok = libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 * 2**20)  # 32 MiB: glibc's max
+    return "glibc keeps freed memory (mallopt: trim threshold 2 GiB, mmap threshold 32 MiB)" if ok else "mallopt failed"
 
 
 def _load_average() -> list[float] | None:
@@ -552,7 +569,7 @@ def markdown(report: dict) -> str:
         f"Median of {report['repeats']} alternating rounds after {report['warmup_rounds']} warm-up rounds. "
         f"Matmul ceiling measured in the same rounds: {report['matmul_ceiling_flops_per_s'] / 1e9:,.0f} GFLOP/s; "
         f"forward = {report['forward_flops'] / 1e9:,.1f} GFLOP. "
-        f"Load average at the end: {report['load_average']}.",
+        f"Allocator: {report['allocator']}. Load average at the end: {report['load_average']}.",
         "",
         "| contender | median ms | min ms | tokens/s | x HF sdpa plain | x minigpt plain | of ceiling "
         "| peak extra MiB | recorded MiB | (peak - plain's) / recorded | max abs logit diff |",
@@ -604,6 +621,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, 2 x 16 tokens, 2 rounds: a smoke run")
     p.add_argument("--memory", choices=["subprocess", "inprocess", "off"], default=None,
                    help="how to measure peak memory (default: subprocess; inprocess with --quick)")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help="time with glibc keeping freed memory (see keep_freed_memory); memory rows are unaffected")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)   # internal: measure one contender, print JSON
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)  # internal, with --memory-of
@@ -631,6 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
         print(json.dumps(measure_memory(row.make(models), tokens.to(args.device), args.device)))
         return
+    args.allocator = keep_freed_memory() if args.malloc_keep else "default (glibc as configured)"
     report = run(args)
     print((Path(args.out) / "bench.md").read_text())
     del report
