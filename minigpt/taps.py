@@ -275,15 +275,23 @@ class Trace(Mapping[str, torch.Tensor]):
     def hidden_states(self) -> tuple[torch.Tensor, ...]:
         """What HuggingFace's ``output_hidden_states=True`` returns: n_layer + 1 tensors [B, S, D].
 
-        The input of every block, then ``ln_f`` (so the last one is normalised, unlike
-        ``blocks.{last}.resid_post``). Needs taps ``blocks.*.resid_pre`` and ``ln_f``.
+        Block 0's input, the output of every block but the last, then ``ln_f`` (so the last one is
+        normalised, unlike ``blocks.{last}.resid_post``). A block's output is ``blocks.L.resid_post``,
+        or where that was not recorded ``blocks.L+1.resid_pre``: the same tensor unless an edit
+        changed that block input. Record ``taps=['blocks.*.resid_pre', 'ln_f']`` (or ``resid_post``).
         """
-        needed = [f"blocks.{layer}.resid_pre" for layer in range(self.n_layer)] + ["ln_f"]
-        missing = [n for n in needed if n not in self._tensors]
+        states, missing = [], []
+        for options in [["blocks.0.resid_pre"]] + [
+                [f"blocks.{layer}.resid_post", f"blocks.{layer + 1}.resid_pre"] for layer in range(self.n_layer - 1)
+        ] + [["ln_f"]]:
+            found = next((self._tensors[n] for n in options if n in self._tensors), None)
+            states.append(found)
+            if found is None:
+                missing.append(options[-1])
         if missing:
             raise TapError(f"hidden_states() needs taps {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                            "run with taps=['blocks.*.resid_pre', 'ln_f']")
-        return tuple(self._tensors[n] for n in needed)
+        return tuple(states)
 
 
 def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg, bytes_per_value: int,

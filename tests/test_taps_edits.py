@@ -25,9 +25,8 @@ def pair(case: Case):
 def assert_same_run(hf, model, tokens, our_edits, hf_hooks) -> None:
     """minigpt with ``our_edits`` and HF with ``hf_hooks`` give the same logits and hidden states.
 
-    HF's hidden_states are block 0's input, each block's output, then ln_f's output. They equal
-    ``trace.hidden_states()`` (the input of every block) unless an edit changed some block's
-    input after the previous block's output was taken; so they are compared with resid_post.
+    HF's hidden_states are block 0's input, each block's output, then ln_f's output, as are
+    ``trace.hidden_states()`` (which prefers resid_post to the next block's possibly edited input).
     """
     hf_logits, reads = hf_forward(hf, tokens, hf_hooks)
     logits, trace = model.run(tokens, taps=HIDDEN, edits=our_edits)
@@ -37,9 +36,8 @@ def assert_same_run(hf, model, tokens, our_edits, hf_hooks) -> None:
     ours = [trace["blocks.0.resid_pre"]] + [trace[f"blocks.{i}.resid_post"] for i in range(n_layer - 1)]
     for i, (a, b) in enumerate(zip(ours + [trace["ln_f"]], hidden, strict=True)):
         assert_close(a, b, msg=f"hidden_states[{i}]")
-    if not any(name.endswith("resid_pre") for name in our_edits):
-        for i, (a, b) in enumerate(zip(trace.hidden_states(), hidden, strict=True)):
-            assert_close(a, b, msg=f"trace.hidden_states()[{i}]")
+    for i, (a, b) in enumerate(zip(trace.hidden_states(), hidden, strict=True)):
+        assert_close(a, b, msg=f"trace.hidden_states()[{i}]")
 
 
 def mix(seed: int):
