@@ -1,7 +1,8 @@
 """Built-in edits: the lecture notes' interventions, as ``{tap name: function}`` dicts.
 
-Merge them with ``|`` and pass the result as ``model.run(..., edits=...)``. Any function
-tensor -> same-shaped tensor, or a replacement tensor, is an edit too; these are just named.
+Merge them with ``|``, or with ``combine`` when two of them edit the same tap, and pass the
+result as ``model.run(..., edits=...)``. Any function tensor -> same-shaped tensor, or a
+replacement tensor, is an edit too; these are just named.
 """
 from __future__ import annotations
 
@@ -80,3 +81,24 @@ def add_vector(tap: str, vector: torch.Tensor) -> dict[str, Edit]:
         return x + vector.to(x)
 
     return {tap: edit}
+
+
+def combine(*edit_dicts: dict[str, Edit]) -> dict[str, Edit]:
+    """Merge edit dicts; edits on the same tap run in the order given (``|`` would keep only the last).
+
+    ``combine(zero_head_keys(3, 1), zero_head_keys(3, 2))`` zeroes both heads' keys.
+    """
+    merged: dict[str, Edit] = {}
+    for edits in edit_dicts:
+        for tap, edit in edits.items():
+            merged[tap] = _then(merged[tap], edit) if tap in merged else edit
+    return merged
+
+
+def _then(first: Edit, second: Edit) -> Edit:
+    def both(x: torch.Tensor) -> torch.Tensor:
+        for edit in (first, second):
+            x = edit if isinstance(edit, torch.Tensor) else edit(x)
+        return x
+
+    return both

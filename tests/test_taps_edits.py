@@ -479,3 +479,26 @@ def test_hidden_states_needs_its_taps() -> None:
     _, trace = model.run(TOKENS, taps="blocks.*.resid_post")
     with pytest.raises(TapError, match="resid_pre"):
         trace.hidden_states()
+
+
+def test_combine_runs_edits_on_one_tap_in_order() -> None:
+    """`|` keeps only the last edit of a tap; combine chains them, equal to doing both by hand."""
+    model = to_minigpt(make_hf(dict(vocab_size=50, n_positions=8, n_embd=12, n_layer=2, n_head=3), 3))
+    tokens = torch.randint(50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def both_heads(k: torch.Tensor) -> torch.Tensor:
+        k = k.clone()
+        k[:, :, [0, 2]] = 0
+        return k
+
+    by_hand, _ = model.run(tokens, edits={"blocks.1.attn.k": both_heads})
+    combined, trace = model.run(tokens, taps="blocks.1.attn.k",
+                                edits=edits.combine(edits.zero_head_keys(1, 0), edits.zero_head_keys(1, 2)))
+    assert torch.equal(combined, by_hand)
+    assert (trace["blocks.1.attn.k"][:, :, [0, 2]] == 0).all() and (trace["blocks.1.attn.k"][:, :, 1] != 0).any()
+    only_last, _ = model.run(tokens, edits=edits.zero_head_keys(1, 0) | edits.zero_head_keys(1, 2))
+    assert not torch.equal(only_last, by_hand)
+    replaced = torch.ones(2, 8, 12, dtype=torch.float64)
+    chained, _ = model.run(tokens, edits=edits.combine({"ln_f": replaced}, edits.add_vector("ln_f", torch.ones(12))))
+    direct, _ = model.run(tokens, edits={"ln_f": replaced + 1})
+    assert torch.equal(chained, direct)
