@@ -16,8 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ACTIVATIONS, OFFICIAL, GPTConfig
-from .errors import InputError, MemoryBudgetError
-from .taps import NO_TAPS, Edit, Taps, Trace, nbytes_estimate, resolve_edits, select, tap_names
+from .errors import InputError
+from .inputs import as_tokens, check_keep_options, check_tokens
+from .memory import check_budget, estimate_trace_bytes
+from .taps import NO_TAPS, Edit, Taps, Trace, resolve_edits, select, tap_names
 
 if TYPE_CHECKING:
     from .generate import KVCache
@@ -164,7 +166,7 @@ class GPT(nn.Module):
         record = select(taps, self.tap_names) if taps else []
         resolved = resolve_edits(edits, self.tap_names)
         check_keep_options(grad, to, dtype, positions, tokens.shape[1])
-        self.check_budget(record, *tokens.shape, dtype or self.embed.weight.dtype, positions=positions, device=to)
+        check_budget(self, record, *tokens.shape, dtype or self.embed.weight.dtype, positions=positions, device=to)
         call = Taps(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions)
         with torch.set_grad_enabled(grad):
             logits = self(tokens, call)
@@ -198,79 +200,12 @@ class GPT(nn.Module):
 
     def tokens(self, inputs: str | Sequence | torch.Tensor) -> torch.Tensor:
         """Text, ids or a tensor -> validated int64 tensor [B, S] on the model's device."""
-        from_text = isinstance(inputs, str)
-        if from_text:
-            if not inputs:
-                raise InputError("empty text: give at least one character (or token id)")
-            inputs = [self.tokenizer.encode(inputs, allowed_special={"<|endoftext|>"})]
-        if not isinstance(inputs, torch.Tensor):
-            try:
-                inputs = torch.tensor(inputs)
-            except Exception as e:  # torch raises TypeError, ValueError, RuntimeError or OverflowError here
-                texts = isinstance(inputs, (list, tuple)) and any(isinstance(i, str) for i in inputs)
-                hint = ("; for several texts, encode each with model.tokenizer.encode and pass equal-length "
-                        "lists" if texts else "")
-                raise InputError(f"cannot make a token tensor from {type(inputs).__name__} ({e}); give "
-                                 f"text, a list of ints, or a list of equal-length lists of ints{hint}") from None
-        if inputs.dim() == 1:
-            inputs = inputs.unsqueeze(0)
-        integral = not (inputs.dtype.is_floating_point or inputs.dtype.is_complex or inputs.dtype == torch.bool)
-        if integral and inputs.dtype != torch.long and inputs.layout == torch.strided and inputs.device.type != "meta":
-            inputs = inputs.long()  # uint8 ... uint64 ids: nn.Embedding takes only int64/int32
-        if from_text and int(inputs.max()) >= self.cfg.vocab_size:
-            raise InputError(f"the text encodes to GPT-2 token id {int(inputs.max())}, but this model's vocabulary "
-                             f"has only {self.cfg.vocab_size} entries; pass token ids below {self.cfg.vocab_size}")
-        check_tokens(inputs, self.cfg)
-        return inputs.to(device=self.embed.weight.device, dtype=torch.long)
+        return as_tokens(inputs, self.cfg, self.embed.weight.device, lambda: self.tokenizer)
 
     def estimate_trace_bytes(self, taps: str | Iterable[str], batch: int, seq: int, *,
                              dtype: torch.dtype | None = None, positions: slice | list[int] | None = None) -> int:
-        """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold.
-
-        ``taps`` as in run (names or globs); ``dtype`` and ``positions`` as in run. Exact for the
-        recorded values (numel x itemsize); with ``grad=True`` the autograd graph holds more.
-        """
-        for name, value in (("batch", batch), ("seq", seq)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        record = select(taps, self.tap_names) if taps else []
-        check_keep_options(False, None, dtype, positions, seq)
-        itemsize = (dtype or self.embed.weight.dtype).itemsize
-        return sum(nbytes_estimate(record, batch, seq, self.cfg, itemsize, positions).values())
-
-    def check_budget(self, record: list[str], batch: int, seq: int, dtype: torch.dtype, *,
-                     positions: slice | list[int] | None = None, device: torch.device | str | None = None) -> None:
-        """Refuse, before allocating, a run whose recorded taps would exceed ``trace_budget_bytes``.
-
-        The budget is a number of bytes, None (no guard), or "auto" (the default): half of the
-        memory free right now on the device the trace goes to (``device``, else the model's), so
-        that a run asking for more than the machine can hold fails here with a message instead of
-        being killed by the out-of-memory killer halfway. The other half is left for the forward
-        pass itself. Where free memory cannot be read (not Linux, not CUDA), "auto" does not limit.
-        """
-        budget = self.trace_budget_bytes
-        if budget is None or not record:
-            return
-        sizes = nbytes_estimate(record, batch, seq, self.cfg, dtype.itemsize, positions)
-        total = sum(sizes.values())
-        if budget == "auto":
-            where = torch.device(device) if device is not None else self.embed.weight.device
-            free = available_memory(where)
-            if free is None:
-                return
-            budget, why = free // 2, f"half the {fmt_bytes(free)} free on {where} now (trace_budget_bytes='auto')"
-        elif isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
-            why = "model.trace_budget_bytes"
-        else:
-            raise InputError(f"model.trace_budget_bytes must be a number of bytes, 'auto' or None, got {budget!r}")
-        if total > budget:
-            worst = sorted(sizes, key=sizes.get, reverse=True)[:3]
-            raise MemoryBudgetError(
-                f"recording {len(record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(total)}, over the "
-                f"budget of {fmt_bytes(budget)} ({why}); the largest are "
-                f"{', '.join(f'{n} ({fmt_bytes(sizes[n])})' for n in worst)}. Record fewer taps, fewer positions "
-                "(positions=[-1]) or a smaller batch, record in a lower dtype (dtype=torch.bfloat16), or set "
-                "model.trace_budget_bytes (None turns the guard off)")
+        """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold."""
+        return estimate_trace_bytes(self, taps, batch, seq, dtype=dtype, positions=positions)
 
     @property
     def tokenizer(self):
@@ -312,108 +247,3 @@ class GPT(nn.Module):
                     param.normal_(0.0, std, generator=generator)
         model.source = f"RANDOM weights (seed {seed}), {size if isinstance(size, str) else 'custom'} shape"
         return model.to(dtype=dtype, device=device)
-
-
-# Integer dtypes nn.Embedding accepts as indices; model.run converts every other integer dtype.
-INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def check_tokens(tokens: torch.Tensor, cfg: GPTConfig) -> None:
-    """Raise InputError unless ``tokens`` is an int64/int32 tensor [B, S] of ids the model can run."""
-    if not isinstance(tokens, torch.Tensor):
-        raise InputError(f"tokens must be a tensor, got {type(tokens).__name__}; model(...) takes an int64 "
-                         "tensor [batch, seq], model.run(...) also takes text and lists of ids")
-    if tokens.layout != torch.strided or tokens.device.type == "meta":
-        what = "on the meta device (shapes only, no values)" if tokens.device.type == "meta" else f"{tokens.layout}"
-        raise InputError(f"tokens must be a dense tensor holding values, got one {what}; pass real ids "
-                         "(e.g. tokens.to_dense() or a tensor on the model's device)")
-    if tokens.numel() == 0:
-        raise InputError(f"empty input (shape {tuple(tokens.shape)}): give at least one token")
-    if tokens.dtype not in INDEX_DTYPES:
-        integral = not (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool)
-        if integral:
-            raise InputError(f"token ids must be int64 (or int32), got a {tokens.dtype} tensor; convert with "
-                             "tokens.long() (model.run converts integer tensors itself)")
-        raise InputError(f"token ids must be integers, got a {tokens.dtype} tensor; if it holds whole ids, "
-                         "convert with tokens.round().long()")
-    if tokens.dim() != 2:
-        raise InputError(f"tokens must be shaped [batch, seq], got shape {tuple(tokens.shape)}; "
-                         "give one sequence [seq] to model.run, or a batch [batch, seq]")
-    if tokens.shape[1] > cfg.n_positions:
-        raise InputError(f"{tokens.shape[1]} tokens is longer than the context of {cfg.n_positions}; "
-                         f"split the input or keep the last {cfg.n_positions} tokens (tokens[:, -{cfg.n_positions}:])")
-    if not torch.compiler.is_compiling():
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= cfg.vocab_size:
-            bad = low if low < 0 else high
-            where = tuple((tokens == bad).nonzero()[0].tolist())
-            raise InputError(f"token id {bad} (at [batch, position] {list(where)}) is outside the vocabulary "
-                             f"[0, {cfg.vocab_size}) of this model; were these ids made by another tokenizer?")
-
-
-def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.dtype | None,
-                       positions: slice | list[int] | None, seq: int) -> None:
-    """Raise InputError unless run()'s grad/to/dtype/positions are usable for a ``seq``-token run."""
-    if not isinstance(grad, bool):
-        raise InputError(f"grad must be True or False, got {grad!r}")
-    if to is not None:
-        try:
-            torch.device(to)
-        except (RuntimeError, TypeError) as e:
-            raise InputError(f"to={to!r} is not a device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InputError(f"dtype={dtype!r}: recorded activations are kept in a floating dtype, e.g. "
-                         "torch.float16 or torch.bfloat16 (None keeps the model's)")
-    if positions is None:
-        return
-    if isinstance(positions, slice):
-        try:
-            kept = range(seq)[positions]
-        except (TypeError, ValueError) as e:
-            raise InputError(f"positions={positions!r} is not a usable slice ({e})") from None
-    elif isinstance(positions, (list, tuple, range)) and all(
-            isinstance(p, int) and not isinstance(p, bool) for p in positions):
-        kept = positions
-        wrong = [p for p in positions if not -seq <= p < seq]
-        if wrong:
-            raise InputError(f"positions {wrong[:5]} do not exist in a {seq}-token input; give positions in "
-                             f"[{-seq}, {seq}) (negative ones count from the end)")
-    else:
-        raise InputError(f"positions must be a slice or a list of ints (e.g. [-1] for the last token), "
-                         f"got {positions!r}")
-    if len(kept) == 0:
-        raise InputError(f"positions={positions!r} keeps no position of a {seq}-token input; "
-                         "leave positions=None to keep them all")
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device`` now (None where that cannot be read)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    found = []
-    try:  # Linux: what the kernel says can be allocated without swapping
-        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemAvailable:"))
-        found.append(kib * 1024)
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
-    # A container's own limit (cgroup v2, then v1) is often far below the machine's memory.
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            found.append(int(Path(limit).read_text()) - int(Path(usage).read_text()))
-        except (OSError, ValueError):  # absent, or "max" (no limit)
-            pass
-    return max(0, min(found)) if found else None
-
-
-def fmt_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"

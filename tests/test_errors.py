@@ -353,10 +353,10 @@ def test_the_auto_budget_is_half_the_free_memory(model, clean, monkeypatch):
     import minigpt.model
 
     assert model.trace_budget_bytes == "auto"
-    free = minigpt.model.available_memory(torch.device("cpu"))
+    free = minigpt.memory.available_memory(torch.device("cpu"))
     assert free is None or free > 0
     need = model.estimate_trace_bytes("*", 1, 8)
-    monkeypatch.setattr(minigpt.model, "available_memory", lambda device: 2 * need - 2)
+    monkeypatch.setattr(minigpt.memory, "available_memory", lambda device: 2 * need - 2)
     with raises(MemoryBudgetError, "half the", "free on cpu", "trace_budget_bytes='auto'"):
         model.run(TOKENS, taps="*")
     model.run(TOKENS, taps="logits")  # small enough

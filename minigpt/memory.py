@@ -1,0 +1,99 @@
+"""The memory guard: what a run's recorded taps will hold, and whether that fits."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import InputError, MemoryBudgetError
+from .inputs import check_keep_options
+from .taps import nbytes_estimate, select
+
+if TYPE_CHECKING:
+    from .model import GPT
+
+
+def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq: int, *,
+                         dtype: torch.dtype | None = None, positions: slice | list[int] | None = None) -> int:
+    """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold.
+
+    ``taps`` as in run (names or globs); ``dtype`` and ``positions`` as in run. Exact for the
+    recorded values (numel x itemsize); with ``grad=True`` the autograd graph holds more.
+    """
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    record = select(taps, model.tap_names) if taps else []
+    check_keep_options(False, None, dtype, positions, seq)
+    itemsize = (dtype or model.embed.weight.dtype).itemsize
+    return sum(nbytes_estimate(record, batch, seq, model.cfg, itemsize, positions).values())
+
+
+def check_budget(model: GPT, record: list[str], batch: int, seq: int, dtype: torch.dtype, *,
+                 positions: slice | list[int] | None = None, device: torch.device | str | None = None) -> None:
+    """Refuse, before allocating, a run whose recorded taps would exceed ``trace_budget_bytes``.
+
+    The budget is a number of bytes, None (no guard), or "auto" (the default): half of the
+    memory free right now on the device the trace goes to (``device``, else the model's), so
+    that a run asking for more than the machine can hold fails here with a message instead of
+    being killed by the out-of-memory killer halfway. The other half is left for the forward
+    pass itself. Where free memory cannot be read (not Linux, not CUDA), "auto" does not limit.
+    """
+    budget = model.trace_budget_bytes
+    if budget is None or not record:
+        return
+    sizes = nbytes_estimate(record, batch, seq, model.cfg, dtype.itemsize, positions)
+    total = sum(sizes.values())
+    if budget == "auto":
+        where = torch.device(device) if device is not None else model.embed.weight.device
+        free = available_memory(where)
+        if free is None:
+            return
+        budget, why = free // 2, f"half the {fmt_bytes(free)} free on {where} now (trace_budget_bytes='auto')"
+    elif isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
+        why = "model.trace_budget_bytes"
+    else:
+        raise InputError(f"model.trace_budget_bytes must be a number of bytes, 'auto' or None, got {budget!r}")
+    if total > budget:
+        worst = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        raise MemoryBudgetError(
+            f"recording {len(record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(total)}, over the "
+            f"budget of {fmt_bytes(budget)} ({why}); the largest are "
+            f"{', '.join(f'{n} ({fmt_bytes(sizes[n])})' for n in worst)}. Record fewer taps, fewer positions "
+            "(positions=[-1]) or a smaller batch, record in a lower dtype (dtype=torch.bfloat16), or set "
+            "model.trace_budget_bytes (None turns the guard off)")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` now (None where that cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = []
+    try:  # Linux: what the kernel says can be allocated without swapping
+        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemAvailable:"))
+        found.append(kib * 1024)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    # A container's own limit (cgroup v2, then v1) is often far below the machine's memory.
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            found.append(int(Path(limit).read_text()) - int(Path(usage).read_text()))
+        except (OSError, ValueError):  # absent, or "max" (no limit)
+            pass
+    return max(0, min(found)) if found else None
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
