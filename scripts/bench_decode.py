@@ -3,12 +3,12 @@
 
     .venv/bin/python scripts/bench_decode.py                   # CPU, fp32, batch 1 and 8, 32 prompt + 256 new
     .venv/bin/python scripts/bench_decode.py --quick           # tiny model and shape: a smoke run
-    .venv/bin/python scripts/bench_decode.py --device cuda --dtype bfloat16 --compile
+    .venv/bin/python scripts/bench_decode.py --device cuda --dtype bfloat16
 
 For scripts/bench.py (``--decode``), two functions:
 
     run(model_dir=None, device="cpu", dtype=torch.float32, batch_sizes=(1, 8), prompt_len=32,
-        new_tokens=256, repeats=3, compile=False, hf=True) -> list[dict]
+        new_tokens=256, repeats=3, compile=False, hf=True) -> list[dict]   (compile: add compile=True)
     decode_rows(checkpoint, device, dtype, quick=False) -> list[dict]     (run() with bench.py's arguments)
 
 One dict per (contender, batch): contender, batch, tokens_per_s (new tokens of the whole batch per
@@ -76,7 +76,9 @@ def hf_twin(model: GPT):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     weight = model.embed.weight
-    hf = GPT2LMHeadModel(GPT2Config(**model.cfg.to_hf())).to(dtype=weight.dtype, device=weight.device).eval()
+    last = model.cfg.vocab_size - 1  # GPT-2's end token, or the last id of a smaller test vocabulary
+    config = GPT2Config(**model.cfg.to_hf(), bos_token_id=last, eos_token_id=last)
+    hf = GPT2LMHeadModel(config).to(dtype=weight.dtype, device=weight.device).eval()
     state = to_hf_state_dict(model.state_dict(), model.cfg.n_layer, official=False)
     hf.load_state_dict(state | {"lm_head.weight": state["transformer.wte.weight"]})
     return hf
@@ -137,7 +139,7 @@ def decode_rows(checkpoint: str | Path | None, device: str, dtype: torch.dtype, 
     """``run`` with scripts/bench.py's arguments (a tiny model and shape when ``quick``)."""
     if quick:
         return run(None, device, dtype, batch_sizes=(1, 2), prompt_len=8, new_tokens=16, repeats=2, config=QUICK)
-    return run(checkpoint, device, dtype, compile=torch.device(device).type == "cuda")
+    return run(checkpoint, device, dtype, compile=True)
 
 
 def table(rows: list[dict]) -> str:
@@ -157,7 +159,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="add minigpt with compile=True (static cache, torch.compile)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="add minigpt with compile=True (torch.compile; static cache and CUDA graphs on a GPU)")
     p.add_argument("--no-hf", action="store_true", help="skip HuggingFace")
     p.add_argument("--quick", action="store_true", help="tiny model and shape: a smoke run")
     args = p.parse_args()
