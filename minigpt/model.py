@@ -184,8 +184,9 @@ class GPT(nn.Module):
         ``stop_at_eos`` a row that emits ``eos_id`` repeats it, and generation stops when all rows
         have. ``edits`` stay in force at every step. With ``taps``, returns ``(ids, trace)`` where
         the trace equals that of a full forward over the returned ids (attention scores/patterns
-        [B, H, T, T] included, future keys at -inf/0). ``compile=True``: static cache and
-        ``torch.compile`` (CUDA graphs on a GPU), no taps or edits. See generate.py.
+        [B, H, T, T] included, future keys at -inf/0). ``compile=True``: each step through
+        ``torch.compile`` (a static cache and CUDA graphs on a GPU), no taps or edits; the first
+        call compiles (seconds). See generate.py.
         """
         from .generate import generate
 
