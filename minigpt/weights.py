@@ -211,9 +211,24 @@ def hub_directory(repo_id: str) -> Path:
     except HubUnreachableError:
         from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
-            raise
+        if constants.HF_HUB_OFFLINE or not _resolves(constants.ENDPOINT):
+            raise  # no network: fail now rather than after the hub client's retries
     return _hub_fetch(repo_id, local_only=False)
+
+
+def _resolves(url: str) -> bool:
+    """Whether the hub's host name resolves (False at once on a machine without a network)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy resolves names for us
+    try:
+        socket.getaddrinfo(urlparse(url).hostname, 443)
+    except (socket.gaierror, UnicodeError, TypeError):
+        return False
+    return True
 
 
 def _hub_fetch(repo_id: str, local_only: bool) -> Path:

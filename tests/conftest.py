@@ -20,7 +20,7 @@ settings.register_profile("dev", max_examples=300, deadline=None, print_blob=Tru
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Small models run fastest on few threads, and several test processes may share the machine.
-torch.set_num_threads(int(os.environ.get("MINIGPT_TEST_THREADS", min(2, os.cpu_count() or 1))))
+torch.set_num_threads(int(os.environ.get("MINIGPT_TEST_THREADS", 1)))
 
 
 def pytest_configure(config) -> None:
