@@ -538,6 +538,7 @@ def test_a_hub_name_that_does_not_exist(monkeypatch):
         raise error
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(minigpt.weights, "_resolves", lambda url: True)  # as on a connected machine
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     with raises(HubError, "no model 'nobody/gpt2-nope' on the hub", "check the name", "local directory"):
         GPT.from_pretrained("nobody/gpt2-nope")
@@ -589,3 +590,24 @@ def test_a_corrupt_tokenizer_vocabulary(monkeypatch, tmp_path, no_tokenizer_cach
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     with raises(TokenizerError, "is not GPT-2's vocabulary", "seed_tokenizer.py"):
         minigpt.tokenizer.gpt2_tokenizer()
+
+
+def test_no_network_fails_at_once_without_the_hub_clients_retries(monkeypatch, tmp_path):
+    """Where the hub's host does not resolve, loading by name says offline without trying to download."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    def no_download(repo_id, filename, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://no-such-host.invalid")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with raises(HubUnreachableError, "unreachable", "scripts/download.py"):
+        GPT.from_pretrained("gpt2")
+    assert calls == [True]  # only the cache was asked
