@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError
+from .memory import check_budget
 from .taps import NO_TAPS, Edit, Taps, Trace, resolve_edits, select
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def generate(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: 
                      seed=seed, stop_at_eos=stop_at_eos, eos_id=eos_id, edits=edits, compile=compile,
                      _record=record, _steps=steps)
     if record:  # refuse before running
-        model.check_budget(record, tokens.shape[0], tokens.shape[1] + max_new_tokens, model.embed.weight.dtype)
+        check_budget(model, record, tokens.shape[0], tokens.shape[1] + max_new_tokens, model.embed.weight.dtype)
     new = list(new_ids)
     ids = torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens
     if not record:
