@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from minigpt import (GPT, CheckpointError, EditError, GPTConfig, InputError, MiniGPTError, MiniGPTWarning,
                      TapError)
-from minigpt.taps import BLOCK_TAPS, ON_DEMAND
+from minigpt.taps import ON_DEMAND
 from minigpt.weights import from_hf_state_dict, read_safetensors
 
 FUZZ_EXAMPLES = 20 * settings.default.max_examples
