@@ -280,22 +280,56 @@ def unique_bytes(tensors: list[torch.Tensor], leave_out: torch.Tensor | None = N
     return sum(storages.values())
 
 
+QUIET_SHARE = 0.9  # a CPU call is "quiet" if its threads ran at least this share of its best call's
+
+
+@dataclass
+class Timings:
+    """Wall seconds of each measured call, and on CPU the share of it this process's threads ran."""
+    seconds: list[float]
+    shares: list[float | None]
+
+    def quiet(self) -> list[float]:
+        """Calls no other process disturbed (all calls on a GPU, where the share is not measured)."""
+        best = max((s for s in self.shares if s is not None), default=None)
+        return [t for t, s in zip(self.seconds, self.shares) if s is None or s >= QUIET_SHARE * best]
+
+    def headline(self) -> float:
+        """Median of the quiet calls; of all calls if fewer than 3 were quiet."""
+        quiet = self.quiet()
+        return statistics.median(quiet if len(quiet) >= 3 else self.seconds)
+
+
 def time_round_robin(calls: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
-                     log=print) -> dict[str, list[float]]:
-    """Seconds per call of each entry: every round calls each once, in turn; warm-up rounds are dropped."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(warmup + repeats):
+                     threads: int, log=print) -> dict[str, Timings]:
+    """Time each entry: every round calls each once, in turn; warm-up rounds are dropped.
+
+    On a shared machine other processes take cores away in bursts. On CPU each call's process time
+    over (wall time x threads) says how much of the call our threads actually ran (about 1 for a
+    quiet call whose work is spread over all threads); a call whose share is below QUIET_SHARE times
+    the best share among that entry's calls was disturbed. Up to ``repeats // 2`` extra rounds run
+    while some entry has fewer than ``repeats // 2`` (at least 3) quiet calls.
+    """
+    timings = {name: Timings([], []) for name in calls}
+    cpu = not device.startswith("cuda")
+    enough = min(repeats, max(3, repeats // 2))
+    round_ = 0
+    while round_ < warmup + repeats or (round_ < warmup + repeats + repeats // 2
+                                        and min(len(t.quiet()) for t in timings.values()) < enough):
         for name, call in calls.items():
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             result = call()
             sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed, used = time.perf_counter() - start, time.process_time() - start_cpu
             del result  # freed before the next contender runs
             if round_ >= warmup:
-                times[name].append(elapsed)
-        log(f"  round {round_ + 1}/{warmup + repeats}" + (" (warm-up)" if round_ < warmup else ""))
-    return times
+                timings[name].seconds.append(elapsed)
+                timings[name].shares.append(used / (elapsed * threads) if cpu else None)
+        round_ += 1
+        quiet = min(len(t.quiet()) for t in timings.values())
+        log(f"  round {round_}" + (" (warm-up)" if round_ <= warmup else f", fewest quiet calls: {quiet}"))
+    return timings
 
 
 def _status_bytes(field: str) -> int:
@@ -435,8 +469,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(f"timing: {args.warmup} warm-up + {args.repeats} measured rounds, contenders alternating")
     timed = {name: (lambda call=call: call(tokens)) for name, call in calls.items()}
     with torch.no_grad():
-        times = time_round_robin({**timed, "_matmul": ceiling_call}, device, args.warmup, args.repeats, log)
-    ceiling = ceiling_flops / statistics.median(times.pop("_matmul"))
+        times = time_round_robin({**timed, "_matmul": ceiling_call}, device, args.warmup, args.repeats,
+                                 torch.get_num_threads(), log)
+    ceiling = ceiling_flops / times.pop("_matmul").headline()
 
     memory: dict[str, dict] = {}
     if args.memory != "off":
@@ -451,9 +486,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
     flops = forward_flops(cfg, args.batch, args.seq)
     results = []
     for row in rows:
-        median = statistics.median(times[row.name])
+        t = times[row.name]
+        median = t.headline()
         results.append({"name": row.name, "label": row.label, "library": row.library, "kind": row.kind,
-                        "median_s": median, "min_s": min(times[row.name]), "times_s": times[row.name],
+                        "median_s": median, "median_all_calls_s": statistics.median(t.seconds),
+                        "quiet_calls": len(t.quiet()), "calls": len(t.seconds), "min_s": min(t.seconds),
+                        "times_s": t.seconds, "cpu_shares": t.shares,
                         "tokens_per_s": args.batch * args.seq / median,
                         "fraction_of_ceiling": flops / median / ceiling,
                         "max_abs_logit_diff_vs_minigpt": agreement[row.name], **memory.get(row.name, {})})
@@ -566,24 +604,31 @@ def markdown(report: dict) -> str:
         f"**{report['date']}**, {report['hardware']}, {report['device']} {report['dtype']}, "
         f"{report['threads']} threads, batch {report['batch']} x seq {report['seq']}, {report['model']}; "
         f"torch {v['torch']}, transformers {v['transformers']}, transformer-lens {v['transformer_lens']}. "
-        f"Median of {report['repeats']} alternating rounds after {report['warmup_rounds']} warm-up rounds. "
+        f"{report['repeats']} alternating rounds (more if disturbed) after {report['warmup_rounds']} warm-up rounds. "
         f"Matmul ceiling measured in the same rounds: {report['matmul_ceiling_flops_per_s'] / 1e9:,.0f} GFLOP/s; "
         f"forward = {report['forward_flops'] / 1e9:,.1f} GFLOP. "
         f"Allocator: {report['allocator']}. Load average at the end: {report['load_average']}.",
         "",
-        "| contender | median ms | min ms | tokens/s | x HF sdpa plain | x minigpt plain | of ceiling "
-        "| peak extra MiB | recorded MiB | (peak - plain's) / recorded | max abs logit diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| contender | median ms | quiet calls | median ms, all calls | min ms | tokens/s | x HF sdpa plain "
+        "| x minigpt plain | of ceiling | peak extra MiB | recorded MiB | (peak - plain's) / recorded "
+        "| max abs logit diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         over = r.get("memory_over_plain_per_recorded_byte")
         lines.append(
-            f"| {r['label']} | {r['median_s'] * 1e3:,.1f} | {r['min_s'] * 1e3:,.1f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['label']} | {r['median_s'] * 1e3:,.1f} | {r['quiet_calls']}/{r['calls']} "
+            f"| {r['median_all_calls_s'] * 1e3:,.1f} | {r['min_s'] * 1e3:,.1f} | {r['tokens_per_s']:,.0f} "
             f"| {r['ratio_to_hf_sdpa_plain']:.3f} "
             f"| {r['ratio_to_minigpt_plain']:.3f} | {r['fraction_of_ceiling']:.2f} | {mib(r.get('peak_extra_bytes'))} "
             f"| {mib(r.get('recorded_bytes')) if r['kind'] == 'record' else '-'} "
             f"| {f'{over:.2f}' if over is not None else '-'} | {r['max_abs_logit_diff_vs_minigpt']:.1e} |")
-    lines += ["", "Peak extra = highest memory during one call above what was live before it (weights, inputs); it "
+    lines += ["", "Median ms = median of the quiet calls: on CPU, the calls during which this process's threads ran "
+              f"at least {QUIET_SHARE:.0%} as much of the wall time as in that row's best call (share = process "
+              "time / (wall x threads), about 1 when quiet and all threads busy); calls that other "
+              "processes slowed down are left out of it but kept in 'all calls' and the JSON. Tokens/s, ratios, "
+              "'of ceiling' and the targets use the quiet median.",
+              "", "Peak extra = highest memory during one call above what was live before it (weights, inputs); it "
               "includes the logits. Recorded = bytes of the distinct storages the recorded tensors hold (minigpt's "
               "resid_pre of block L+1 is the same tensor as resid_post of block L, counted once). "
               "(peak - plain's) / recorded: the peak above the same library's plain forward, over the recorded "

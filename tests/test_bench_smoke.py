@@ -49,7 +49,10 @@ def test_every_contender_is_measured_with_sane_fields(bench, quick) -> None:
     assert {"minigpt_plain", "minigpt_resid4", "minigpt_all", "hf_eager_plain", "hf_sdpa_plain",
             "hf_eager_hidden_hooks", "hf_sdpa_hidden_hooks"} <= set(results)
     for r in results.values():
-        assert len(r["times_s"]) == report["repeats"] == 2 and all(t > 0 for t in r["times_s"])
+        # 2 rounds, plus at most 1 more when other processes disturbed too many calls.
+        assert report["repeats"] == 2 and len(r["times_s"]) in (2, 3) and all(t > 0 for t in r["times_s"])
+        assert 1 <= r["quiet_calls"] <= r["calls"] == len(r["times_s"]) == len(r["cpu_shares"])
+        assert min(r["times_s"]) <= r["median_s"] <= max(r["times_s"])
         assert r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["fraction_of_ceiling"] > 0
         assert r["ratio_to_minigpt_plain"] > 0 and r["ratio_to_hf_sdpa_plain"] > 0
         assert r["max_abs_logit_diff_vs_minigpt"] < 1e-4, r["name"]  # every library ran the same weights
