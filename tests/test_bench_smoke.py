@@ -82,6 +82,7 @@ def test_recorded_bytes_are_exact_and_the_keep_options_save(quick) -> None:
     config = GPTConfig.from_hf(cfg)
     assert r["minigpt_all_bf16"]["recorded_bytes"] == sum(nbytes_estimate(tap_names(L), B, S, config, 2).values())
     assert r["minigpt_all_bf16"]["recorded_bytes"] < 0.6 * r["minigpt_all"]["recorded_bytes"]
+    assert r["minigpt_all_but_heads"]["recorded_bytes"] < r["minigpt_all"]["recorded_bytes"]
     if "tl_cache_resid4" in r:
         assert r["tl_cache_resid4"]["recorded_tensors"] == 4 * L
 
