@@ -3,13 +3,15 @@
 
 One run, one random-weight checkpoint of GPT-2 small's shape written once in the official HF layout,
 every library loaded from it. Contenders are timed in alternation (one call of each per round, after
-warm-up rounds), so that drift or noise on the machine hits all of them alike; the tables give medians.
+warm-up rounds), so that drift or noise on the machine hits all of them alike; the tables give medians
+over the calls that other processes did not slow down (see ``time_round_robin``), and over all calls.
 Peak memory is measured per contender in a fresh subprocess (CPU: growth of the resident set during one
 call, with glibc told to return freed memory at once; GPU: ``torch.cuda.max_memory_allocated``).
 
     .venv/bin/python scripts/bench.py                      # the CPU table: fp32, 2 threads, 8 x 128
     .venv/bin/python scripts/bench.py --quick              # tiny model and shape: a smoke run
-    .venv/bin/python scripts/bench.py --device cuda --dtype bfloat16 --seq 1024 --compile
+    .venv/bin/python scripts/bench.py --malloc-keep        # the same with glibc keeping freed memory
+    .venv/bin/python scripts/bench.py --device cuda --compile   # GPU: bf16, 8 x 1024, compiled rows too
 
 Writes ``bench.json`` and ``bench.md`` to ``--out`` (default ``bench-results/``). TransformerLens
 (``pip install transformer-lens==3.9.0``) and psutil are optional: missing ones are skipped and said so.
@@ -547,7 +549,10 @@ def keep_freed_memory() -> str:
     """
     import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default (no glibc here: --malloc-keep did nothing)"
     m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
     ok = libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_mmap_threshold, 32 * 2**20)  # 32 MiB: glibc's max
     return "glibc keeps freed memory (mallopt: trim threshold 2 GiB, mmap threshold 32 MiB)" if ok else "mallopt failed"
@@ -667,7 +672,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--batch", type=int, default=None, help="default 8 (2 with --quick)")
-    p.add_argument("--seq", type=int, default=None, help="default 128 (16 with --quick)")
+    p.add_argument("--seq", type=int, default=None, help="default 128 on CPU, 1024 on GPU (16 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="measured rounds (default 10; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 2 on CPU; 0 = leave as is)")
