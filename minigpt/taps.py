@@ -116,7 +116,7 @@ def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[st
         for name in select(pattern, names):
             if name in resolved:
                 raise EditError(f"tap {name!r} is edited twice, by {source[name]!r} and by {pattern!r}; "
-                                "combine the two into one function (or narrow the patterns)")
+                                "merge them with minigpt.edits.combine (which runs them in order) or narrow the patterns")
             resolved[name], source[name] = edit, pattern
     return resolved
 
