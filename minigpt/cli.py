@@ -6,11 +6,9 @@ import sys
 
 import torch
 
-from .config import OFFICIAL
+from .config import DTYPES, OFFICIAL
 from .errors import HubUnreachableError, MiniGPTError
 from .model import GPT
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -1,9 +1,10 @@
-"""GPT-2 hyper-parameters, read from a HuggingFace ``config.json``."""
+"""GPT-2 hyper-parameters, read from a HuggingFace ``config.json``, and the few facts shared package-wide."""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
 
+import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError
@@ -15,6 +16,16 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+
+# Floating dtypes by the names the command line and JSON files use.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# GPT-2's end-of-text token: it ends every document, and generation may stop at it.
+END_OF_TEXT, END_OF_TEXT_ID = "<|endoftext|>", 50256
+
+
+def is_integer(value: object) -> bool:
+    """A Python int that is not a bool (``True`` is an int to Python, never a size or an index to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,11 @@ class GPTConfig:
         problems = []
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or isinstance(self.n_inner, bool)
-                                         or self.n_inner < 1):
+        if self.n_inner is not None and (not is_integer(self.n_inner) or self.n_inner < 1):
             problems.append(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             value = getattr(self, name)

@@ -148,7 +148,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, taps, cache)
         x = taps("ln_f", self.ln_f(x))
-        return taps("logits", F.linear(x, self.embed.weight))  # unembedding tied to the embedding
+        return taps("logits", F.linear(x, self.unembedding))
 
     def run(self, inputs: str | Sequence | torch.Tensor, taps: str | Iterable[str] = (),
             edits: Mapping[str, Edit] | None = None, *, grad: bool = False,
@@ -207,6 +207,11 @@ class GPT(nn.Module):
                              dtype: torch.dtype | None = None, positions: slice | list[int] | None = None) -> int:
         """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold."""
         return estimate_trace_bytes(self, taps, batch, seq, dtype=dtype, positions=positions)
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """W_U [V, D]: row t turns a final (ln_f) vector into token t's logit; tied to the token embedding."""
+        return self.embed.weight
 
     @property
     def tokenizer(self):

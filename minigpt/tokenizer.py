@@ -14,11 +14,10 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from .config import END_OF_TEXT, END_OF_TEXT_ID
 from .errors import TokenizerError
 
 GPT2_VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-END_OF_TEXT = "<|endoftext|>"
-END_OF_TEXT_ID = 50256
 
 
 def vocab_path() -> Path:
