@@ -4,7 +4,8 @@ from .config import OFFICIAL, GPTConfig
 from .errors import (CheckpointError, EditError, HubError, HubUnreachableError, InputError, MemoryBudgetError, MiniGPTError,
                      MiniGPTWarning, TapError, TokenizerError)
 from .model import GPT
-from .taps import Trace, describe, tap_names
+from .taps import describe, tap_names
+from .trace import Trace
 
 __all__ = ["GPT", "GPTConfig", "OFFICIAL", "Trace", "tap_names", "describe", "edits", "MiniGPTError",
            "TapError", "EditError", "InputError", "CheckpointError", "HubError", "HubUnreachableError", "TokenizerError",

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .config import END_OF_TEXT_ID, is_integer
 from .errors import InputError
 from .memory import check_budget
-from .taps import NO_TAPS, Edit, Taps, Trace, resolve_edits, select
+from .taps import NO_TAPS, Edit, Taps
+from .trace import Trace
 
 if TYPE_CHECKING:
     from .model import GPT
-
-EOS = 50256  # GPT-2's <|endoftext|>
 
 
 class KVCache:
@@ -91,15 +91,15 @@ class KVCache:
 def check_settings(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                    seed: int | None) -> None:
     """Raise InputError for a sampling setting out of range."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    if not is_integer(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and (not is_integer(top_k) or top_k < 1):
         raise InputError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise InputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+    if seed is not None and not is_integer(seed):
         raise InputError(f"seed must be an integer or None, got {seed!r}")
 
 
@@ -137,35 +137,46 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def stream(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop_at_eos: bool = False, eos_id: int = EOS, edits: Mapping[str, Edit] | None = None,
-           compile: bool = False, _record: Sequence[str] = (),
-           _steps: list[dict[str, torch.Tensor]] | None = None) -> Iterator[torch.Tensor]:
-    """Check everything, then return an iterator over the ids [B] of each new position (see ``GPT.stream``).
-
-    ``_record`` (exact tap names) and ``_steps`` are for ``generate``: each forward call's trace
-    is appended to ``_steps``, and the last token is run too so that the traces cover it.
-    """
+def prepare(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, seed: int | None, stop_at_eos: bool, eos_id: int,
+            taps: str | Iterable[str], edits: Mapping[str, Edit] | None, compile: bool) -> tuple[torch.Tensor, Taps]:
+    """Check every argument before anything runs; the prompt as ids [B, S] and what to record and edit."""
     tokens = model.tokens(prompt)
     check_settings(max_new_tokens, temperature, top_k, top_p, seed)
     check_room(tokens.shape[1], max_new_tokens, model.cfg.n_positions)
-    if stop_at_eos and not (isinstance(eos_id, int) and 0 <= eos_id < model.cfg.vocab_size):
+    if stop_at_eos and not (is_integer(eos_id) and 0 <= eos_id < model.cfg.vocab_size):
         raise InputError(f"eos_id {eos_id!r} is outside the vocabulary [0, {model.cfg.vocab_size}); "
                          "pass the id that ends a text for this model")
-    resolved = resolve_edits(edits, model.tap_names)
-    if compile and (resolved or _record):
+    request = Taps.request(model.tap_names, taps, edits, seq=tokens.shape[1])
+    if compile and request.wanted:
         raise InputError("compile=True runs the plain model; taps and edits run in eager mode: drop compile=True")
+    check_budget(model, request, tokens.shape[0], tokens.shape[1] + max_new_tokens)
+    return tokens, request
+
+
+def stream(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           stop_at_eos: bool = False, eos_id: int = END_OF_TEXT_ID, edits: Mapping[str, Edit] | None = None,
+           compile: bool = False) -> Iterator[torch.Tensor]:
+    """``model.stream(...)``: ``generate`` one step at a time. Checks everything first, then returns an
+    iterator over the new ids [B] of each step, as each is chosen (for taps, use ``generate``)."""
+    tokens, request = prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, eos_id,
+                              (), edits, compile)
     return _decode(model, tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, eos_id,
-                   resolved, compile, list(_record), _steps)
+                   request, compile, None)
 
 
 def _decode(model: GPT, tokens: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int | None, stop_at_eos: bool, eos_id: int, edits: dict[str, Edit],
-            compile: bool, record: list[str], steps: list | None) -> Iterator[torch.Tensor]:
-    """The generation loop: prefill the prompt [B, S], then sample, yield and run one position at a time."""
+            top_p: float | None, seed: int | None, stop_at_eos: bool, eos_id: int, request: Taps,
+            compile: bool, steps: list | None) -> Iterator[torch.Tensor]:
+    """The generation loop: prefill the prompt [B, S], then sample, yield and run one position at a time.
+
+    With ``steps`` (a list), each forward call's trace is appended to it, and the last token is
+    run too so that the traces cover it.
+    """
     B, S = tokens.shape
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    device, dtype = model.unembedding.device, model.unembedding.dtype
+    record = steps is not None and bool(request.record)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     if compile:
         cache, step = compiled_decoder(model, B, S + max_new_tokens)
@@ -189,12 +200,13 @@ def _decode(model: GPT, tokens: torch.Tensor, max_new_tokens: int, temperature: 
                         logits = step(tokens, cache)
                     warm = True
                     return logits
-                taps = Taps(record, edits) if (record or edits) else NO_TAPS
+                # A fresh Taps per call: each holds the trace of the positions it ran.
+                taps = Taps(request.record, request.edits) if request.wanted else NO_TAPS
                 logits = model(tokens, taps, cache)[:, -1]
         finally:
             if was_training:
                 model.train()
-        if steps is not None and record:
+        if record:
             steps.append(taps.trace)
         return logits
 
@@ -215,21 +227,27 @@ def _decode(model: GPT, tokens: torch.Tensor, max_new_tokens: int, temperature: 
 
 def generate(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_at_eos: bool = False, eos_id: int = EOS, taps: str | Iterable[str] = (),
+             stop_at_eos: bool = False, eos_id: int = END_OF_TEXT_ID, taps: str | Iterable[str] = (),
              edits: Mapping[str, Edit] | None = None, compile: bool = False
              ) -> torch.Tensor | tuple[torch.Tensor, Trace]:
-    """Continue ``prompt`` by up to ``max_new_tokens`` tokens; see ``GPT.generate``."""
-    tokens = model.tokens(prompt)
-    record = select(taps, model.tap_names) if taps else []
+    """Continue ``prompt`` (text, ids, or a tensor [B, S]) with a KV cache; returns ids [B, S + N].
+
+    ``model.generate(...)``. The ids are the prompt followed by the N <= max_new_tokens new ones.
+    ``temperature=0`` is greedy; otherwise sample after ``top_k``/``top_p`` filtering, from ``seed``
+    if given. With ``stop_at_eos`` a row that emits ``eos_id`` repeats it, and generation stops
+    when all rows have. ``edits`` stay in force at every step. With ``taps``, returns ``(ids,
+    trace)`` where the trace equals that of a full forward over the returned ids (attention
+    scores/patterns [B, H, T, T] included, future keys at -inf/0). ``compile=True``: each step
+    through ``torch.compile`` (a static cache and CUDA graphs on a GPU), no taps or edits; the
+    first call compiles (seconds).
+    """
+    tokens, request = prepare(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, eos_id,
+                              taps, edits, compile)
     steps: list[dict[str, torch.Tensor]] = []
-    new_ids = stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, stop_at_eos=stop_at_eos, eos_id=eos_id, edits=edits, compile=compile,
-                     _record=record, _steps=steps)
-    if record:  # refuse before running
-        check_budget(model, record, tokens.shape[0], tokens.shape[1] + max_new_tokens, model.embed.weight.dtype)
-    new = list(new_ids)
+    new = list(_decode(model, tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, eos_id,
+                       request, compile, steps))
     ids = torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens
-    if not record:
+    if not request.record:
         return ids
     return ids, Trace(join_steps(steps), model.cfg.n_layer)
 

@@ -5,21 +5,23 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import GPTConfig
+from .config import END_OF_TEXT, GPTConfig, is_integer
 from .errors import InputError
 
 
 def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: torch.device,
               tokenizer: Callable) -> torch.Tensor:
-    """Text, ids or a tensor -> validated int64 tensor [B, S] on ``device``.
+    """Text, ids or a tensor -> int64 tensor [B, S] on ``device``, of ids this model can look up.
 
+    Checks the form (a dense integer tensor of two axes, not empty) and, for text, that its ids
+    fit the vocabulary; ``check_values`` (run by the forward pass) checks the ids themselves.
     ``tokenizer()`` gives the encoding, asked for only when ``inputs`` is text.
     """
     from_text = isinstance(inputs, str)
     if from_text:
         if not inputs:
             raise InputError("empty text: give at least one character (or token id)")
-        inputs = [tokenizer().encode(inputs, allowed_special={"<|endoftext|>"})]
+        inputs = [tokenizer().encode(inputs, allowed_special={END_OF_TEXT})]
     if not isinstance(inputs, torch.Tensor):
         try:
             inputs = torch.tensor(inputs)
@@ -31,13 +33,13 @@ def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: tor
                              f"text, a list of ints, or a list of equal-length lists of ints{hint}") from None
     if inputs.dim() == 1:
         inputs = inputs.unsqueeze(0)
-    integral = not (inputs.dtype.is_floating_point or inputs.dtype.is_complex or inputs.dtype == torch.bool)
-    if integral and inputs.dtype != torch.long and inputs.layout == torch.strided and inputs.device.type != "meta":
+    if _integral(inputs.dtype) and inputs.dtype != torch.long and inputs.layout == torch.strided \
+            and inputs.device.type != "meta":
         inputs = inputs.long()  # uint8 ... uint64 ids: nn.Embedding takes only int64/int32
     if from_text and int(inputs.max()) >= cfg.vocab_size:
         raise InputError(f"the text encodes to GPT-2 token id {int(inputs.max())}, but this model's vocabulary "
                          f"has only {cfg.vocab_size} entries; pass token ids below {cfg.vocab_size}")
-    check_tokens(inputs, cfg)
+    check_form(inputs)
     return inputs.to(device=device, dtype=torch.long)
 
 
@@ -45,8 +47,18 @@ def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: tor
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def _integral(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_tokens(tokens: torch.Tensor, cfg: GPTConfig) -> None:
     """Raise InputError unless ``tokens`` is an int64/int32 tensor [B, S] of ids the model can run."""
+    check_form(tokens)
+    check_values(tokens, cfg)
+
+
+def check_form(tokens: torch.Tensor) -> None:
+    """Raise InputError unless ``tokens`` is a dense, non-empty int64/int32 tensor [B, S]."""
     if not isinstance(tokens, torch.Tensor):
         raise InputError(f"tokens must be a tensor, got {type(tokens).__name__}; model(...) takes an int64 "
                          "tensor [batch, seq], model.run(...) also takes text and lists of ids")
@@ -57,8 +69,7 @@ def check_tokens(tokens: torch.Tensor, cfg: GPTConfig) -> None:
     if tokens.numel() == 0:
         raise InputError(f"empty input (shape {tuple(tokens.shape)}): give at least one token")
     if tokens.dtype not in INDEX_DTYPES:
-        integral = not (tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool)
-        if integral:
+        if _integral(tokens.dtype):
             raise InputError(f"token ids must be int64 (or int32), got a {tokens.dtype} tensor; convert with "
                              "tokens.long() (model.run converts integer tensors itself)")
         raise InputError(f"token ids must be integers, got a {tokens.dtype} tensor; if it holds whole ids, "
@@ -66,6 +77,10 @@ def check_tokens(tokens: torch.Tensor, cfg: GPTConfig) -> None:
     if tokens.dim() != 2:
         raise InputError(f"tokens must be shaped [batch, seq], got shape {tuple(tokens.shape)}; "
                          "give one sequence [seq] to model.run, or a batch [batch, seq]")
+
+
+def check_values(tokens: torch.Tensor, cfg: GPTConfig) -> None:
+    """Raise InputError unless the ids of ``tokens`` [B, S] fit the context and the vocabulary."""
     if tokens.shape[1] > cfg.n_positions:
         raise InputError(f"{tokens.shape[1]} tokens is longer than the context of {cfg.n_positions}; "
                          f"split the input or keep the last {cfg.n_positions} tokens (tokens[:, -{cfg.n_positions}:])")
@@ -99,7 +114,7 @@ def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.d
         except (TypeError, ValueError) as e:
             raise InputError(f"positions={positions!r} is not a usable slice ({e})") from None
     elif isinstance(positions, (list, tuple, range)) and all(
-            isinstance(p, int) and not isinstance(p, bool) for p in positions):
+            is_integer(p) for p in positions):
         kept = positions
         wrong = [p for p in positions if not -seq <= p < seq]
         if wrong:

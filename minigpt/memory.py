@@ -1,38 +1,52 @@
 """The memory guard: what a run's recorded taps will hold, and whether that fits."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .config import GPTConfig, is_integer
 from .errors import InputError, MemoryBudgetError
-from .inputs import check_keep_options
-from .taps import nbytes_estimate, select
+from .taps import Positions, Taps, describe
 
 if TYPE_CHECKING:
     from .model import GPT
 
 
+def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg: GPTConfig, bytes_per_value: int,
+                    positions: Positions = None) -> dict[str, int]:
+    """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic).
+
+    ``positions`` (as in Taps) shrinks the sequence axis of the taps shaped [B, S, ...]; the
+    attention scores and pattern [B, H, Q, K] are always kept whole.
+    """
+    kept = seq if positions is None else len(range(seq)[positions] if isinstance(positions, slice) else positions)
+    sizes = {"B": batch, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
+             "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
+    shapes = {info.name: info.shape.split() for info in describe(cfg.n_layer)}
+    return {n: math.prod(kept if axis == "S" else sizes[axis] for axis in shapes[n]) * bytes_per_value
+            for n in names}
+
+
 def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq: int, *,
-                         dtype: torch.dtype | None = None, positions: slice | list[int] | None = None) -> int:
+                         dtype: torch.dtype | None = None, positions: Positions = None) -> int:
     """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold.
 
     ``taps`` as in run (names or globs); ``dtype`` and ``positions`` as in run. Exact for the
     recorded values (numel x itemsize); with ``grad=True`` the autograd graph holds more.
     """
     for name, value in (("batch", batch), ("seq", seq)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_integer(value) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
-    record = select(taps, model.tap_names) if taps else []
-    check_keep_options(False, None, dtype, positions, seq)
-    itemsize = (dtype or model.embed.weight.dtype).itemsize
-    return sum(nbytes_estimate(record, batch, seq, model.cfg, itemsize, positions).values())
+    call = Taps.request(model.tap_names, taps, seq=seq, dtype=dtype, positions=positions)
+    itemsize = (dtype or model.unembedding.dtype).itemsize
+    return sum(nbytes_estimate(call.record, batch, seq, model.cfg, itemsize, positions).values())
 
 
-def check_budget(model: GPT, record: list[str], batch: int, seq: int, dtype: torch.dtype, *,
-                 positions: slice | list[int] | None = None, device: torch.device | str | None = None) -> None:
+def check_budget(model: GPT, call: Taps, batch: int, seq: int) -> None:
     """Refuse, before allocating, a run whose recorded taps would exceed ``trace_budget_bytes``.
 
     The budget is a number of bytes, None (no guard), or "auto" (the default): half of the
@@ -42,24 +56,25 @@ def check_budget(model: GPT, record: list[str], batch: int, seq: int, dtype: tor
     pass itself. Where free memory cannot be read (not Linux, not CUDA), "auto" does not limit.
     """
     budget = model.trace_budget_bytes
-    if budget is None or not record:
+    if budget is None or not call.record:
         return
-    sizes = nbytes_estimate(record, batch, seq, model.cfg, dtype.itemsize, positions)
+    itemsize = (call.dtype or model.unembedding.dtype).itemsize
+    sizes = nbytes_estimate(call.record, batch, seq, model.cfg, itemsize, call.positions)
     total = sum(sizes.values())
     if budget == "auto":
-        where = torch.device(device) if device is not None else model.embed.weight.device
+        where = torch.device(call.to) if call.to is not None else model.unembedding.device
         free = available_memory(where)
         if free is None:
             return
         budget, why = free // 2, f"half the {fmt_bytes(free)} free on {where} now (trace_budget_bytes='auto')"
-    elif isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget >= 0:
+    elif (is_integer(budget) or isinstance(budget, float)) and budget >= 0:
         why = "model.trace_budget_bytes"
     else:
         raise InputError(f"model.trace_budget_bytes must be a number of bytes, 'auto' or None, got {budget!r}")
     if total > budget:
         worst = sorted(sizes, key=sizes.get, reverse=True)[:3]
         raise MemoryBudgetError(
-            f"recording {len(record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(total)}, over the "
+            f"recording {len(call.record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(total)}, over the "
             f"budget of {fmt_bytes(budget)} ({why}); the largest are "
             f"{', '.join(f'{n} ({fmt_bytes(sizes[n])})' for n in worst)}. Record fewer taps, fewer positions "
             "(positions=[-1]) or a smaller batch, record in a lower dtype (dtype=torch.bfloat16), or set "

@@ -1,13 +1,12 @@
 """The tap vocabulary, and what one call records and edits.
 
 A tap is a named point of the forward pass. ``model.py`` passes every intermediate tensor
-through ``taps(name, x)``; this module decides, per call, whether that tensor is replaced by
-an edit and whether it is kept in the trace. With nothing asked, a tap is one set lookup.
+through ``taps(name, x)``; the ``Taps`` object of that call decides whether the tensor is
+replaced by an edit and whether it is kept. With nothing asked, a tap is one set lookup.
 """
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -16,43 +15,68 @@ from dataclasses import dataclass
 import torch
 
 from .errors import EditError, MiniGPTWarning, TapError, closest
+from .inputs import check_keep_options
 
-# Name -> (shape, where it sits). The order is the order in which the forward pass meets them.
-# Shapes use: B batch, S seq (Q query, K key positions), H heads, D d_model, d d_head, M d_mlp, V vocab.
-MODEL_TAPS_BEFORE = {
-    "embed": ("B S D", "token embedding"),
-    "pos_embed": ("B S D", "position embedding"),
-}
-BLOCK_TAPS = {
-    "resid_pre": ("B S D", "residual stream entering the block (= embed + pos_embed for block 0)"),
-    "ln1": ("B S D", "LayerNorm 1 output, the input of attention"),
-    "attn.q": ("B S H d", "queries"),
-    "attn.k": ("B S H d", "keys"),
-    "attn.v": ("B S H d", "values"),
-    "attn.scores": ("B H Q K", "q.k / sqrt(d), causally masked with -inf, before softmax"),
-    "attn.pattern": ("B H Q K", "softmax of the scores"),
-    "attn.z": ("B S H d", "each head's pattern-weighted sum of values"),
-    "attn.heads": ("B S H D", "each head's own write to the residual (z @ W_O per head, no bias)"),
-    "attn_delta": ("B S D", "what attention adds to the residual (output projection + bias)"),
-    "resid_mid": ("B S D", "resid_pre + attn_delta"),
-    "ln2": ("B S D", "LayerNorm 2 output, the input of the MLP"),
-    "mlp.pre": ("B S M", "MLP neurons before GELU"),
-    "mlp.post": ("B S M", "MLP neurons after GELU"),
-    "mlp_delta": ("B S D", "what the MLP adds to the residual (output projection + bias)"),
-    "resid_post": ("B S D", "resid_mid + mlp_delta, the block's output"),
-}
-MODEL_TAPS_AFTER = {
-    "ln_f": ("B S D", "final LayerNorm output (HuggingFace's last hidden state)"),
-    "logits": ("B S V", "ln_f @ embed.weight.T"),
-}
-# Taps that exist only if asked for: they cost extra work or force the unfused attention path.
-ON_DEMAND = ("attn.heads", "attn.scores", "attn.pattern")
+Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+Positions = slice | list[int] | None
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tap: its name, shape (B batch, S seq, Q/K query/key positions, H heads, D d_model,
+    d d_head, M d_mlp, V vocab), what it holds, and whether it is computed only when asked for
+    (it costs extra work, or takes attention off its fused path)."""
+
+    name: str
+    shape: str
+    meaning: str
+    on_demand: bool = False
+
+
+# The vocabulary, in the order the forward pass meets the taps. Block taps are named blocks.{L}.{name}.
+MODEL_TAPS_BEFORE = [
+    TapInfo("embed", "B S D", "token embedding"),
+    TapInfo("pos_embed", "B S D", "position embedding"),
+]
+BLOCK_TAPS = [
+    TapInfo("resid_pre", "B S D", "residual stream entering the block (= embed + pos_embed for block 0)"),
+    TapInfo("ln1", "B S D", "LayerNorm 1 output, the input of attention"),
+    TapInfo("attn.q", "B S H d", "queries"),
+    TapInfo("attn.k", "B S H d", "keys"),
+    TapInfo("attn.v", "B S H d", "values"),
+    TapInfo("attn.scores", "B H Q K", "q.k / sqrt(d), causally masked with -inf, before softmax", on_demand=True),
+    TapInfo("attn.pattern", "B H Q K", "softmax of the scores", on_demand=True),
+    TapInfo("attn.z", "B S H d", "each head's pattern-weighted sum of values"),
+    TapInfo("attn.heads", "B S H D", "each head's own write to the residual (z @ W_O per head, no bias)",
+            on_demand=True),
+    TapInfo("attn_delta", "B S D", "what attention adds to the residual (output projection + bias)"),
+    TapInfo("resid_mid", "B S D", "resid_pre + attn_delta"),
+    TapInfo("ln2", "B S D", "LayerNorm 2 output, the input of the MLP"),
+    TapInfo("mlp.pre", "B S M", "MLP neurons before GELU"),
+    TapInfo("mlp.post", "B S M", "MLP neurons after GELU"),
+    TapInfo("mlp_delta", "B S D", "what the MLP adds to the residual (output projection + bias)"),
+    TapInfo("resid_post", "B S D", "resid_mid + mlp_delta, the block's output"),
+]
+MODEL_TAPS_AFTER = [
+    TapInfo("ln_f", "B S D", "final LayerNorm output (HuggingFace's last hidden state)"),
+    TapInfo("logits", "B S V", "ln_f @ embed.weight.T"),
+]
+# Suffixes of the on-demand taps (a block tap's full name ends with one of them).
+ON_DEMAND = tuple(info.name for info in BLOCK_TAPS if info.on_demand)
+
+
+def describe(n_layer: int) -> Iterator[TapInfo]:
+    """Every tap of a model with ``n_layer`` blocks, in forward order, with its shape and meaning."""
+    yield from MODEL_TAPS_BEFORE
+    for layer in range(n_layer):
+        for info in BLOCK_TAPS:
+            yield TapInfo(f"blocks.{layer}.{info.name}", info.shape, info.meaning, info.on_demand)
+    yield from MODEL_TAPS_AFTER
 
 
 def tap_names(n_layer: int) -> list[str]:
-    """Every tap of a model with ``n_layer`` blocks, in forward order."""
-    blocks = [f"blocks.{layer}.{name}" for layer in range(n_layer) for name in BLOCK_TAPS]
-    return [*MODEL_TAPS_BEFORE, *blocks, *MODEL_TAPS_AFTER]
+    """Every tap name of a model with ``n_layer`` blocks, in forward order."""
+    return [info.name for info in describe(n_layer)]
 
 
 def select(patterns: str | Iterable[str], names: list[str]) -> list[str]:
@@ -70,17 +94,13 @@ def select(patterns: str | Iterable[str], names: list[str]) -> list[str]:
         if not isinstance(pattern, str):
             raise TapError(f"tap names are strings, got {type(pattern).__name__} {pattern!r}; "
                            "write e.g. 'blocks.0.resid_post' or 'blocks.*.attn.pattern'")
-        if any(c in pattern for c in "*?["):
-            hits = fnmatch.filter(names, pattern)
-            if not hits:
-                raise TapError(f"tap pattern {pattern!r} matches no tap{_no_such_block(pattern, names)}"
-                               f"{closest(pattern, names)} {_LIST_HINT}")
-            chosen.update(hits)
-        elif pattern in names:
-            chosen.add(pattern)
-        else:
-            raise TapError(f"unknown tap {pattern!r}{_no_such_block(pattern, names)}{closest(pattern, names)} "
+        is_glob = any(c in pattern for c in "*?[")
+        hits = fnmatch.filter(names, pattern) if is_glob else [pattern] if pattern in names else []
+        if not hits:
+            what = "tap pattern {!r} matches no tap" if is_glob else "unknown tap {!r}"
+            raise TapError(f"{what.format(pattern)}{_no_such_block(pattern, names)}{closest(pattern, names)} "
                            f"{_LIST_HINT}")
+        chosen.update(hits)
     return [n for n in names if n in chosen]
 
 
@@ -121,9 +141,6 @@ def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[st
     return resolved
 
 
-Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
-
-
 class Taps:
     """What one forward call records and edits; called at every tap by the model.
 
@@ -132,20 +149,37 @@ class Taps:
     The value recorded at a tap is the value the rest of the forward uses (after its edit).
     Recorded tensors are detached unless ``grad`` is true; ``to``/``dtype`` move or cast them
     (e.g. to the CPU from a GPU run, or to bfloat16) and ``positions`` keeps only those sequence
-    positions of taps whose second axis is the sequence.
+    positions of taps whose second axis is the sequence. ``Taps.request`` builds one from
+    patterns and checks everything first.
     """
 
     def __init__(self, record: Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
                  grad: bool = False, to: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, positions: slice | list[int] | None = None):
-        self.record = frozenset(record)
+                 dtype: torch.dtype | None = None, positions: Positions = None):
+        self.record = dict.fromkeys(record)  # ordered, for the memory guard's message
         self.edits = dict(edits or {})
-        self.wanted = self.record | self.edits.keys()
+        self.wanted = self.record.keys() | self.edits.keys()
         self.grad, self.to, self.dtype, self.positions = grad, to, dtype, positions
         self.trace: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def request(cls, names: list[str], taps: str | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
+                seq: int, grad: bool = False, to: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, positions: Positions = None) -> Taps:
+        """What ``run`` asks for, checked: tap patterns and edits resolved against ``names``, and the
+        keep options valid for a ``seq``-token input. Raises TapError, EditError or InputError."""
+        record = select(taps, names) if taps else []
+        resolved = resolve_edits(edits, names)
+        check_keep_options(grad, to, dtype, positions, seq)
+        return cls(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions)
+
     def wants(self, name: str) -> bool:
+        """Whether the tap ``name`` is recorded or edited in this call."""
         return name in self.wanted
+
+    def edited(self, name: str) -> bool:
+        """Whether the tap ``name`` is edited in this call."""
+        return name in self.edits
 
     def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if name not in self.wanted:
@@ -169,7 +203,7 @@ class Taps:
             kept = kept.to(device=self.to, dtype=self.dtype)
         if not self.grad and kept.untyped_storage().size() > kept.numel() * kept.element_size():
             # A view would keep its whole parent alive (q is a third of qkv, a slice of positions a
-            # sliver of the tap): copy, so the trace holds what nbytes_estimate says and no more.
+            # sliver of the tap): copy, so the trace holds what the memory guard's estimate says.
             # (An untyped storage's size() is its bytes; nbytes() would break torch.compile's graph.)
             kept = kept.clone()
         return kept
@@ -227,83 +261,3 @@ def _warn_if_not_finite(name: str, x: torch.Tensor) -> None:
                       "the forward and the logits will carry them. Check the edit for a division by zero "
                       "or an overflow (warnings.simplefilter('error', MiniGPTWarning) turns this into an error)",
                       MiniGPTWarning, stacklevel=2)
-
-
-@dataclass(frozen=True)
-class TapInfo:
-    name: str
-    shape: str
-    meaning: str
-
-
-def describe(n_layer: int) -> Iterator[TapInfo]:
-    """(name, shape, meaning) for every tap, in forward order: the tap map as data."""
-    groups = {**MODEL_TAPS_BEFORE, **MODEL_TAPS_AFTER}
-    for name in tap_names(n_layer):
-        short = name.split(".", 2)[2] if name.startswith("blocks.") else name
-        shape, meaning = BLOCK_TAPS.get(short) or groups[name]
-        yield TapInfo(name, shape, meaning)
-
-
-class Trace(Mapping[str, torch.Tensor]):
-    """Read-only mapping from tap name to the tensor recorded in one call."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], n_layer: int):
-        self._tensors = dict(tensors)
-        self.n_layer = n_layer
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise TapError(f"tap {name!r} was not recorded in this run{closest(name, self._tensors)}; "
-                           f"ask for it with run(..., taps=[{name!r}])") from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __repr__(self) -> str:
-        return f"Trace({', '.join(f'{k}: {tuple(v.shape)}' for k, v in self._tensors.items())})"
-
-    def stack(self, tap: str) -> torch.Tensor:
-        """One block tap across all blocks: ``stack('resid_post')`` -> [n_layer, *shape]."""
-        return torch.stack([self[f"blocks.{layer}.{tap}"] for layer in range(self.n_layer)])
-
-    def hidden_states(self) -> tuple[torch.Tensor, ...]:
-        """What HuggingFace's ``output_hidden_states=True`` returns: n_layer + 1 tensors [B, S, D].
-
-        Block 0's input, the output of every block but the last, then ``ln_f`` (so the last one is
-        normalised, unlike ``blocks.{last}.resid_post``). A block's output is ``blocks.L.resid_post``,
-        or where that was not recorded ``blocks.L+1.resid_pre``: the same tensor unless an edit
-        changed that block input. Record ``taps=['blocks.*.resid_pre', 'ln_f']`` (or ``resid_post``).
-        """
-        states, missing = [], []
-        for options in [["blocks.0.resid_pre"]] + [
-                [f"blocks.{layer}.resid_post", f"blocks.{layer + 1}.resid_pre"] for layer in range(self.n_layer - 1)
-        ] + [["ln_f"]]:
-            found = next((self._tensors[n] for n in options if n in self._tensors), None)
-            states.append(found)
-            if found is None:
-                missing.append(options[-1])
-        if missing:
-            raise TapError(f"hidden_states() needs taps {missing[:3]}{'...' if len(missing) > 3 else ''}; "
-                           "run with taps=['blocks.*.resid_pre', 'ln_f']")
-        return tuple(states)
-
-
-def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg, bytes_per_value: int,
-                    positions: slice | list[int] | None = None) -> dict[str, int]:
-    """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic).
-
-    ``positions`` (as in Taps) shrinks the sequence axis of the taps shaped [B, S, ...]; the
-    attention scores and pattern [B, H, Q, K] are always kept whole.
-    """
-    kept = seq if positions is None else len(range(seq)[positions] if isinstance(positions, slice) else positions)
-    sizes = {"B": batch, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
-             "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
-    shapes = {i.name: i.shape.split() for i in describe(cfg.n_layer)}
-    return {n: math.prod(kept if axis == "S" else sizes[axis] for axis in shapes[n]) * bytes_per_value
-            for n in names}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,23 +37,20 @@ _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 WEIGHTS_FILE, INDEX_FILE, CONFIG_FILE = "model.safetensors", "model.safetensors.index.json", "config.json"
 
 
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """minigpt parameter name -> shape, without building a model."""
-    from .model import GPT
-
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+# minigpt parameter name -> shape for a config (``GPT.parameter_shapes``): the model says what it holds.
+ShapesOf = Callable[[GPTConfig], dict[str, tuple[int, ...]]]
 
 
-def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig, shapes_of: ShapesOf) -> dict[str, torch.Tensor]:
     """HF GPT-2 tensors (official or ``save_pretrained`` layout) -> minigpt state dict.
 
     Checks everything at once and raises one CheckpointError listing every missing,
     unexpected, mis-shaped and non-float tensor (or, first, saying that the config and the
     weights describe different models). Warns (MiniGPTWarning) if a tensor holds NaN or inf.
+    ``shapes_of(cfg)`` (``GPT.parameter_shapes``) is asked only once config and weights agree.
     """
     _check_agreement(hf, cfg)
-    expected = expected_shapes(cfg)
+    expected = shapes_of(cfg)
     names = name_map(cfg.n_layer)
     ours: dict[str, torch.Tensor] = {}
     unexpected, misshaped, not_float = [], [], []
@@ -269,7 +267,16 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
     return config.parent
 
 
-def load_checkpoint(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], str]:
+def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str):
+    """``model_class`` (GPT) built from the config of a checkpoint directory or hub name and loaded with its weights."""
+    cfg, state, source = load_checkpoint(name_or_dir, model_class.parameter_shapes)
+    model = model_class(cfg).to(dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    model.source = source
+    return model.to(device)
+
+
+def load_checkpoint(name_or_dir: str | Path, shapes_of: ShapesOf) -> tuple[GPTConfig, dict[str, torch.Tensor], str]:
     """(config, minigpt state dict, description of the source) for a directory or hub name."""
     if not isinstance(name_or_dir, (str, Path)) or not str(name_or_dir):
         raise CheckpointError(f"expected a checkpoint directory or a hub name such as 'gpt2', got {name_or_dir!r}")
@@ -281,4 +288,4 @@ def load_checkpoint(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, torch
     else:
         directory, source = hub_directory(str(name_or_dir)), f"weights of {name_or_dir} (HuggingFace hub)"
     cfg, tensors = read_directory(directory)
-    return cfg, from_hf_state_dict(tensors, cfg), source
+    return cfg, from_hf_state_dict(tensors, cfg, shapes_of), source

@@ -123,7 +123,7 @@ def to_minigpt(hf: GPT2LMHeadModel) -> GPT:
     cfg = GPTConfig.from_hf(hf.config.to_dict())
     dtype = hf.transformer.wte.weight.dtype
     model = GPT(cfg).to(dtype)
-    model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg), strict=True)
+    model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg, GPT.parameter_shapes), strict=True)
     return model.eval()
 
 

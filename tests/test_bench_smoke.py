@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from minigpt import GPTConfig, tap_names
-from minigpt.taps import nbytes_estimate
+from minigpt.memory import nbytes_estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"

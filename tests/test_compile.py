@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig, edits
-from minigpt.taps import Taps, resolve_edits, select
+from minigpt.taps import Taps
 
 CFG = GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 RECORD = ["blocks.*.resid_pre", "blocks.*.attn_delta", "blocks.*.mlp_delta", "blocks.*.resid_post",
@@ -39,7 +39,7 @@ def tokens() -> torch.Tensor:
 
 def taps_for(model: GPT, record=(), edit=None, **options) -> Taps:
     """The Taps object model.run would build (names resolved outside the compiled region)."""
-    return Taps(select(record, model.tap_names) if record else [], resolve_edits(edit, model.tap_names), **options)
+    return Taps.request(model.tap_names, record, edit, seq=12, **options)
 
 
 def explain(model: GPT, tokens: torch.Tensor, taps: Taps):

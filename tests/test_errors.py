@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 import minigpt
 from minigpt import (GPT, CheckpointError, EditError, GPTConfig, HubError, HubUnreachableError, InputError,
                      MemoryBudgetError, MiniGPTError, MiniGPTWarning, TapError, TokenizerError, edits)
-from minigpt.taps import NO_TAPS, nbytes_estimate
+from minigpt.memory import nbytes_estimate
+from minigpt.taps import NO_TAPS
 
 CFG = GPTConfig(vocab_size=50, n_positions=12, n_embd=8, n_layer=2, n_head=2, n_inner=32)
 TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])

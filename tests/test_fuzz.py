@@ -417,7 +417,7 @@ def test_fuzz_checkpoint_files(checkpoint, data):
             return
         event("load succeeded")
         assert tensors is not None
-        expected = from_hf_state_dict(tensors, model.cfg)
+        expected = from_hf_state_dict(tensors, model.cfg, GPT.parameter_shapes)
         for name, value in model.state_dict().items():  # flipped data bytes may well make a NaN
             torch.testing.assert_close(value, expected[name].to(value.dtype), rtol=0, atol=0, equal_nan=True)
 
