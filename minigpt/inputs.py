@@ -5,32 +5,39 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import END_OF_TEXT, GPTConfig, is_integer
+from .config import END_OF_TEXT, END_OF_TEXT_ID, GPTConfig, is_integer
 from .errors import InputError
 
 
-def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: torch.device,
-              tokenizer: Callable) -> torch.Tensor:
-    """Text, ids or a tensor -> int64 tensor [B, S] on ``device``, of ids this model can look up.
+def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: torch.device, tokenizer: Callable, *,
+              attention_mask: torch.Tensor | Sequence | None = None, prepend_bos: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text, ids, a batch of either, or a tensor -> (int64 ids [B, S] on ``device``, mask [B, S] or None).
 
-    Checks the form (a dense integer tensor of two axes, not empty) and, for text, that its ids
-    fit the vocabulary; ``check_values`` (run by the forward pass) checks the ids themselves.
+    Sequences of different lengths (texts, id lists, 1-D tensors) are padded on the right, each
+    row's real tokens first, and the mask (True = real token) says which are real; ``attention_mask``
+    gives one for ``inputs`` of equal lengths instead (0 = padding, anywhere). The mask is None
+    when every token is real. ``prepend_bos`` puts ``<|endoftext|>`` before each text. Checks the
+    form (a dense integer tensor of two axes, not empty) and, for text, that its ids fit the
+    vocabulary; ``check_values`` (run by the forward pass) checks the ids themselves.
     ``tokenizer()`` gives the encoding, asked for only when ``inputs`` is text.
     """
-    from_text = isinstance(inputs, str)
-    if from_text:
-        if not inputs:
-            raise InputError("empty text: give at least one character (or token id)")
-        inputs = [tokenizer().encode(inputs, allowed_special={END_OF_TEXT})]
-    if not isinstance(inputs, torch.Tensor):
-        try:
-            inputs = torch.tensor(inputs)
-        except Exception as e:  # torch raises TypeError, ValueError, RuntimeError or OverflowError here
-            texts = isinstance(inputs, (list, tuple)) and any(isinstance(i, str) for i in inputs)
-            hint = ("; for several texts, encode each with model.tokenizer.encode and pass equal-length "
-                    "lists" if texts else "")
-            raise InputError(f"cannot make a token tensor from {type(inputs).__name__} ({e}); give "
-                             f"text, a list of ints, or a list of equal-length lists of ints{hint}") from None
+    if not isinstance(prepend_bos, bool):
+        raise InputError(f"prepend_bos must be True or False, got {prepend_bos!r}")
+    rows, from_text = _rows(inputs, tokenizer, prepend_bos)
+    mask = None
+    if rows is not None:
+        lengths = [len(r) if isinstance(r, (list, tuple)) else 0 for r in rows]
+        if len(set(lengths)) > 1 and all(isinstance(r, (list, tuple)) for r in rows):  # a ragged batch: pad each row on the right
+            if attention_mask is not None:
+                raise InputError("attention_mask is for a batch of equal-length rows; these rows have lengths "
+                                 f"{lengths[:8]}: drop attention_mask (the padding mask is made for you)")
+            if 0 in lengths:
+                raise InputError(f"row {lengths.index(0)} of the batch is empty: give every row at least one token")
+            pad = END_OF_TEXT_ID if END_OF_TEXT_ID < cfg.vocab_size else 0
+            mask = torch.tensor([[True] * n + [False] * (max(lengths) - n) for n in lengths])
+            rows = [list(r) + [pad] * (max(lengths) - len(r)) for r in rows]
+        inputs = _to_tensor(rows, type(inputs).__name__)
     if inputs.dim() == 1:
         inputs = inputs.unsqueeze(0)
     if _integral(inputs.dtype) and inputs.dtype != torch.long and inputs.layout == torch.strided \
@@ -40,7 +47,60 @@ def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: tor
         raise InputError(f"the text encodes to GPT-2 token id {int(inputs.max())}, but this model's vocabulary "
                          f"has only {cfg.vocab_size} entries; pass token ids below {cfg.vocab_size}")
     check_form(inputs)
-    return inputs.to(device=device, dtype=torch.long)
+    if attention_mask is not None:
+        mask = check_mask(attention_mask, tuple(inputs.shape))
+    return inputs.to(device=device, dtype=torch.long), None if mask is None else mask.to(device)
+
+
+def _rows(inputs: object, tokenizer: Callable, prepend_bos: bool) -> tuple[list | None, bool]:
+    """The sequences of ``inputs`` as lists (texts encoded), or None for a tensor; and whether it was text."""
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
+        if not all(texts):
+            raise InputError("empty text: give at least one character (or token id) in every text")
+        bos = [END_OF_TEXT_ID] if prepend_bos else []
+        return [bos + tokenizer().encode(t, allowed_special={END_OF_TEXT}) for t in texts], True
+    if prepend_bos:
+        raise InputError("prepend_bos=True puts <|endoftext|> before text; these inputs are ids: add it "
+                         f"yourself (id {END_OF_TEXT_ID}) or pass text")
+    if isinstance(inputs, torch.Tensor):
+        return None, False
+    if isinstance(inputs, (list, tuple)) and inputs and all(
+            isinstance(r, (list, tuple)) or (isinstance(r, torch.Tensor) and r.dim() == 1) for r in inputs):
+        return [r.tolist() if isinstance(r, torch.Tensor) else r for r in inputs], False
+    return [inputs], False  # one sequence of ids (or something _to_tensor will refuse)
+
+
+def _to_tensor(rows: list, what: str) -> torch.Tensor:
+    """Rows of equal length -> a tensor [B, S] (one row stays [1, S]); InputError if they are not ids."""
+    try:
+        tensor = torch.tensor(rows)
+    except Exception as e:  # torch raises TypeError, ValueError, RuntimeError or OverflowError here
+        mixed = any(isinstance(i, str) for r in rows if isinstance(r, (list, tuple)) for i in r)
+        hint = "; a batch of texts is a list of strings only" if mixed else ""
+        raise InputError(f"cannot make a token tensor from {what} ({e}); give text, a list of texts, a "
+                         f"list of ints, or a list of lists of ints (of any lengths){hint}") from None
+    return tensor
+
+
+def check_mask(mask: torch.Tensor | Sequence, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """An HF-style attention mask [B, S] (1/True = real token, 0/False = padding) -> bool, or None if all real."""
+    try:
+        mask = torch.as_tensor(mask)
+    except Exception as e:
+        raise InputError(f"attention_mask must be a tensor [batch, seq] of 0s and 1s ({e})") from None
+    if mask.dim() == 1 and shape[0] == 1:
+        mask = mask[None]  # one sequence [S], as the tokens may be
+    if tuple(mask.shape) != shape:
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape {shape}; "
+                         "give one 0/1 per token")
+    if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
+        raise InputError("attention_mask must hold only 0 (padding) and 1 (real token), or False and True")
+    mask = mask.bool()
+    if not mask.any(dim=-1).all():
+        empty = (~mask.any(dim=-1)).nonzero()[0].item()
+        raise InputError(f"attention_mask row {empty} has no real token; every row needs at least one")
+    return None if mask.all() else mask
 
 
 # Integer dtypes nn.Embedding accepts as indices; model.run converts every other integer dtype.
@@ -94,7 +154,7 @@ def check_values(tokens: torch.Tensor, cfg: GPTConfig) -> None:
 
 
 def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.dtype | None,
-                       positions: slice | list[int] | None, seq: int) -> None:
+                       positions: slice | list[int] | str | None, seq: int) -> None:
     """Raise InputError unless run()'s grad/to/dtype/positions are usable for a ``seq``-token run."""
     if not isinstance(grad, bool):
         raise InputError(f"grad must be True or False, got {grad!r}")
@@ -106,23 +166,30 @@ def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.d
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise InputError(f"dtype={dtype!r}: recorded activations are kept in a floating dtype, e.g. "
                          "torch.float16 or torch.bfloat16 (None keeps the model's)")
-    if positions is None:
+    if grad:
+        # The trace must hold the very tensors the forward goes on with, or no gradient reaches them.
+        copies = [f"{name}={value!r}" for name, value in (("to", to), ("dtype", dtype), ("positions", positions))
+                  if value is not None]
+        if copies:
+            raise InputError(f"grad=True with {', '.join(copies)}: these keep a copy that the rest of the forward "
+                             "does not use, so no gradient would reach it; drop them and slice, move or cast "
+                             "the trace's tensors after computing the gradients")
+    if positions is None or positions == "last":
         return
     if isinstance(positions, slice):
         try:
             kept = range(seq)[positions]
         except (TypeError, ValueError) as e:
             raise InputError(f"positions={positions!r} is not a usable slice ({e})") from None
-    elif isinstance(positions, (list, tuple, range)) and all(
-            is_integer(p) for p in positions):
+    elif isinstance(positions, (list, tuple, range)) and all(is_integer(p) for p in positions):
         kept = positions
         wrong = [p for p in positions if not -seq <= p < seq]
         if wrong:
             raise InputError(f"positions {wrong[:5]} do not exist in a {seq}-token input; give positions in "
                              f"[{-seq}, {seq}) (negative ones count from the end)")
     else:
-        raise InputError(f"positions must be a slice or a list of ints (e.g. [-1] for the last token), "
-                         f"got {positions!r}")
+        raise InputError(f"positions must be a slice or a list of ints (e.g. [-1] for the last token), or 'last' "
+                         f"(each row's last real token), got {positions!r}")
     if len(kept) == 0:
         raise InputError(f"positions={positions!r} keeps no position of a {seq}-token input; "
                          "leave positions=None to keep them all")

@@ -17,14 +17,19 @@ if TYPE_CHECKING:
 
 
 def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg: GPTConfig, bytes_per_value: int,
-                    positions: Positions = None) -> dict[str, int]:
+                    positions: Positions | torch.Tensor = None) -> dict[str, int]:
     """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic).
 
     ``positions`` (as in Taps) shrinks the sequence axis of the taps shaped [B, S, ...]; the
     attention scores and pattern [B, H, Q, K] are always kept whole.
     """
-    kept = seq if positions is None else len(range(seq)[positions] if isinstance(positions, slice) else positions)
-    sizes = {"B": batch, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
+    if positions is None:
+        kept = seq
+    elif isinstance(positions, (str, torch.Tensor)):  # "last", or its index [B]: one position per row
+        kept = 1
+    else:
+        kept = len(range(seq)[positions] if isinstance(positions, slice) else positions)
+    sizes = {"1": 1, "B": batch, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
              "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
     shapes = {info.name: info.shape.split() for info in describe(cfg.n_layer)}
     return {n: math.prod(kept if axis == "S" else sizes[axis] for axis in shapes[n]) * bytes_per_value

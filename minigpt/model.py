@@ -6,6 +6,7 @@ Shapes: B batch, S sequence, D d_model, H heads, d d_head, M d_mlp, V vocabulary
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,7 @@ from .errors import InputError
 from .generate import KVCache, generate, stream
 from .inputs import as_tokens, check_tokens, check_values
 from .memory import check_budget, estimate_trace_bytes
-from .taps import NO_TAPS, Edit, Positions, Taps, tap_names
+from .taps import NO_TAPS, Edit, Positions, StopForward, Taps, tap_names
 from .trace import Trace
 
 
@@ -38,11 +39,13 @@ class Attention(nn.Module):
         self.scale = 1 / (math.sqrt(self.d_head) * layer_divisor)
         self.layer, self.prefix = layer, f"blocks.{layer}.attn."
 
-    def forward(self, x: torch.Tensor, taps: Taps, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: Taps, visible: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """[B, S, D] (the ln1 output) -> [B, S, D], attention's write to the residual.
 
-        With a ``cache`` (generation), x holds only the newest S positions; their queries attend over
-        the K >= S cached positions too.
+        visible: bool [S, K] or [B, 1, S, K], True where a query may look at a key; None for plain
+        causal attention. With a ``cache`` (generation), x holds only the newest S positions; their
+        queries attend over the K >= S cached positions too.
         """
         B, S, _ = x.shape
         p = self.prefix
@@ -52,9 +55,8 @@ class Attention(nn.Module):
         k = taps(p + "k", k)
         v = taps(p + "v", v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
-        visible = None  # None: plain causal attention among these S positions
         if cache is not None:
-            k, v, visible = cache.update(self.layer, k, v)  # [B, H, K, d] twice; visible [S, K]
+            k, v = cache.update(self.layer, k, v)  # [B, H, K, d]: every position so far
         if taps.wants(p + "scores") or taps.wants(p + "pattern"):
             z = self.attend_in_the_open(q, k, v, visible, taps)
         else:
@@ -94,6 +96,23 @@ class Attention(nn.Module):
         return delta  # only recorded: c_proj's own sum, so that recording changes no bit
 
 
+class LayerNorm(nn.LayerNorm):
+    """(x - mean) * scale * weight + bias, scale = 1 / sqrt(var + eps): PyTorch's fused kernel, unless
+    the tap ``{name}.scale`` [B, S, 1] is recorded or edited (freezing it, for one), then in the open."""
+
+    def __init__(self, cfg: GPTConfig, name: str):
+        super().__init__(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.scale_tap = name + ".scale"
+
+    def forward(self, x: torch.Tensor, taps: Taps = NO_TAPS) -> torch.Tensor:
+        """[B, S, D] -> [B, S, D], each position normalised over D."""
+        if not taps.wants(self.scale_tap):
+            return super().forward(x)
+        centred = x - x.mean(dim=-1, keepdim=True)
+        scale = taps(self.scale_tap, (centred.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt())
+        return centred * scale * self.weight + self.bias
+
+
 class MLP(nn.Module):
     """Two layers with GELU between; ``fc`` is GPT-2's c_fc, ``proj`` its c_proj."""
 
@@ -117,25 +136,41 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln1 = LayerNorm(cfg, f"blocks.{layer}.ln1")
         self.attn = Attention(cfg, layer)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln2 = LayerNorm(cfg, f"blocks.{layer}.ln2")
         self.mlp = MLP(cfg, layer)
         self.prefix = f"blocks.{layer}."
 
-    def forward(self, x: torch.Tensor, taps: Taps, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps: Taps, visible: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """[B, S, D] -> [B, S, D]: resid_post = resid_pre + attn_delta + mlp_delta."""
         p = self.prefix
         x = taps(p + "resid_pre", x)
-        attn_in = taps(p + "ln1", self.ln1(x))
-        attn_delta = taps(p + "attn_delta", self.attn(attn_in, taps, cache))
+        attn_in = taps(p + "ln1", self.ln1(x, taps))
+        attn_delta = taps(p + "attn_delta", self.attn(attn_in, taps, visible, cache))
         x = x + attn_delta
         x = taps(p + "resid_mid", x)
-        mlp_in = taps(p + "ln2", self.ln2(x))
+        mlp_in = taps(p + "ln2", self.ln2(x, taps))
         mlp_delta = taps(p + "mlp_delta", self.mlp(mlp_in, taps))
         x = x + mlp_delta
         x = taps(p + "resid_post", x)
         return x
+
+
+def padded_layout(S: int, mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each token's position ([S], or [B, S] with a mask) and what it may see (None = plain causal).
+
+    With padding (mask [B, S], True = real token), a real token takes the position it would have
+    alone (HF's cumsum - 1) and sees the real tokens up to itself: visible [B, 1, S, S]. A padding
+    query sees only itself (a query with no key at all would give NaN); its output is never used.
+    """
+    if mask is None:
+        return torch.arange(S, device=device), None
+    positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    itself = torch.eye(S, dtype=torch.bool, device=device)
+    return positions, (causal & mask[:, None, None, :]) | itself
 
 
 class GPT(nn.Module):
@@ -148,28 +183,29 @@ class GPT(nn.Module):
         self.pos_embed = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.dropout = nn.Dropout(cfg.embd_pdrop)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.ln_f = LayerNorm(cfg, "ln_f")
         self.tap_names = tap_names(cfg.n_layer)
         self.source = "untrained (initialised) weights"
         # Memory guard for run(): "auto" = half the memory free where the trace goes, bytes, or None (off).
         self.trace_budget_bytes: int | str | None = "auto"
         self.eval()  # dropout only when asked for with .train()
 
-    def forward(self, tokens: torch.Tensor, taps: Taps = NO_TAPS, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, taps: Taps = NO_TAPS, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] (int) -> logits [B, S, V].
 
-        With a ``cache`` (see generate.py) the tokens continue the sequence it holds: they take
-        the next S positions and attend over the cached keys and values as well as their own.
+        mask [B, S] (True = real token) for a padded batch. With a ``cache`` (see generate.py) the
+        tokens continue the sequences it holds and attend over its keys and values too.
         """
         check_tokens(tokens, self.cfg)
         B, S = tokens.shape
-        positions = torch.arange(S, device=tokens.device) if cache is None else cache.extend(S)
+        positions, visible = cache.extend(S, mask) if cache is not None else padded_layout(S, mask, tokens.device)
         embed = taps("embed", self.embed(tokens))  # [B, S, D]
         pos_embed = taps("pos_embed", self.pos_embed(positions).expand(B, S, -1))
         x = self.dropout(embed + pos_embed)
         for block in self.blocks:
-            x = block(x, taps, cache)
-        x = taps("ln_f", self.ln_f(x))
+            x = block(x, taps, visible, cache)
+        x = taps("ln_f", self.ln_f(x, taps))
         logits = taps("logits", F.linear(x, self.unembedding))  # [B, S, V]
         return logits
 
@@ -181,33 +217,45 @@ class GPT(nn.Module):
     # -- The API: everything below calls forward(); none of it is maths. -------------------------
 
     def run(self, inputs: str | Sequence | torch.Tensor, taps: str | Iterable[str] = (),
-            edits: Mapping[str, Edit] | None = None, *, grad: bool = False,
-            to: torch.device | str | None = None, dtype: torch.dtype | None = None,
-            positions: Positions = None) -> tuple[torch.Tensor, Trace]:
+            edits: Mapping[str, Edit] | None = None, *, attention_mask: torch.Tensor | None = None,
+            grad: bool = False, to: torch.device | str | None = None, dtype: torch.dtype | None = None,
+            positions: Positions = None, stop_at: str | None = None) -> tuple[torch.Tensor | None, Trace]:
         """Run once, recording ``taps`` (names or glob patterns) and applying ``edits`` -> (logits [B, S, V], trace).
 
-        inputs: text, a list of ids, a list of equal-length lists, or an int tensor [S] or [B, S].
+        inputs: text, ids, a list of texts or of id lists (any lengths: padded on the right, see
+        trace.mask), or an int tensor [S] or [B, S] (with an HF-style ``attention_mask`` [B, S] if padded).
         edits: tap name or pattern -> function (tensor -> same-shaped tensor) or replacement tensor, for
         this call only. The trace's tensors are detached unless ``grad=True``; ``to``, ``dtype`` and
-        ``positions`` shape what it keeps (see Taps).
+        ``positions`` (``"last"``: each row's last real token) shape what it keeps (see Taps).
+        ``stop_at``: end the forward after that tap; the logits are then None.
         """
-        tokens = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer)  # checked in forward
-        call = Taps.request(self.tap_names, taps, edits, seq=tokens.shape[1], grad=grad, to=to, dtype=dtype,
-                            positions=positions)
+        tokens, mask = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer,
+                                 attention_mask=attention_mask)  # the ids' values are checked in forward
+        call = Taps.request(self.tap_names, taps, edits, seq=tokens.shape[1], mask=mask, grad=grad, to=to,
+                            dtype=dtype, positions=positions, stop_at=stop_at)
         check_budget(self, call, *tokens.shape)
-        with torch.set_grad_enabled(grad):
-            logits = self(tokens, call)
-        return logits, Trace(call.trace, self.cfg.n_layer)
+        logits = None
+        with torch.set_grad_enabled(grad), contextlib.suppress(StopForward):
+            logits = self(tokens, call, mask=mask)
+        return logits, Trace(call.trace, self.cfg.n_layer, mask if mask is not None else torch.ones_like(tokens).bool())
 
     # Generation (KV cache, sampling, taps and edits at every step) and the memory estimate live in
     # their own modules; these are their functions as methods: model.generate(prompt, 20, temperature=0).
     generate, stream, estimate_trace_bytes = generate, stream, estimate_trace_bytes
 
-    def tokens(self, inputs: str | Sequence | torch.Tensor) -> torch.Tensor:
-        """Text, ids or a tensor -> checked int64 tensor [B, S] on the model's device."""
-        tokens = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer)
+    def tokens(self, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False,
+               return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Text, ids, a batch of either (any lengths) or a tensor -> checked int64 ids [B, S] on the model's device.
+
+        Rows of different lengths are padded on the right; ``return_mask=True`` also returns the mask
+        [B, S] (True = real token). ``prepend_bos`` puts ``<|endoftext|>`` before each text (off by default).
+        """
+        tokens, mask = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer,
+                                 prepend_bos=prepend_bos)
         check_values(tokens, self.cfg)
-        return tokens
+        if not return_mask:
+            return tokens
+        return tokens, mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
 
     @property
     def tokenizer(self):

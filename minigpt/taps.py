@@ -7,6 +7,7 @@ replaced by an edit and whether it is kept. With nothing asked, a tap is one set
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,7 +19,8 @@ from .errors import EditError, MiniGPTWarning, TapError, closest
 from .inputs import check_keep_options
 
 Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
-Positions = slice | list[int] | None
+# Sequence positions a run keeps: a slice, a list, "last" (each row's last real token), or None (all).
+Positions = slice | list[int] | str | None
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ MODEL_TAPS_BEFORE = [
 ]
 BLOCK_TAPS = [
     TapInfo("resid_pre", "B S D", "residual stream entering the block (= embed + pos_embed for block 0)"),
+    TapInfo("ln1.scale", "B S 1", "LayerNorm 1's scale 1/sqrt(var + eps) per position", on_demand=True),
     TapInfo("ln1", "B S D", "LayerNorm 1 output, the input of attention"),
     TapInfo("attn.q", "B S H d", "queries"),
     TapInfo("attn.k", "B S H d", "keys"),
@@ -51,6 +54,7 @@ BLOCK_TAPS = [
             on_demand=True),
     TapInfo("attn_delta", "B S D", "what attention adds to the residual (output projection + bias)"),
     TapInfo("resid_mid", "B S D", "resid_pre + attn_delta"),
+    TapInfo("ln2.scale", "B S 1", "LayerNorm 2's scale 1/sqrt(var + eps) per position", on_demand=True),
     TapInfo("ln2", "B S D", "LayerNorm 2 output, the input of the MLP"),
     TapInfo("mlp.pre", "B S M", "MLP neurons before GELU"),
     TapInfo("mlp.post", "B S M", "MLP neurons after GELU"),
@@ -58,11 +62,14 @@ BLOCK_TAPS = [
     TapInfo("resid_post", "B S D", "resid_mid + mlp_delta, the block's output"),
 ]
 MODEL_TAPS_AFTER = [
+    TapInfo("ln_f.scale", "B S 1", "the final LayerNorm's scale 1/sqrt(var + eps) per position", on_demand=True),
     TapInfo("ln_f", "B S D", "final LayerNorm output (HuggingFace's last hidden state)"),
     TapInfo("logits", "B S V", "ln_f @ embed.weight.T"),
 ]
 # Suffixes of the on-demand taps (a block tap's full name ends with one of them).
-ON_DEMAND = tuple(info.name for info in BLOCK_TAPS if info.on_demand)
+ON_DEMAND = tuple(info.name for info in MODEL_TAPS_BEFORE + BLOCK_TAPS + MODEL_TAPS_AFTER if info.on_demand)
+# Taps shaped [B, H, Q, K]: their second axis is not the sequence, so ``positions`` keeps them whole.
+QUERY_KEY_TAPS = ("attn.scores", "attn.pattern")
 
 
 def describe(n_layer: int) -> Iterator[TapInfo]:
@@ -119,6 +126,7 @@ def _no_such_block(pattern: str, names: list[str]) -> str:
 def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[str, Edit]:
     """``{name or pattern: edit}`` -> ``{tap name: edit}``, checked before anything runs.
 
+    A function whose second positional parameter has no default is called as ``edit(x, tap_name)``.
     Raises EditError for something that is not a mapping of functions or tensors, and for a tap
     that two patterns both edit (which one should win is not ours to guess); TapError as ``select``.
     """
@@ -137,8 +145,30 @@ def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[st
             if name in resolved:
                 raise EditError(f"tap {name!r} is edited twice, by {source[name]!r} and by {pattern!r}; "
                                 "merge them with minigpt.edits.combine (which runs them in order) or narrow the patterns")
-            resolved[name], source[name] = edit, pattern
+            resolved[name], source[name] = _with_name(edit, name), pattern
     return resolved
+
+
+def _with_name(edit: Edit, name: str) -> Edit:
+    """``edit`` as a one-argument function, given the tap's name if it asks for it (``def edit(x, name)``)."""
+    if isinstance(edit, torch.Tensor):
+        return edit
+    try:
+        parameters = list(inspect.signature(edit).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: call it with the tensor only
+        return edit
+    positional = [q for q in parameters if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 or positional[1].default is not inspect.Parameter.empty:
+        return edit
+
+    def with_name(x: torch.Tensor) -> torch.Tensor:
+        return edit(x, name)
+
+    return with_name
+
+
+class StopForward(Exception):
+    """Raised by a tap to end the forward pass early (``run(..., stop_at=tap)``)."""
 
 
 class Taps:
@@ -146,35 +176,44 @@ class Taps:
 
     ``record``: exact tap names to keep. ``edits``: exact tap name -> edit, where an edit is a
     function (tensor -> tensor of the same shape, dtype and device) or a tensor to put in place.
-    The value recorded at a tap is the value the rest of the forward uses (after its edit).
-    Recorded tensors are detached unless ``grad`` is true; ``to``/``dtype`` move or cast them
-    (e.g. to the CPU from a GPU run, or to bfloat16) and ``positions`` keeps only those sequence
-    positions of taps whose second axis is the sequence. ``Taps.request`` builds one from
-    patterns and checks everything first.
+    A function gets a copy of the tensor, which it may change in place. The value recorded at a
+    tap is the value the rest of the forward uses (after its edit). Recorded tensors are detached
+    unless ``grad`` is true; ``to``/``dtype`` move or cast them (e.g. to the CPU from a GPU run, or
+    to bfloat16) and ``positions`` keeps only those sequence positions of taps whose second axis is
+    the sequence (an index tensor [B]: one position per row). ``stop_at``: the forward ends after
+    this tap. ``Taps.request`` builds one from patterns and checks everything first.
     """
 
     def __init__(self, record: Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
-                 grad: bool = False, to: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, positions: Positions = None):
+                 grad: bool = False, to: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 positions: slice | list[int] | torch.Tensor | None = None, stop_at: str | None = None):
         self.record = dict.fromkeys(record)  # ordered, for the memory guard's message
         self.edits = dict(edits or {})
-        self.wanted = self.record.keys() | self.edits.keys()
+        self.stop_at = stop_at
+        self.wanted = self.record.keys() | self.edits.keys() | ({stop_at} if stop_at else set())
         self.grad, self.to, self.dtype, self.positions = grad, to, dtype, positions
         self.trace: dict[str, torch.Tensor] = {}
 
     @classmethod
     def request(cls, names: list[str], taps: str | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
-                seq: int, grad: bool = False, to: torch.device | str | None = None,
-                dtype: torch.dtype | None = None, positions: Positions = None) -> Taps:
-        """What ``run`` asks for, checked: tap patterns and edits resolved against ``names``, and the
-        keep options valid for a ``seq``-token input. Raises TapError, EditError or InputError."""
+                seq: int, mask: torch.Tensor | None = None, grad: bool = False,
+                to: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                positions: Positions = None, stop_at: str | None = None) -> Taps:
+        """What ``run`` asks for, checked: tap patterns and edits resolved against ``names``, the keep
+        options valid for a ``seq``-token input (``mask`` [B, seq] for a padded batch), and the taps
+        after ``stop_at`` left out. Raises TapError, EditError or InputError."""
         record = select(taps, names) if taps else []
         resolved = resolve_edits(edits, names)
         check_keep_options(grad, to, dtype, positions, seq)
-        return cls(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions)
+        if stop_at is not None:
+            record = _until(stop_at, names, record, taps, resolved)
+        if positions == "last":
+            # Each row's last real token (the last True of its mask), as an index [B].
+            positions = [-1] if mask is None else seq - 1 - mask.flip(-1).int().argmax(dim=-1)
+        return cls(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions, stop_at=stop_at)
 
     def wants(self, name: str) -> bool:
-        """Whether the tap ``name`` is recorded or edited in this call."""
+        """Whether the tap ``name`` is recorded or edited in this call (or is where it stops)."""
         return name in self.wanted
 
     def edited(self, name: str) -> bool:
@@ -185,19 +224,21 @@ class Taps:
         if name not in self.wanted:
             return x
         if name in self.edits:
-            edit = self.edits[name]
-            # A function may edit its input in place, and that input can be a tensor already in
-            # the trace (resid_pre of block L+1 is resid_post of block L): give it a copy then.
-            if self.trace and not isinstance(edit, torch.Tensor):
-                x = x.clone()
-            x = apply_edit(name, edit, x)
+            x = apply_edit(name, self.edits[name], x)
         if name in self.record:
+            if self.grad and not x.requires_grad:
+                # Nothing before this tap needs a gradient (a frozen model): start the graph here.
+                x = x.detach().requires_grad_()
             self.trace[name] = self._keep(name, x)
+        if name == self.stop_at:
+            raise StopForward
         return x
 
     def _keep(self, name: str, x: torch.Tensor) -> torch.Tensor:
         kept = x if self.grad else x.detach()
-        if self.positions is not None and not name.endswith(("attn.scores", "attn.pattern")):
+        if isinstance(self.positions, torch.Tensor) and not name.endswith(QUERY_KEY_TAPS):
+            kept = kept[torch.arange(kept.shape[0], device=kept.device), self.positions.to(kept.device)][:, None]
+        elif self.positions is not None and not name.endswith(QUERY_KEY_TAPS):
             kept = kept[:, self.positions]
         if self.to is not None or self.dtype is not None:
             kept = kept.to(device=self.to, dtype=self.dtype)
@@ -207,6 +248,24 @@ class Taps:
             # (An untyped storage's size() is its bytes; nbytes() would break torch.compile's graph.)
             kept = kept.clone()
         return kept
+
+
+def _until(stop_at: str, names: list[str], record: list[str], asked: str | Iterable[str],
+           edits: Mapping[str, Edit]) -> list[str]:
+    """The recorded taps up to ``stop_at``; refuse taps asked for by name, and edits, that would never run."""
+    if not isinstance(stop_at, str) or stop_at not in names:
+        raise TapError(f"stop_at={stop_at!r} is not a tap name{closest(str(stop_at), names)}; give one exact "
+                       f"name, e.g. stop_at='blocks.3.resid_post' {_LIST_HINT}")
+    last = names.index(stop_at)
+    exact = {asked} if isinstance(asked, str) else set(asked)
+    late = [n for n in record if n in exact and names.index(n) > last]
+    late_edits = [n for n in edits if names.index(n) > last]
+    if late or late_edits:
+        what = f"taps {late[:3]}" if late else f"edits at {late_edits[:3]}"
+        raise (TapError if late else EditError)(
+            f"{what} come after stop_at={stop_at!r}, where the forward ends, so they would never run; "
+            "stop later, or leave them out")
+    return [n for n in record if names.index(n) <= last]
 
 
 NO_TAPS = Taps()
@@ -223,7 +282,9 @@ def apply_edit(name: str, edit: Edit, x: torch.Tensor) -> torch.Tensor:
         new = edit
     elif callable(edit):
         try:
-            new = edit(x)
+            # A copy: the edit may change it in place, and x may be a tensor the caller owns or the
+            # trace holds (resid_pre of block L+1 is resid_post of block L).
+            new = edit(x.clone())
         except Exception as e:
             e.add_note(f"(raised by the edit at tap {name!r})")
             raise

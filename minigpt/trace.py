@@ -11,9 +11,10 @@ from .errors import TapError, closest
 class Trace(Mapping[str, torch.Tensor]):
     """Read-only mapping from tap name to the tensor recorded in one call."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], n_layer: int):
+    def __init__(self, tensors: dict[str, torch.Tensor], n_layer: int, mask: torch.Tensor | None = None):
         self._tensors = dict(tensors)
         self.n_layer = n_layer
+        self.mask = mask  # [B, S] bool, True = real token (a padded batch has False after each row's tokens)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:

@@ -214,6 +214,9 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
     def qkv(part: int) -> Callable:
         return lambda x: heads(x.split(hf.config.n_embd, dim=-1)[part])
 
+    def scale(ln: nn.LayerNorm) -> Callable:  # a LayerNorm's input [B, S, D] -> its 1/sqrt(var + eps) [B, S, 1]
+        return lambda x: (x.var(dim=-1, unbiased=False, keepdim=True) + ln.eps).rsqrt()
+
     with ExitStack() as stack, torch.no_grad():
         # Interventions go to the front of each module's hook list (in the given order), ahead of
         # transformers' own output-capturing hooks, so that output_hidden_states sees the edited
@@ -226,12 +229,14 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
             points: list[tuple[nn.Module, str, Callable, bool]] = [
                 (t.wte, "embed", lambda x: x, False),
                 (t.wpe, "pos_embed", lambda x: x.expand(tokens.shape[0], -1, -1), False),
+                (t.ln_f, "ln_f.scale", scale(t.ln_f), True),
                 (t.ln_f, "ln_f", lambda x: x, False),
             ]
             for layer, block in enumerate(t.h):
                 p = f"blocks.{layer}."
                 points += [
                     (block, p + "resid_pre", lambda x: x, True),
+                    (block.ln_1, p + "ln1.scale", scale(block.ln_1), True),
                     (block.ln_1, p + "ln1", lambda x: x, False),
                     (block.attn.c_attn, p + "attn.q", qkv(0), False),
                     (block.attn.c_attn, p + "attn.k", qkv(1), False),
@@ -239,6 +244,7 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
                     (block.attn.c_proj, p + "attn.z", heads, True),
                     (block.attn.c_proj, p + "attn_delta", lambda x: x, False),
                     (block.ln_2, p + "resid_mid", lambda x: x, True),
+                    (block.ln_2, p + "ln2.scale", scale(block.ln_2), True),
                     (block.ln_2, p + "ln2", lambda x: x, False),
                     (block.mlp.c_fc, p + "mlp.pre", lambda x: x, False),
                     (block.mlp.act, p + "mlp.post", lambda x: x, False),

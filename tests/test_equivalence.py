@@ -183,8 +183,8 @@ def test_recording_does_not_change_logits(data, dtype: torch.dtype) -> None:
     case = data.draw(cases_for(dtype), label="case")
     _, model, tokens = pair(case, dtype)
     plain = model(tokens)
-    # Taps that keep the fused attention path leave the logits bit for bit unchanged.
-    fused_taps = [n for n in model.tap_names if not n.endswith(("attn.scores", "attn.pattern"))]
+    # Taps that keep the fused attention and LayerNorm paths leave the logits bit for bit unchanged.
+    fused_taps = [n for n in model.tap_names if not n.endswith(("attn.scores", "attn.pattern", ".scale"))]
     logits, trace = model.run(tokens, taps=fused_taps)
     assert torch.equal(logits, plain)
     assert list(trace) == fused_taps

@@ -110,8 +110,9 @@ def token_inputs(draw) -> tuple[object, torch.Tensor | None]:
         return values, t if _valid(t, SMALL) else None
     if kind == "nested":
         rows = draw(st.lists(st.lists(ids, max_size=P + 1), max_size=3))
-        if len({len(r) for r in rows}) > 1:
-            return rows, None  # ragged
+        if len({len(r) for r in rows}) > 1:  # ragged: padded, each row must be valid on its own
+            singles = [torch.tensor(r, dtype=torch.long).view(1, -1) for r in rows]
+            return rows, singles if all(_valid(t, SMALL) for t in singles) else None
         t = torch.tensor(rows, dtype=torch.long).view(len(rows), -1) if rows else torch.zeros(0, dtype=torch.long)
         return rows, t if _valid(t, SMALL) else None
     if kind == "tensor":
@@ -129,7 +130,7 @@ def token_inputs(draw) -> tuple[object, torch.Tensor | None]:
         return tensor, values.view(1, -1) if values.dim() == 1 and _valid(values, SMALL) else (
             values if _valid(values, SMALL) else None)
     junk = draw(st.sampled_from([None, 3, 2.5, "", [1.5, 2.0], [True, False], ["a", "b"], {"ids": [1]}, b"\x01",
-                                 [[1, 2], [3]], [None], [[[1]]], object()]))
+                                 [[1, 2], []], ["a", [1]], [None], [[[1]]], object()]))
     if isinstance(junk, list) and junk == [[[1]]]:
         return junk, None  # 3-D
     return junk, None
@@ -146,6 +147,12 @@ def test_fuzz_run_inputs(small, case):
         if expected is None:
             with pytest.raises(InputError):
                 model.run(inputs)
+        elif isinstance(expected, list):  # a ragged batch: each row's real positions as that row alone
+            logits, trace = model.run(inputs)
+            for row, single in enumerate(expected):
+                n = single.shape[1]
+                assert trace.mask[row].tolist() == [True] * n + [False] * (logits.shape[1] - n)
+                torch.testing.assert_close(logits[row, :n], model(single)[0], rtol=1e-5, atol=1e-5)
         else:
             logits, _ = model.run(inputs)
             assert torch.equal(logits, model(expected)), "run gave a different result than the forward on the same ids"
