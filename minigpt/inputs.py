@@ -193,3 +193,30 @@ def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.d
     if len(kept) == 0:
         raise InputError(f"positions={positions!r} keeps no position of a {seq}-token input; "
                          "leave positions=None to keep them all")
+
+
+def str_tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False) -> list[str] | list[list[str]]:
+    """``model.str_tokens(...)``: each token as its text, e.g. ``"Hi there"`` -> ``['Hi', ' there']``.
+
+    One text or one id sequence -> a list; a batch -> a list per row (real tokens only). A token
+    that is only part of a character (a byte of UTF-8) shows as the replacement character.
+    """
+    ids, mask = model.tokens(inputs, prepend_bos=prepend_bos, return_mask=True)
+    rows = [[model.tokenizer.decode([i]) for i in row[real].tolist()] for row, real in zip(ids, mask)]
+    one = isinstance(inputs, str) or (isinstance(inputs, torch.Tensor) and inputs.dim() == 1) or (
+        isinstance(inputs, (list, tuple)) and all(is_integer(i) for i in inputs))
+    return rows[0] if one else rows
+
+
+def token_id(model, text: str) -> int:
+    """``model.token_id(" Paris")``: the id of a text that is exactly one token (InputError otherwise)."""
+    if not isinstance(text, str) or not text:
+        raise InputError(f"token_id takes a non-empty text, got {text!r}")
+    ids = model.tokenizer.encode(text, allowed_special={END_OF_TEXT})
+    if len(ids) == 1:
+        return ids[0]
+    pieces = [model.tokenizer.decode([i]) for i in ids]
+    hint = ""
+    if not text.startswith(" ") and len(model.tokenizer.encode(" " + text)) == 1:
+        hint = f"; {' ' + text!r} (with a leading space, as after another word) is one token"
+    raise InputError(f"{text!r} is {len(ids)} tokens, {pieces}, not one{hint}")

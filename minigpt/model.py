@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ACTIVATIONS, OFFICIAL, GPTConfig
 from .errors import InputError
 from .generate import KVCache, generate, stream
-from .inputs import as_tokens, check_tokens, check_values
+from .inputs import as_tokens, check_tokens, check_values, str_tokens, token_id
 from .memory import check_budget, estimate_trace_bytes
 from .taps import NO_TAPS, Edit, Positions, StopForward, Taps, tap_names
 from .trace import Trace
@@ -239,9 +239,10 @@ class GPT(nn.Module):
             logits = self(tokens, call, mask=mask)
         return logits, Trace(call.trace, self.cfg.n_layer, mask if mask is not None else torch.ones_like(tokens).bool())
 
-    # Generation (KV cache, sampling, taps and edits at every step) and the memory estimate live in
-    # their own modules; these are their functions as methods: model.generate(prompt, 20, temperature=0).
+    # Generation (KV cache, sampling, taps and edits at every step), the memory estimate and the
+    # tokenizer's conveniences live in their own modules; these are their functions as methods.
     generate, stream, estimate_trace_bytes = generate, stream, estimate_trace_bytes
+    str_tokens, token_id = str_tokens, token_id
 
     def tokens(self, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False,
                return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -50,3 +50,22 @@ def test_run_accepts_text(model: GPT) -> None:
 def test_empty_text_is_refused(model: GPT) -> None:
     with pytest.raises(InputError, match="empty"):
         model.run("")
+
+
+def test_tokenizer_conveniences_on_the_model() -> None:
+    model = GPT.random(GPTConfig(n_positions=32, n_embd=16, n_layer=1, n_head=2))  # GPT-2's vocabulary
+    assert model.str_tokens("Hello there, café") == ["Hello", " there", ",", " café"]
+    assert model.str_tokens(["a b", "c"]) == [["a", " b"], ["c"]]
+    assert model.str_tokens([15496, 612]) == ["Hello", " there"]
+    assert model.str_tokens("Hi", prepend_bos=True) == ["<|endoftext|>", "Hi"]
+    assert model.token_id(" Paris") == model.tokenizer.encode(" Paris")[0]
+    with pytest.raises(InputError, match=r"is 3 tokens, \['Paris', 'ian', ' dreams'\], not one"):
+        model.token_id("Parisian dreams")
+    with pytest.raises(InputError, match="leading space"):
+        model.token_id("unbelievable")
+    # BOS: off by default, one <|endoftext|> before each text when asked for.
+    ids, mask = model.tokens(["Hello", "Hello there"], prepend_bos=True, return_mask=True)
+    assert ids[:, 0].tolist() == [50256, 50256] and mask.sum(1).tolist() == [2, 3]
+    assert model.tokens("Hello").tolist() == [[15496]]
+    with pytest.raises(InputError, match="prepend_bos"):
+        model.tokens([1, 2], prepend_bos=True)
