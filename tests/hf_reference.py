@@ -123,7 +123,10 @@ def to_minigpt(hf: GPT2LMHeadModel) -> GPT:
     cfg = GPTConfig.from_hf(hf.config.to_dict())
     dtype = hf.transformer.wte.weight.dtype
     model = GPT(cfg).to(dtype)
-    model.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg, GPT.parameter_shapes), strict=True)
+    state = from_hf_state_dict(hf.state_dict(), cfg, GPT.parameter_shapes)
+    # As GPT.from_pretrained does: the tensors themselves (copies here, so HF's stay its own), Conv1D
+    # weights as their transposed views.
+    model.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
 
 
