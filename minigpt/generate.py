@@ -14,6 +14,7 @@ Shapes: B batch, S prompt length, N new tokens, T = S + N, V vocabulary.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -198,12 +199,16 @@ def prepare(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: i
                              attention_mask=attention_mask)
     check_tokens(tokens, model.cfg)
     sampling.check(model.cfg.vocab_size, tokens.shape[0])
+    if model.training:
+        raise InputError("the model is in train mode: generation never uses dropout, and it will not switch the "
+                         "model to eval mode behind your back (another thread may be training it); call "
+                         "model.eval() first, and model.train() after if you are training")
     check_room(tokens.shape[1], max_new_tokens, model.cfg.n_positions)
     request = Taps.request(model.tap_names, taps, edits, seq=tokens.shape[1])
     if compile and (request.wanted or mask is not None):
         what = "taps and edits run in eager mode" if request.wanted else "it takes prompts of equal length only"
         raise InputError(f"compile=True runs the plain model and {what}: drop compile=True")
-    check_budget(model, request, tokens.shape[0], tokens.shape[1] + max_new_tokens)
+    check_budget(model, request, tokens.shape[0], tokens.shape[1] + max_new_tokens, prompt=tokens.shape[1])
     return tokens, mask, request
 
 
@@ -225,6 +230,22 @@ def _decode(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, max_new
     With ``steps`` (a list), each forward call's trace is appended to it, and the last token is
     run too so that the traces cover it.
     """
+    if compile:
+        # The compiled step and its static cache are the model's, shared by every call: one at a time.
+        lock = model.__dict__.setdefault("_compiled_lock", threading.Lock())
+        if not lock.acquire(blocking=False):
+            raise InputError("another generation with compile=True is running on this model (its compiled step and "
+                             "cache serve one call at a time); wait for it, or generate without compile=True")
+        try:
+            yield from _decode_steps(model, tokens, mask, max_new_tokens, sampling, request, compile, steps)
+        finally:
+            lock.release()
+    else:
+        yield from _decode_steps(model, tokens, mask, max_new_tokens, sampling, request, compile, steps)
+
+
+def _decode_steps(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int,
+                  sampling: Sampling, request: Taps, compile: bool, steps: list | None) -> Iterator[torch.Tensor]:
     B, S = tokens.shape
     device, dtype = model.unembedding.device, model.unembedding.dtype
     record = steps is not None and bool(request.record)
@@ -242,23 +263,16 @@ def _decode(model: GPT, tokens: torch.Tensor, mask: torch.Tensor | None, max_new
         """Run the next positions [B, n] with this call's taps and edits; logits [B, n, V]."""
         nonlocal warm
         # Only around the call: a generator's suspended state must not leak into the caller's.
-        was_training = model.training
-        if was_training:
-            model.eval()  # generation never uses dropout
-        try:
-            with torch.inference_mode():
-                if step is not None and tokens.shape[1] == 1:
-                    # Once warm, nothing its guards check can change within this loop: skip them.
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=warm):
-                        logits = step(tokens, cache)
-                    warm = True
-                    return logits[:, None]
-                # A fresh Taps per call: each holds the trace of the positions it ran.
-                taps = Taps(request.record, request.edits) if request.wanted else NO_TAPS
-                logits = model(tokens, taps, cache, mask=mask)
-        finally:
-            if was_training:
-                model.train()
+        with torch.inference_mode():
+            if step is not None and tokens.shape[1] == 1:
+                # Once warm, nothing its guards check can change within this loop: skip them.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=warm):
+                    logits = step(tokens, cache)
+                warm = True
+                return logits[:, None]
+            # A fresh Taps per call: each holds the trace of the positions it ran.
+            taps = Taps(request.record, request.edits) if request.wanted else NO_TAPS
+            logits = model(tokens, taps, cache, mask=mask)
         if record:
             steps.append(taps.trace)
         return logits

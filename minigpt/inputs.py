@@ -195,6 +195,30 @@ def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.d
                          "leave positions=None to keep them all")
 
 
+def tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False,
+           return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``model.tokens(...)``: text, ids, a batch of either (any lengths) or a tensor -> checked int64 ids
+    [B, S] on the model's device.
+
+    Rows of different lengths are padded on the right; ``return_mask=True`` also returns the mask
+    [B, S] (True = real token). ``prepend_bos`` puts ``<|endoftext|>`` before each text (off by default).
+    """
+    if not isinstance(return_mask, bool):
+        raise InputError(f"return_mask must be True or False, got {return_mask!r}")
+    ids, mask = as_tokens(inputs, model.cfg, model.unembedding.device, lambda: model.tokenizer,
+                          prepend_bos=prepend_bos)
+    check_values(ids, model.cfg)
+    if not return_mask:
+        return ids
+    return ids, mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+
+
+def check_seed(seed: object, what: str = "seed") -> None:
+    """Raise InputError unless ``seed`` is an integer a torch.Generator takes."""
+    if not is_integer(seed) or not 0 <= seed < 2**63:
+        raise InputError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+
+
 def str_tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False) -> list[str] | list[list[str]]:
     """``model.str_tokens(...)``: each token as its text, e.g. ``"Hi there"`` -> ``['Hi', ' there']``.
 
@@ -220,3 +244,23 @@ def token_id(model, text: str) -> int:
     if not text.startswith(" ") and len(model.tokenizer.encode(" " + text)) == 1:
         hint = f"; {' ' + text!r} (with a leading space, as after another word) is one token"
     raise InputError(f"{text!r} is {len(ids)} tokens, {pieces}, not one{hint}")
+
+
+def check_placement(dtype: object, device: object) -> torch.device:
+    """Raise InputError unless ``dtype`` is a floating torch dtype and ``device`` one this machine has."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
+        raise InputError(f"dtype={dtype!r}: weights are kept in a floating dtype: torch.float32, torch.bfloat16, "
+                         "torch.float16 or torch.float64")
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device={device!r} is not a device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
+    if where.type == "meta":
+        raise InputError("device='meta' holds no values; load onto 'cpu' or a GPU")
+    if where.type == "cuda" and not (torch.cuda.is_available() and (where.index or 0) < torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} GPUs" if torch.cuda.is_available() else "no usable GPU"
+        raise InputError(f"device={device!r}, but this machine has {have} (torch.cuda.is_available() is "
+                         f"{torch.cuda.is_available()}); use 'cpu'")
+    if where.type not in ("cpu", "cuda") and not hasattr(torch, where.type):
+        raise InputError(f"device={device!r}: this PyTorch has no {where.type!r} backend; use 'cpu'")
+    return where

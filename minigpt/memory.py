@@ -10,7 +10,7 @@ import torch
 
 from .config import GPTConfig, is_integer
 from .errors import InputError, MemoryBudgetError
-from .taps import Positions, Taps, describe
+from .taps import QUERY_KEY_TAPS, Positions, Taps, describe
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -51,39 +51,80 @@ def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq:
     return sum(nbytes_estimate(call.record, batch, seq, model.cfg, itemsize, positions).values())
 
 
-def check_budget(model: GPT, call: Taps, batch: int, seq: int) -> None:
-    """Refuse, before allocating, a run whose recorded taps would exceed ``trace_budget_bytes``.
+def forward_bytes(cfg: GPTConfig, batch: int, seq: int, itemsize: int, *, grad: bool = False,
+                  explicit_attention: bool = False, keys: int | None = None) -> int:
+    """Bytes the forward pass itself holds at its peak, beyond the weights and the trace.
 
-    The budget is a number of bytes, None (no guard), or "auto" (the default): half of the
-    memory free right now on the device the trace goes to (``device``, else the model's), so
-    that a run asking for more than the machine can hold fails here with a message instead of
-    being killed by the out-of-memory killer halfway. The other half is left for the forward
-    pass itself. Where free memory cannot be read (not Linux, not CUDA), "auto" does not limit.
+    The logits [B, S, V] and one block's temporaries (qkv, the attention output, the MLP's two
+    [B, S, M]), plus scores and pattern [B, H, S, K] when attention runs in the open; with ``grad``
+    the autograd graph keeps every block's. ``keys``: positions attended over (a cache's), else S.
+    An estimate on the safe side, for the guard, not an exact count.
+    """
+    keys = seq if keys is None else keys
+    block = batch * seq * (8 * cfg.n_embd + 2 * cfg.d_mlp)
+    if explicit_attention:
+        block += 2 * batch * cfg.n_head * seq * keys
+    blocks_held = cfg.n_layer if grad else 1
+    return itemsize * (batch * seq * cfg.vocab_size + blocks_held * block)
+
+
+def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | None = None) -> None:
+    """Refuse, before allocating, a call that would not fit: a trace over ``trace_budget_bytes``, or
+    (budget "auto") a whole call over the memory free now.
+
+    ``trace_budget_bytes``: a number of bytes the recorded taps may hold, None (no guard), or "auto"
+    (the default): the trace may take half of the memory free right now where it goes (``call.to``,
+    else the model's device), and the whole call (trace, the forward's own activations and logits,
+    and for generation the KV cache and the per-step traces) 90% of it, so that a call asking for
+    more than the machine can hold fails here with a message instead of being killed by the
+    out-of-memory killer halfway. Where free memory cannot be read (not Linux, not CUDA), "auto"
+    does not limit. ``prompt``: for generation, the prompt's length (``seq`` is prompt + new tokens).
     """
     budget = model.trace_budget_bytes
-    if budget is None or not call.record:
+    if not (budget is None or budget == "auto" or ((is_integer(budget) or isinstance(budget, float)) and budget >= 0)):
+        raise InputError(f"model.trace_budget_bytes must be a number of bytes, 'auto' or None, got {budget!r}")
+    if budget is None:
         return
-    itemsize = (call.dtype or model.unembedding.dtype).itemsize
-    sizes = nbytes_estimate(call.record, batch, seq, model.cfg, itemsize, call.positions)
-    total = sum(sizes.values())
+    cfg, itemsize = model.cfg, model.unembedding.dtype.itemsize
+    sizes = nbytes_estimate(call.record, batch, seq, cfg, (call.dtype or model.unembedding.dtype).itemsize,
+                            call.positions)
+    trace = sum(sizes.values())
+    where = torch.device(call.to) if call.to is not None else model.unembedding.device
+    free = available_memory(where) if budget == "auto" else None
     if budget == "auto":
-        where = torch.device(call.to) if call.to is not None else model.unembedding.device
-        free = available_memory(where)
         if free is None:
             return
         budget, why = free // 2, f"half the {fmt_bytes(free)} free on {where} now (trace_budget_bytes='auto')"
-    elif (is_integer(budget) or isinstance(budget, float)) and budget >= 0:
-        why = "model.trace_budget_bytes"
     else:
-        raise InputError(f"model.trace_budget_bytes must be a number of bytes, 'auto' or None, got {budget!r}")
-    if total > budget:
+        why = "model.trace_budget_bytes"
+    if trace > budget:
         worst = sorted(sizes, key=sizes.get, reverse=True)[:3]
         raise MemoryBudgetError(
-            f"recording {len(call.record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(total)}, over the "
+            f"recording {len(call.record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(trace)}, over the "
             f"budget of {fmt_bytes(budget)} ({why}); the largest are "
-            f"{', '.join(f'{n} ({fmt_bytes(sizes[n])})' for n in worst)}. Record fewer taps, fewer positions "
-            "(positions=[-1]) or a smaller batch, record in a lower dtype (dtype=torch.bfloat16), or set "
-            "model.trace_budget_bytes (None turns the guard off)")
+            f"{', '.join(f'{n} ({fmt_bytes(sizes[n])})' for n in worst)}. {_WAY_OUT}")
+    if free is None:
+        return
+    explicit = any(call.wants(n) for n in call.wanted if n.endswith(QUERY_KEY_TAPS))
+    parts = {"the trace": trace}
+    if prompt is None:
+        parts["the forward's activations and logits"] = forward_bytes(cfg, batch, seq, itemsize, grad=call.grad,
+                                                                     explicit_attention=explicit)
+    else:  # generation: the prefill, the cache, and the per-step traces joined into one (a second copy)
+        parts["the trace"] = 2 * trace
+        parts["the prompt's forward"] = forward_bytes(cfg, batch, prompt, itemsize, explicit_attention=explicit)
+        parts["the KV cache"] = 2 * cfg.n_layer * batch * seq * cfg.n_embd * itemsize
+    total = sum(parts.values())
+    if total > 0.9 * free:
+        raise MemoryBudgetError(
+            f"this call on {batch}x{seq} tokens would need about {fmt_bytes(total)} ("
+            + ", ".join(f"{what} {fmt_bytes(n)}" for what, n in parts.items() if n)
+            + f"), more than the {fmt_bytes(free)} free on {where} now (trace_budget_bytes='auto' keeps 10% spare). "
+            f"Use a smaller batch or fewer tokens, or {_WAY_OUT[0].lower()}{_WAY_OUT[1:]}")
+
+
+_WAY_OUT = ("Record fewer taps, fewer positions (positions=[-1]) or a smaller batch, record in a lower dtype "
+            "(dtype=torch.bfloat16), or set model.trace_budget_bytes (None turns the guard off)")
 
 
 def available_memory(device: torch.device) -> int | None:

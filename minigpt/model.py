@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .config import ACTIVATIONS, OFFICIAL, GPTConfig
 from .errors import InputError
 from .generate import KVCache, generate, stream
-from .inputs import as_tokens, check_tokens, check_values, str_tokens, token_id
+from .inputs import as_tokens, check_placement, check_seed, check_tokens, str_tokens, token_id, tokens
 from .memory import check_budget, estimate_trace_bytes
 from .taps import NO_TAPS, Edit, Positions, StopForward, Taps, tap_names
 from .trace import Trace
@@ -237,26 +237,13 @@ class GPT(nn.Module):
         logits = None
         with torch.set_grad_enabled(grad), contextlib.suppress(StopForward):
             logits = self(tokens, call, mask=mask)
-        return logits, Trace(call.trace, self.cfg.n_layer, mask if mask is not None else torch.ones_like(tokens).bool())
+        real = mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+        return logits, Trace(call.trace, self.cfg.n_layer, real)
 
     # Generation (KV cache, sampling, taps and edits at every step), the memory estimate and the
     # tokenizer's conveniences live in their own modules; these are their functions as methods.
     generate, stream, estimate_trace_bytes = generate, stream, estimate_trace_bytes
-    str_tokens, token_id = str_tokens, token_id
-
-    def tokens(self, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False,
-               return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Text, ids, a batch of either (any lengths) or a tensor -> checked int64 ids [B, S] on the model's device.
-
-        Rows of different lengths are padded on the right; ``return_mask=True`` also returns the mask
-        [B, S] (True = real token). ``prepend_bos`` puts ``<|endoftext|>`` before each text (off by default).
-        """
-        tokens, mask = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer,
-                                 prepend_bos=prepend_bos)
-        check_values(tokens, self.cfg)
-        if not return_mask:
-            return tokens
-        return tokens, mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+    tokens, str_tokens, token_id = tokens, str_tokens, token_id
 
     @property
     def tokenizer(self):
@@ -282,8 +269,10 @@ class GPT(nn.Module):
     def random(cls, size: str | GPTConfig = "gpt2", *, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> GPT:
         """A GPT-2 of an official size (or any config) with seeded random weights, as HF initialises them."""
-        if isinstance(size, str) and size not in OFFICIAL:
-            raise InputError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OFFICIAL)}")
+        check_placement(dtype, device)
+        check_seed(seed)
+        if not (isinstance(size, GPTConfig) or (isinstance(size, str) and size in OFFICIAL)):
+            raise InputError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OFFICIAL)}, or pass a GPTConfig")
         model = cls(OFFICIAL[size] if isinstance(size, str) else size)
         generator = torch.Generator().manual_seed(seed)
         # GPT-2's init: N(0, 0.02), the residual projections shrunk by sqrt(2 * n_layer); biases 0, LayerNorm 1.

@@ -24,6 +24,7 @@ import torch
 
 from .config import GPTConfig
 from .errors import CheckpointError, HubError, HubUnreachableError, MiniGPTWarning
+from .inputs import check_placement
 
 # HF name (without "transformer.") -> minigpt name, and whether the tensor is a Conv1D weight,
 # which HF stores [in, out] while nn.Linear wants [out, in].
@@ -408,13 +409,13 @@ def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype
     weight as its transposed view), or its copy in ``dtype`` on ``device``, whose file pages are
     let go at once. NaN and inf are looked for in the weights as they will be used.
     """
+    device = check_placement(dtype, device)
     directory, root, source = locate(name_or_dir)
     config = directory / CONFIG_FILE
     if not (config.exists() or config.is_symlink()):
         raise CheckpointError(f"{directory} has no {CONFIG_FILE}; a GPT-2 checkpoint directory holds "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     cfg = read_config(checked_file(config, root))
-    device = torch.device(device)
     with ExitStack() as stack:
         header, where = _header(weight_files(directory, root), stack)
         chosen, twins = plan(header, cfg, model_class.parameter_shapes)
