@@ -172,8 +172,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    # Shifted so the largest is 0 before dividing: a tiny temperature gives -inf, never +inf or NaN.
-    logits = logits.float()
+    # In float64 (a tiny temperature or top_p would round to 0 in float32), shifted so the largest is 0
+    # before dividing: a tiny temperature gives -inf, never +inf or NaN, and acts as greedy.
+    logits = logits.double()
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
