@@ -31,8 +31,8 @@ def in_place(kind: str):
 @given(recorded=st.lists(st.sampled_from(MODEL.tap_names), max_size=6),
        edited=st.lists(st.tuples(st.sampled_from(MODEL.tap_names), st.sampled_from(["mul", "zero", "fill", "index",
                                                                                       "replace"])), max_size=4),
-       as_tensor=st.booleans(), grad=st.booleans())
-def test_a_run_never_writes_a_tensor_the_caller_owns(recorded, edited, as_tensor, grad) -> None:
+       chained=st.booleans(), as_tensor=st.booleans(), grad=st.booleans())
+def test_a_run_never_writes_a_tensor_the_caller_owns(recorded, edited, chained, as_tensor, grad) -> None:
     _, earlier = MODEL.run(TOKENS, taps="*")  # tensors from an earlier trace, owned by the caller now
     owned = {name: earlier[name] for name in MODEL.tap_names}
     tokens = TOKENS.clone()
@@ -40,6 +40,8 @@ def test_a_run_never_writes_a_tensor_the_caller_owns(recorded, edited, as_tensor
     for name, kind in edited:
         # A replacement is the earlier trace's own tensor (or a tensor of the caller's for the same tap).
         plan[name] = owned[name] if kind == "replace" else in_place(kind)
+    if chained:  # the same tensor object passes two taps: replaced at one, changed in place at the next
+        plan |= {"blocks.0.resid_post": owned["blocks.0.resid_post"], "blocks.1.resid_pre": in_place("mul")}
     snapshot = {name: t.clone() for name, t in owned.items()}
     inputs = tokens if as_tensor else tokens.tolist()
     MODEL.run(inputs, taps=recorded, edits=plan, grad=grad)
