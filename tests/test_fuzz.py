@@ -1,4 +1,5 @@
-"""Fuzzing: ``model.run`` arguments and checkpoint bytes. Only documented errors may come out.
+"""Fuzzing: ``model.run`` inputs, taps, edits and options; checkpoint bytes and directories. Only documented
+errors may come out.
 
 Each fuzzer draws ``FUZZ_EXAMPLES`` inputs: 20 x the profile's max_examples, i.e. 300 under the
 "ci" profile (derandomized, so the same 300 every run) and 6000 under "dev". For each input an
@@ -435,3 +436,132 @@ def _parses(raw: bytes) -> bool:
         return True
     except (ValueError, UnicodeDecodeError, struct.error):
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checkpoint directories: absurd configs, files that are not files, links, a tensor twice
+
+ABSURD = {"n_layer": [10**9, 2**62], "n_embd": [2**40, 10**12], "vocab_size": [10**12, 2**61],
+          "n_positions": [10**15], "n_inner": [10**13, 2**62]}
+FILE_KINDS = ["regular", "pipe", "directory", "link inside", "link outside", "missing", "empty index",
+              "index to a pipe"]
+
+
+@st.composite
+def directories(draw) -> dict:
+    config = dict(draw(st.dictionaries(st.sampled_from(list(ABSURD)), st.just(None), max_size=2)))
+    for key in config:
+        config[key] = draw(st.sampled_from(ABSURD[key]))
+    if "n_embd" in config:
+        config["n_head"] = 1
+    return dict(config=config, kind=draw(st.sampled_from(FILE_KINDS)), twin=draw(st.sampled_from([None, "equal",
+                                                                                                 "different"])))
+
+
+def _build(directory: Path, outside: Path, case: dict, raw: bytes, config: str) -> None:
+    import os
+
+    (directory / "config.json").write_text(json.dumps({**json.loads(config), **case["config"]}))
+    if case["twin"]:
+        from safetensors.torch import load, save
+        tensors = load(raw)
+        twin = tensors["h.0.ln_1.weight"].clone() + (0 if case["twin"] == "equal" else 1)
+        raw = save({**tensors, "transformer.h.0.ln_1.weight": twin})
+    weights = directory / "model.safetensors"
+    kind = case["kind"]
+    if kind in ("regular", "link inside"):
+        target = directory / ("real.safetensors" if kind == "link inside" else "model.safetensors")
+        target.write_bytes(raw)
+        if kind == "link inside":
+            weights.symlink_to(target.name)
+    elif kind == "pipe":
+        os.mkfifo(weights)
+    elif kind == "directory":
+        weights.mkdir()
+    elif kind == "link outside":
+        (outside / "w.safetensors").write_bytes(raw)
+        weights.symlink_to(outside / "w.safetensors")
+    elif kind == "empty index":
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    elif kind == "index to a pipe":
+        os.mkfifo(directory / "a.safetensors")
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte.weight": "a.safetensors"}}))
+
+
+@FUZZ
+@given(case=directories())
+def test_fuzz_checkpoint_directories(checkpoint, case):
+    raw, config = checkpoint
+    loads = not case["config"] and case["kind"] in ("regular", "link inside") and case["twin"] != "different"
+    event("loads" if loads else "refused")
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as elsewhere, watchdog(30):
+        directory = Path(tmp)
+        _build(directory, Path(elsewhere), case, raw, config)
+        if loads:
+            model = GPT.from_pretrained(directory)
+            assert model.cfg.n_layer == CKPT["n_layer"]
+        else:
+            with pytest.raises(CheckpointError):
+                GPT.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Run options: positions, stop_at, attention masks, grad with keep options
+
+
+@st.composite
+def run_options(draw) -> tuple[dict, bool]:
+    """(keyword arguments for run on a [2, 5] batch, whether they are valid)."""
+    S, valid, options = 5, True, {}
+    positions = draw(st.sampled_from([None, "last", [-1], [0, 4], slice(1, 3), 3, "first", [], [5], slice(5, 9)]))
+    if positions is not None:
+        options["positions"] = positions
+        valid &= positions in ("last", [-1], [0, 4]) or positions == slice(1, 3)
+    stop = draw(st.sampled_from([None, "blocks.1.resid_post", "blocks.0.attn.pattern", "ln_f", "blocks.*", "nope"]))
+    if stop is not None:
+        options["stop_at"] = stop
+        valid &= stop not in ("blocks.*", "nope")
+    mask = draw(st.sampled_from([None, "ones", "left", "right", "empty row", "wrong shape", "twos"]))
+    if mask is not None:
+        options["attention_mask"] = {
+            "ones": torch.ones(2, S, dtype=torch.long), "left": torch.tensor([[0, 0, 1, 1, 1], [1] * 5]),
+            "right": torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), "empty row": torch.tensor([[0] * 5, [1] * 5]),
+            "wrong shape": torch.ones(2, S + 1), "twos": torch.full((2, S), 2)}[mask]
+        valid &= mask in ("ones", "left", "right")
+    grad = draw(st.booleans())
+    keep = draw(st.sampled_from([{}, {"dtype": torch.bfloat16}, {"to": "cpu"}, {"dtype": torch.int32}, {"to": "x"}]))
+    options |= keep | {"grad": grad}
+    valid &= "dtype" not in keep or keep["dtype"].is_floating_point
+    valid &= keep.get("to", "cpu") == "cpu"
+    valid &= not (grad and (keep or positions is not None))
+    return options, valid
+
+
+@FUZZ
+@given(case=run_options())
+def test_fuzz_run_options(small, case):
+    model, state = small
+    options, valid = case
+    clean_logits = model(CLEAN_TOKENS)
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    event("valid" if valid else "refused")
+    with watchdog():
+        if not valid:
+            with pytest.raises(MiniGPTError):
+                model.run(tokens, taps="blocks.*.resid_post", **options)
+        else:
+            logits, trace = model.run(tokens, taps="blocks.*.resid_post", **options)
+            assert (logits is None) == ("stop_at" in options)
+            stop = options.get("stop_at")
+            expected = [n for n in NAMES if fnmatch.fnmatch(n, "blocks.*.resid_post")
+                        and (stop is None or NAMES.index(n) <= NAMES.index(stop))]
+            assert list(trace) == expected
+            positions = options.get("positions")
+            if positions is None:
+                kept = 5
+            elif positions == "last":
+                kept = 1
+            else:
+                kept = len(range(5)[positions]) if isinstance(positions, slice) else len(positions)
+            assert all(value.shape[1] == kept for value in trace.values())
+    assert_untouched(model, state, clean_logits)
