@@ -340,7 +340,7 @@ def _mean(x: torch.Tensor, mask: torch.Tensor | None, name: str, per_position: b
         raise EditError(f"mean_ablate at tap {name!r}: the source trace holds {tuple(x.shape)} but its mask is "
                         f"{tuple(mask.shape)} (recorded with positions=?), so its padding cannot be told apart; "
                         "record the source at every position")
-    real = mask.to(x.device).view([-1 if a in (0, sequence) else 1 for a in range(x.dim())])
+    real = mask.to(x.device).view([x.shape[a] if a in (0, sequence) else 1 for a in range(x.dim())])
     # where(), not a product: a padded position may hold -inf (scores), and -inf * 0 is NaN.
     total = torch.where(real, x, 0).sum(dim=axes, keepdim=True)
     return total / real.sum(dim=axes, keepdim=True).to(x.dtype)

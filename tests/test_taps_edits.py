@@ -481,7 +481,7 @@ def test_hidden_states_needs_its_taps() -> None:
 
 
 def test_combine_runs_edits_on_one_tap_in_order() -> None:
-    """`|` keeps only the last edit of a tap; combine chains them, equal to doing both by hand."""
+    """combine, and the built-ins' `|`, chain edits of one tap, equal to doing both by hand; plain dicts' `|` keeps the last."""
     model = to_minigpt(make_hf(dict(vocab_size=50, n_positions=8, n_embd=12, n_layer=2, n_head=3), 3))
     tokens = torch.randint(50, (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -495,7 +495,9 @@ def test_combine_runs_edits_on_one_tap_in_order() -> None:
                                 edits=edits.combine(edits.zero_head_keys(1, 0), edits.zero_head_keys(1, 2)))
     assert torch.equal(combined, by_hand)
     assert (trace["blocks.1.attn.k"][:, :, [0, 2]] == 0).all() and (trace["blocks.1.attn.k"][:, :, 1] != 0).any()
-    only_last, _ = model.run(tokens, edits=edits.zero_head_keys(1, 0) | edits.zero_head_keys(1, 2))
+    piped, _ = model.run(tokens, edits=edits.zero_head_keys(1, 0) | edits.zero_head_keys(1, 2))
+    assert torch.equal(piped, by_hand)
+    only_last, _ = model.run(tokens, edits=dict(edits.zero_head_keys(1, 0)) | dict(edits.zero_head_keys(1, 2)))
     assert not torch.equal(only_last, by_hand)
     replaced = torch.ones(2, 8, 12, dtype=torch.float64)
     chained, _ = model.run(tokens, edits=edits.combine({"ln_f": replaced}, edits.add_vector("ln_f", torch.ones(12))))
