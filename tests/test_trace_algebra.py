@@ -1,0 +1,201 @@
+"""Trace algebra (issue 10, item 3): each identity exact, each quantity equal to HF's.
+
+The accumulated residual against HF's hidden states; the decomposed residual summing to the last
+block's output bit for bit (added in the model's order) or to 1e-6 relative in float32; the
+per-head split summing to attn_delta; ln_f with its frozen scale, and the logit attributions plus
+ln_f's bias term summing to HF's logits (one token, one per row or position, a difference).
+"""
+from __future__ import annotations
+
+from functools import reduce
+
+import pytest
+import torch
+from hf_reference import Case, assert_close, cases, hf_forward, make_hf, to_minigpt
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minigpt import GPT, GPTConfig, InputError, TapError, edits
+
+DECOMPOSE = ["embed", "pos_embed", "blocks.*.attn_delta", "blocks.*.mlp_delta", "blocks.*.resid_pre",
+             "blocks.*.resid_post", "ln_f.scale", "ln_f"]
+
+
+def pair(case: Case, dtype: torch.dtype):
+    # float32 comparisons want a few dimensions (see configs(min_embd=...)).
+    hf = make_hf(case.config, case.seed, dtype)
+    return hf, to_minigpt(hf)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| over the largest |expected| (the tensor's scale)."""
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-30))
+
+
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+# 1e-6 relative in float32 (the issue's bound), ~1e-14 in float64.
+RELATIVE = {torch.float32: 1e-6, torch.float64: 1e-13}
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual stream
+
+
+@given(case=cases(min_embd=8), dtype=DTYPES)
+def test_decomposed_parts_sum_to_the_last_block_output_bit_for_bit(case: Case, dtype) -> None:
+    hf, model = pair(case, dtype)
+    tokens = case.tokens()
+    _, trace = model.run(tokens, taps=DECOMPOSE)
+    parts, labels = trace.decomposed_residual()
+    n = model.cfg.n_layer
+    assert parts.shape == (2 + 2 * n, case.batch, case.seq, model.cfg.n_embd)
+    assert labels == ["embed", "pos_embed"] + [f"blocks.{i}.{d}" for i in range(n) for d in ("attn_delta", "mlp_delta")]
+    last = trace[f"blocks.{n - 1}.resid_post"]
+    # Added one by one in the model's order: the model's own additions, so the same bits.
+    assert torch.equal(reduce(torch.add, parts), last)
+    assert relative_error(parts.sum(0), last) <= RELATIVE[dtype]
+    # The running sums are the accumulated residual, which is HF's hidden states before ln_f.
+    accumulated = trace.accumulated_residual()
+    running = [parts[0] + parts[1]]
+    for i in range(n):
+        running.append(running[-1] + parts[2 + 2 * i] + parts[3 + 2 * i])
+    assert torch.equal(accumulated, torch.stack(running))
+    _, reads = hf_forward(hf, tokens)
+    for i, state in enumerate(reads["hidden_states"][:-1]):
+        assert_close(accumulated[i], state, msg=f"hidden_states[{i}]")
+    assert_close(accumulated[-1], reads[f"blocks.{n - 1}.resid_post"])
+
+
+@given(case=cases(min_embd=8), dtype=DTYPES)
+def test_per_head_parts_sum_to_each_attn_delta_and_the_bias_is_attentions_output_bias(case: Case, dtype) -> None:
+    _, model = pair(case, dtype)
+    cfg = model.cfg
+    _, trace = model.run(case.tokens(), taps=DECOMPOSE + ["blocks.*.attn.heads"])
+    parts, labels = trace.decomposed_residual(heads=True)
+    per_block = cfg.n_head + 2  # heads, the output bias, the MLP
+    assert len(labels) == len(parts) == 2 + cfg.n_layer * per_block
+    for layer in range(cfg.n_layer):
+        start = 2 + layer * per_block
+        assert labels[start:start + per_block] == ([f"blocks.{layer}.attn.heads[{h}]" for h in range(cfg.n_head)]
+                                                   + [f"blocks.{layer}.attn.out.bias", f"blocks.{layer}.mlp_delta"])
+        attn_delta = trace[f"blocks.{layer}.attn_delta"]
+        assert relative_error(reduce(torch.add, parts[start:start + cfg.n_head + 1]), attn_delta) <= RELATIVE[dtype]
+        bias = model.blocks[layer].attn.out.bias.detach().expand_as(attn_delta)
+        assert_close(parts[start + cfg.n_head], bias, msg="attn.out.bias")
+    last = trace[f"blocks.{cfg.n_layer - 1}.resid_post"]
+    assert relative_error(reduce(torch.add, parts), last) <= 10 * RELATIVE[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# ln_f and the logits
+
+
+@given(case=cases(min_embd=8), dtype=DTYPES, data=st.data())
+def test_parts_through_the_frozen_ln_f_and_the_unembedding_sum_to_hfs_logits(case: Case, dtype, data) -> None:
+    hf, model = pair(case, dtype)
+    tokens = case.tokens()
+    V = model.cfg.vocab_size
+    heads = data.draw(st.booleans(), label="heads")
+    logits, trace = model.run(tokens, taps=DECOMPOSE + ["blocks.*.attn.heads"])
+    parts, _ = trace.decomposed_residual(heads=heads)
+    hf_logits, reads = hf_forward(hf, tokens)
+    tol = dict(dtype=dtype)
+    # ln_f with its scale frozen is linear on the parts: they sum to ln_f's output minus its bias.
+    normed = trace.apply_ln_f(parts, model)
+    assert normed.shape == parts.shape
+    assert_close(normed.sum(0) + model.ln_f.bias.detach(), reads["hidden_states"][-1], **tol)
+    last = trace[f"blocks.{model.cfg.n_layer - 1}.resid_post"]
+    assert_close(trace.apply_ln_f(last, model.ln_f, bias=True), reads["hidden_states"][-1], **tol)
+    # One token, one per row, one per position, or a difference of two such.
+    a = data.draw(st.integers(0, V - 1), label="a")
+    per_row = torch.randint(V, (case.batch,), generator=torch.Generator().manual_seed(case.seed))
+    per_position = torch.randint(V, (case.batch, case.seq), generator=torch.Generator().manual_seed(case.seed + 1))
+    expected = {a: hf_logits[..., a],
+                "row": hf_logits.gather(2, per_row[:, None, None].expand(-1, case.seq, 1))[..., 0],
+                "position": hf_logits.gather(2, per_position[..., None])[..., 0]}
+    tokens_of = {a: a, "row": per_row, "position": per_position}
+    for key in expected:
+        contributions = trace.logit_attribution(parts, model, tokens_of[key])
+        assert contributions.shape == parts.shape[:3]
+        total = contributions.sum(0) + trace.ln_f_bias_attribution(model, tokens_of[key])
+        assert_close(total, expected[key], msg=f"tokens {key}", **tol)
+    difference = trace.logit_attribution(parts, model, (per_row, a)).sum(0) + trace.ln_f_bias_attribution(
+        model, (per_row, a))
+    assert_close(difference, expected["row"] - expected[a], msg="logit difference", **tol)
+    assert_close(logits, hf_logits, **tol)
+
+
+def test_attribution_of_the_last_position_of_a_padded_batch() -> None:
+    """positions='last' keeps each row's last real token; the attributions follow those rows' logits."""
+    model = GPT.random(GPTConfig(vocab_size=60, n_positions=12, n_embd=24, n_layer=2, n_head=3), seed=2,
+                       dtype=torch.float64)
+    rows = [[3, 9, 14, 15, 2, 6], [7, 1, 8]]
+    logits, trace = model.run(rows, taps=DECOMPOSE, positions="last")
+    parts, _ = trace.decomposed_residual()
+    assert parts.shape == (6, 2, 1, 24)
+    target = torch.tensor([5, 40])
+    total = trace.logit_attribution(parts, model, target).sum(0) + trace.ln_f_bias_attribution(model, target)
+    last = torch.tensor([5, 2])
+    assert_close(total[:, 0], logits[torch.arange(2), last, target])
+
+
+def test_frozen_scale_is_this_runs_and_gradients_flow_through_attributions() -> None:
+    model = GPT.random(GPTConfig(vocab_size=60, n_positions=12, n_embd=24, n_layer=2, n_head=3), seed=2,
+                       dtype=torch.float64)
+    tokens = torch.tensor([[3, 9, 14, 15, 2, 6]])
+    # After an edit, the frozen scale is the edited run's own, so the parts still sum to its logits.
+    logits, trace = model.run(tokens, taps=DECOMPOSE, edits=edits.zero_head_keys(0, 1))
+    parts, _ = trace.decomposed_residual()
+    total = trace.logit_attribution(parts, model, 7).sum(0) + trace.ln_f_bias_attribution(model, 7)
+    assert_close(total, logits[..., 7])
+    assert not total.requires_grad  # a detached trace gives detached numbers, though the weights require grad
+    logits, trace = model.run(tokens, taps=DECOMPOSE, grad=True)
+    parts, _ = trace.decomposed_residual()
+    contribution = trace.logit_attribution(parts, model, 7)[-1, 0, -1]  # the last MLP's, at the last position
+    (weight_grad,) = torch.autograd.grad(contribution, model.ln_f.weight)
+    assert weight_grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.fixture(scope="module")
+def small() -> GPT:
+    return GPT.random(GPTConfig(vocab_size=60, n_positions=12, n_embd=24, n_layer=2, n_head=3), seed=2)
+
+
+TOKENS = torch.tensor([[3, 9, 14, 15], [2, 6, 7, 1]])
+
+
+def test_missing_taps_are_named_with_what_to_record(small) -> None:
+    _, trace = small.run(TOKENS, taps=["embed", "blocks.*.attn_delta", "blocks.0.resid_pre"])
+    with pytest.raises(TapError, match=r"decomposed_residual\(heads=False\) needs taps \['pos_embed', "
+                                       r"'blocks.0.mlp_delta', 'blocks.1.mlp_delta'\].*taps=\['embed', 'pos_embed'"):
+        trace.decomposed_residual()
+    with pytest.raises(TapError, match=r"blocks\.\*\.attn\.heads"):
+        trace.decomposed_residual(heads=True)
+    with pytest.raises(TapError, match=r"accumulated_residual\(\) needs taps \['blocks.1.resid_pre', "
+                                       r"'blocks.1.resid_post'\]"):
+        trace.accumulated_residual()
+    with pytest.raises(TapError, match=r"stack\('mlp.post'\) needs.*taps='blocks\.\*\.mlp\.post'"):
+        trace.stack("mlp.post")
+    with pytest.raises(TapError, match="apply_ln_f needs taps \\['ln_f.scale'\\]"):
+        trace.apply_ln_f(trace["embed"], small)
+    with pytest.raises(TapError, match="ln_f.scale"):
+        trace.logit_attribution(trace["embed"], small, 3)
+
+
+def test_wrong_shapes_and_tokens_are_refused(small) -> None:
+    _, trace = small.run(TOKENS, taps=DECOMPOSE)
+    parts, _ = trace.decomposed_residual()
+    with pytest.raises(InputError, match=r"\[\.\.\., B, S, D\] with \(B, S\) = \(2, 4\).*\(2, 3, 24\)"):
+        trace.apply_ln_f(parts[0, :, :3], small)
+    with pytest.raises(InputError, match=r"integer ids in \[0, 60\)"):
+        trace.logit_attribution(parts, small, 60)
+    with pytest.raises(InputError, match="integer ids"):
+        trace.logit_attribution(parts, small, 2.5)
+    with pytest.raises(InputError, match=r"shape \(3,\) do not fit.*\(2, 4\)"):
+        trace.logit_attribution(parts, small, [1, 2, 3])
+    with pytest.raises(InputError, match="a pair"):
+        trace.logit_attribution(parts, small, (1, 2, 3))
