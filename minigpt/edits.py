@@ -53,6 +53,9 @@ class Edits(dict):
         self.update(merged)
         return self
 
+    def copy(self) -> Edits:
+        return Edits(self)
+
     def __repr__(self) -> str:
         return f"Edits({dict.__repr__(self)})"
 
@@ -173,7 +176,7 @@ def patch(source: Source, taps: Patterns, *, positions: Chosen = None, heads: Ch
     _check_recorded(source, patterns, "patch")
 
     def put(x: torch.Tensor, name: str) -> torch.Tensor:
-        recorded = _batch_of(_recorded_at(source, name).to(x), x, name)
+        recorded = _batch_of(_recorded_at(source, name).to(x), x)
         recorded = _align(recorded, x, name, positions)
         region = _region(x, name, positions, heads)
         return recorded.clone() if region is None else torch.where(region, recorded, x)
@@ -273,7 +276,7 @@ def _recorded_at(source: Source, name: str) -> torch.Tensor:
     return source[name]
 
 
-def _batch_of(recorded: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+def _batch_of(recorded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A source of batch 1 stands for every row; another batch size must be the run's."""
     if recorded.dim() == x.dim() and recorded.shape[0] == 1 and x.shape[0] > 1:
         return recorded.expand(x.shape[0], *recorded.shape[1:])
@@ -285,18 +288,19 @@ def _align(recorded: torch.Tensor, x: torch.Tensor, name: str, positions: Chosen
     if recorded.shape == x.shape:
         return recorded
     axis, _ = tap_axes(name)
-    other = lambda t: t.shape[:axis] + t.shape[axis + 1:]  # noqa: E731
-    if positions is None or recorded.dim() != x.dim() or other(recorded) != other(x):
+    only_the_length_differs = recorded.dim() == x.dim() and all(
+        r == t for a, (r, t) in enumerate(zip(recorded.shape, x.shape)) if a != axis)
+    if positions is None or not only_the_length_differs:
         raise EditError(f"patch at tap {name!r}: the source has shape {tuple(recorded.shape)} but the tap has shape "
                         f"{tuple(x.shape)}; patch from a run of the same batch size (or batch 1) and length, or choose "
                         "positions= (counted in each run, so -1 is the last token of both)")
-    into, taken = _indices(positions, x.shape[axis], name, "position"), _indices(
-        positions, recorded.shape[axis], name + " (in the source)", "position")
+    into = _indices(positions, x.shape[axis], name, "position")
+    taken = _indices(positions, recorded.shape[axis], name + " (in the source)", "position")
     if len(into) != len(taken):
         raise EditError(f"patch at tap {name!r}: positions={positions!r} picks {len(taken)} positions of the source "
                         f"but {len(into)} of the run; give explicit positions that exist in both")
-    index = lambda i: torch.tensor(i, device=x.device)  # noqa: E731
-    return x.index_copy(axis, index(into), recorded.index_select(axis, index(taken)))
+    taken_values = recorded.index_select(axis, torch.tensor(taken, device=x.device))
+    return x.index_copy(axis, torch.tensor(into, device=x.device), taken_values)
 
 
 def _indices(chosen: Chosen, length: int, name: str, what: str) -> list[int]:
