@@ -206,16 +206,17 @@ def mean_ablate(taps: Patterns, source: Source | None = None, *, positions: Chos
     position, since a query's pattern belongs to its position.
     """
     patterns = _patterns(taps)
-    _check_recorded(source, patterns, "mean_ablate")
-    means: dict[str, torch.Tensor] = {}  # tap name -> mean of the source, computed once
+    recorded = _check_recorded(source, patterns, "mean_ablate")
+    # Tap name -> the source's mean, computed once: now for a trace (so that a compiled forward
+    # meets no data-dependent branch), at the first call for a tensor or dict.
+    means = {name: _mean(source[name], source.mask, name, per_position) for name in recorded}
 
     def ablate(x: torch.Tensor, name: str) -> torch.Tensor:
         if source is None:
             mean = _mean(x, None, name, per_position)
         else:
             if name not in means:
-                mask = source.mask if isinstance(source, Trace) else None
-                means[name] = _mean(_recorded_at(source, name), mask, name, per_position)
+                means[name] = _mean(_recorded_at(source, name), None, name, per_position)
             mean = means[name].to(x)
         if not _broadcasts(mean.shape, x.shape):
             raise EditError(f"mean_ablate at tap {name!r}: the source's mean has shape {tuple(mean.shape)}, which does "
@@ -252,10 +253,10 @@ def _patterns(taps: Patterns) -> list[str]:
     return patterns
 
 
-def _check_recorded(source: Source | None, patterns: list[str], what: str) -> None:
-    """Refuse, before anything runs, a source trace that lacks a tap the patterns select."""
+def _check_recorded(source: Source | None, patterns: list[str], what: str) -> list[str]:
+    """The taps a source trace is read at; refuse, before anything runs, one that lacks any of them."""
     if source is None or isinstance(source, torch.Tensor):
-        return
+        return []
     if not isinstance(source, Mapping):
         raise EditError(f"{what} takes a Trace, a {{tap name: tensor}} dict or a tensor as its source, "
                         f"got {type(source).__name__}")
@@ -265,6 +266,8 @@ def _check_recorded(source: Source | None, patterns: list[str], what: str) -> No
         if missing:
             raise TapError(f"{what}: the source trace did not record {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                            f"record them in the source run: run(..., taps={patterns!r})")
+        return wanted
+    return []
 
 
 def _recorded_at(source: Source, name: str) -> torch.Tensor:

@@ -298,3 +298,17 @@ def test_errors_name_the_tap_and_the_way_out(model) -> None:
     # Different patterns over the same tap are not merged by |: run refuses them, naming both.
     with pytest.raises(EditError, match="edited twice"):
         model.run(CLEAN, edits=edits.zero_ablate("blocks.*.attn.k") | edits.zero_head_keys(0, 1))
+
+
+def test_the_helpers_compile_without_a_graph_break(model) -> None:
+    """Patching and ablation inside a compiled forward (a source trace's means are taken beforehand)."""
+    from minigpt.taps import Taps
+
+    _, ragged = model.run([[1, 7, 3, 9, 4, 2], [5, 5, 6]], taps=["blocks.*.resid_pre", "blocks.*.mlp.post",
+                                                                  "blocks.0.attn.pattern"])
+    chosen = (edits.patch(ragged, "blocks.*.resid_pre", positions=[1, -1]) | edits.zero_ablate("blocks.1.attn.v", heads=1)
+              | edits.mean_ablate("blocks.*.mlp.post", ragged) | edits.mean_ablate("blocks.0.attn.pattern", ragged, heads=2)
+              | edits.zero_head_keys(2, 0) | edits.zero_head_keys(2, 3))
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(model.forward)(CORRUPT, Taps.request(model.tap_names, (), chosen, seq=6))
+    assert report.graph_break_count == 0, [b.reason.splitlines()[0] for b in report.break_reasons]
