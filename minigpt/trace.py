@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import is_integer
 from .errors import InputError, TapError, closest
 
 if TYPE_CHECKING:
@@ -70,7 +69,8 @@ class Trace(Mapping[str, torch.Tensor]):
 
         Index 0 is block 0's input (embed + pos_embed), index L + 1 block L's output; the last is what
         ``ln_f`` normalises. A block's output is taken as in ``hidden_states``. Record
-        ``taps=['blocks.*.resid_pre', 'blocks.{last}.resid_post']`` (or ``'blocks.0.resid_pre', 'blocks.*.resid_post'``).
+        ``taps=['blocks.*.resid_pre', 'blocks.{last}.resid_post']`` (or ``blocks.0.resid_pre`` and
+        ``blocks.*.resid_post``).
         """
         record = ["blocks.*.resid_pre", f"blocks.{self.n_layer - 1}.resid_post"]
         return torch.stack(self._stream(self.n_layer, "accumulated_residual()", record))
@@ -146,11 +146,11 @@ class Trace(Mapping[str, torch.Tensor]):
         return (_parameter(model.ln_f.bias, like) * direction).sum(dim=-1).expand(like.shape[:2])
 
     def _unembedding_of(self, model: GPT, tokens: Tokens, like: torch.Tensor) -> torch.Tensor:
-        """W_U rows for ``tokens``, broadcastable to [B, S, D] ([D], [B, 1, D] or [B, S, D]); a pair: their difference."""
+        """W_U rows for ``tokens``, broadcastable to [B, S, D]: [D], [B, 1, D] or [B, S, D]; a pair: the difference."""
         if isinstance(tokens, tuple):
             if len(tokens) != 2:
-                raise InputError(f"a tuple of tokens is a pair (a, b) for the logit difference a - b; got {len(tokens)} "
-                                 "items (give ids per row as a list or a tensor)")
+                raise InputError(f"a tuple of tokens is a pair (a, b) for the logit difference a - b; got "
+                                 f"{len(tokens)} items (give ids per row as a list or a tensor)")
             return self._unembedding_of(model, tokens[0], like) - self._unembedding_of(model, tokens[1], like)
         w_u = _parameter(model.unembedding, like)  # [V, D]
         ids = torch.as_tensor(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
@@ -169,18 +169,14 @@ class Trace(Mapping[str, torch.Tensor]):
 
     def _stream(self, blocks: int, what: str, record: list[str], also: Sequence[str] = ()) -> list[torch.Tensor]:
         """Block 0's input, then the outputs of the first ``blocks`` blocks (TapError naming what to record)."""
-        found, missing = [], [name for name in also if name not in self._tensors]
         options = [["blocks.0.resid_pre"]] + [[f"blocks.{layer}.resid_post", f"blocks.{layer + 1}.resid_pre"]
                                               for layer in range(blocks)]
+        chosen = []
         for names in options:
             names = [n for n in names if n != f"blocks.{self.n_layer}.resid_pre"]  # past the last block
-            hit = next((n for n in names if n in self._tensors), None)
-            found.append(self._tensors[hit] if hit else None)
-            if hit is None:
-                missing.append(names[-1])
-        if missing:
-            raise TapError(f"{what} needs taps {missing[:3]}{'...' if len(missing) > 3 else ''}; run with taps={record!r}")
-        return found
+            chosen.append(next((n for n in names if n in self._tensors), names[-1]))
+        self._require([*chosen, *also], record, what)
+        return [self[name] for name in chosen]
 
     def _require(self, names: list[str], record: str | list[str], what: str) -> None:
         """TapError naming the taps ``what`` needs that this run did not record, and what to ask for."""

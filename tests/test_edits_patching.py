@@ -227,7 +227,8 @@ def test_or_chains_edits_of_one_tap_in_order_whichever_side_is_a_plain_dict(mode
     first, second = edits.zero_head_keys(1, 0), edits.zero_head_keys(1, 2)
     plain_first, plain_second = dict(first), dict(second)
     assert isinstance(first | second, Edits) and isinstance(plain_first | second, Edits)
-    for merged in (first | second, plain_first | second, first | plain_second, edits.combine(plain_first, plain_second)):
+    merges = [first | second, plain_first | second, first | plain_second, edits.combine(plain_first, plain_second)]
+    for merged in merges:
         assert list(merged) == [name]
         assert torch.equal(model.run(CLEAN, edits=merged)[0], expected)
     accumulated = Edits()
@@ -306,8 +307,10 @@ def test_the_helpers_compile_without_a_graph_break(model) -> None:
 
     _, ragged = model.run([[1, 7, 3, 9, 4, 2], [5, 5, 6]], taps=["blocks.*.resid_pre", "blocks.*.mlp.post",
                                                                   "blocks.0.attn.pattern"])
-    chosen = (edits.patch(ragged, "blocks.*.resid_pre", positions=[1, -1]) | edits.zero_ablate("blocks.1.attn.v", heads=1)
-              | edits.mean_ablate("blocks.*.mlp.post", ragged) | edits.mean_ablate("blocks.0.attn.pattern", ragged, heads=2)
+    chosen = (edits.patch(ragged, "blocks.*.resid_pre", positions=[1, -1])
+              | edits.zero_ablate("blocks.1.attn.v", heads=1)
+              | edits.mean_ablate("blocks.*.mlp.post", ragged)
+              | edits.mean_ablate("blocks.0.attn.pattern", ragged, heads=2)
               | edits.zero_head_keys(2, 0) | edits.zero_head_keys(2, 3))
     torch._dynamo.reset()
     report = torch._dynamo.explain(model.forward)(CORRUPT, Taps.request(model.tap_names, (), chosen, seq=6))

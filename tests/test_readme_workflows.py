@@ -180,7 +180,8 @@ def test_direct_logit_attribution(setup, hf) -> None:
     hooks = [(t.wte, keep("embed"), "forward"), (t.wpe, keep("pos_embed"), "forward"),
              (t.ln_f, keep("resid", pre=True), "pre")]
     for layer, block in enumerate(t.h):
-        hooks += [(block.attn.c_proj, keep(f"z{layer}", pre=True), "pre"), (block.mlp.c_proj, keep(f"mlp{layer}"), "forward")]
+        hooks += [(block.attn.c_proj, keep(f"z{layer}", pre=True), "pre"),
+                  (block.mlp.c_proj, keep(f"mlp{layer}"), "forward")]
     with torch.no_grad():
         logits = hf_logits(hf, clean, hooks)
     # The residual at the last position, split by hand: each head's z_h @ W_O[h], the bias, the MLP.
