@@ -13,14 +13,13 @@ sequence axis (S, or the query axis Q of scores and patterns).
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from .config import is_integer
 from .errors import EditError, TapError
-from .taps import BLOCK_TAPS, MODEL_TAPS_AFTER, MODEL_TAPS_BEFORE, Edit, _with_name, select, tap_names
+from .taps import Edit, select, takes_tap_name, tap_axes, tap_names, tap_shape
 from .trace import Trace
 
 Neurons = str | slice | Sequence[int] | torch.Tensor
@@ -79,7 +78,7 @@ def combine(*edit_dicts: Mapping[str, Edit]) -> Edits:
 def _then(first: Edit, second: Edit) -> Edit:
     """One edit that runs ``first``, then ``second`` on its result, passing the tap name to those that take it."""
     # Decided now, not per call: inspecting a signature inside a compiled forward would break its graph.
-    steps = [(edit, isinstance(edit, torch.Tensor), _with_name(edit, "") is not edit) for edit in (first, second)]
+    steps = [(edit, isinstance(edit, torch.Tensor), takes_tap_name(edit)) for edit in (first, second)]
 
     def both(x: torch.Tensor, name: str) -> torch.Tensor:
         for step, (edit, is_tensor, takes_name) in enumerate(steps):
@@ -227,22 +226,6 @@ def mean_ablate(taps: Patterns, source: Source | None = None, *, positions: Chos
         return mean.clone() if region is None else torch.where(region, mean, x)
 
     return Edits({pattern: ablate for pattern in patterns})
-
-
-# The axes of each tap, from the vocabulary table ("B S H d" -> sequence axis 1, head axis 2).
-_SHAPES = {info.name: info.shape.split() for info in MODEL_TAPS_BEFORE + BLOCK_TAPS + MODEL_TAPS_AFTER}
-
-
-def tap_shape(name: str) -> list[str]:
-    """A tap's axes by letter, from ``describe``'s table: ``tap_shape('blocks.3.attn.z')`` -> ['B', 'S', 'H', 'd']."""
-    return _SHAPES[re.sub(r"^blocks\.\d+\.", "", name)]
-
-
-def tap_axes(name: str) -> tuple[int, int | None]:
-    """A tap's sequence axis (S, or Q for scores and patterns) and head axis (H, or None if it has none)."""
-    shape = tap_shape(name)
-    sequence = shape.index("S") if "S" in shape else shape.index("Q")
-    return sequence, shape.index("H") if "H" in shape else None
 
 
 def _patterns(taps: Patterns) -> list[str]:

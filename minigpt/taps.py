@@ -66,10 +66,24 @@ MODEL_TAPS_AFTER = [
     TapInfo("ln_f", "B S D", "final LayerNorm output (HuggingFace's last hidden state)"),
     TapInfo("logits", "B S V", "ln_f @ embed.weight.T"),
 ]
+_ALL = MODEL_TAPS_BEFORE + BLOCK_TAPS + MODEL_TAPS_AFTER
 # Suffixes of the on-demand taps (a block tap's full name ends with one of them).
-ON_DEMAND = tuple(info.name for info in MODEL_TAPS_BEFORE + BLOCK_TAPS + MODEL_TAPS_AFTER if info.on_demand)
+ON_DEMAND = tuple(info.name for info in _ALL if info.on_demand)
 # Taps shaped [B, H, Q, K]: their second axis is not the sequence, so ``positions`` keeps them whole.
-QUERY_KEY_TAPS = ("attn.scores", "attn.pattern")
+QUERY_KEY_TAPS = tuple(info.name for info in _ALL if info.shape == "B H Q K")
+_SHAPES = {info.name: info.shape.split() for info in _ALL}
+
+
+def tap_shape(name: str) -> list[str]:
+    """A tap's axes by letter, from the table: ``tap_shape('blocks.3.attn.z')`` -> ['B', 'S', 'H', 'd']."""
+    return _SHAPES[re.sub(r"^blocks\.\d+\.", "", name)]
+
+
+def tap_axes(name: str) -> tuple[int, int | None]:
+    """A tap's sequence axis (S, or Q for scores and patterns) and head axis (H, or None if it has none)."""
+    shape = tap_shape(name)
+    sequence = shape.index("S") if "S" in shape else shape.index("Q")
+    return sequence, shape.index("H") if "H" in shape else None
 
 
 def describe(n_layer: int) -> Iterator[TapInfo]:
@@ -143,22 +157,28 @@ def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[st
                             "(tensor -> tensor of the same shape) or a replacement tensor")
         for name in select(pattern, names):
             if name in resolved:
-                raise EditError(f"tap {name!r} is edited twice, by {source[name]!r} and by {pattern!r}; "
-                                "merge them with minigpt.edits.combine (which runs them in order) or narrow the patterns")
+                raise EditError(f"tap {name!r} is edited twice, by {source[name]!r} and by {pattern!r}; narrow the "
+                                "patterns so that each tap has one, and chain several edits of one tap under one key "
+                                "(minigpt.edits.combine, or | of built-in edits, runs them in order)")
             resolved[name], source[name] = _with_name(edit, name), pattern
     return resolved
 
 
-def _with_name(edit: Edit, name: str) -> Edit:
-    """``edit`` as a one-argument function, given the tap's name if it asks for it (``def edit(x, name)``)."""
+def takes_tap_name(edit: Edit) -> bool:
+    """Whether an edit function asks for the tap's name: its second positional parameter has no default."""
     if isinstance(edit, torch.Tensor):
-        return edit
+        return False
     try:
         parameters = list(inspect.signature(edit).parameters.values())
-    except (TypeError, ValueError):  # a builtin without a signature: call it with the tensor only
-        return edit
+    except (TypeError, ValueError):  # a builtin without a signature: called with the tensor only
+        return False
     positional = [q for q in parameters if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 2 or positional[1].default is not inspect.Parameter.empty:
+    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+
+
+def _with_name(edit: Edit, name: str) -> Edit:
+    """``edit`` as a one-argument function, given the tap's name if it asks for it (``def edit(x, name)``)."""
+    if not takes_tap_name(edit):
         return edit
 
     def with_name(x: torch.Tensor) -> torch.Tensor:

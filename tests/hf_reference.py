@@ -266,6 +266,78 @@ def hf_forward(hf: GPT2LMHeadModel, tokens: torch.Tensor, hooks: Iterable[Hook] 
     return out.logits.detach(), reads
 
 
+# The taps that make HuggingFace's hidden states (block 0's input, each block's output, ln_f).
+HIDDEN = ["blocks.*.resid_pre", "blocks.*.resid_post", "ln_f"]
+
+
+def assert_same_run(hf, model, tokens, our_edits, hf_hooks) -> None:
+    """minigpt with ``our_edits`` and HF with ``hf_hooks`` give the same logits and hidden states.
+
+    HF's hidden_states are block 0's input, each block's output, then ln_f's output, as are
+    ``trace.hidden_states()`` (which prefers resid_post to the next block's possibly edited input).
+    """
+    hf_logits, reads = hf_forward(hf, tokens, hf_hooks)
+    logits, trace = model.run(tokens, taps=HIDDEN, edits=our_edits)
+    assert_close(logits, hf_logits, msg="logits")
+    hidden, n_layer = reads["hidden_states"], model.cfg.n_layer
+    assert len(hidden) == n_layer + 1
+    ours = [trace["blocks.0.resid_pre"]] + [trace[f"blocks.{i}.resid_post"] for i in range(n_layer - 1)]
+    for i, (a, b) in enumerate(zip(ours + [trace["ln_f"]], hidden, strict=True)):
+        assert_close(a, b, msg=f"hidden_states[{i}]")
+    for i, (a, b) in enumerate(zip(trace.hidden_states(), hidden, strict=True)):
+        assert_close(a, b, msg=f"trace.hidden_states()[{i}]")
+
+
+def fused_qkv(part: int, f, n_head: int):
+    """HF hook: apply ``f`` to Q, K or V ([B, S, H, d]) inside c_attn's fused [B, S, 3D] output."""
+
+    def hook(module, args, output):
+        pieces = list(output.split(output.shape[-1] // 3, dim=-1))
+        x = pieces[part]
+        pieces[part] = f(x.view(*x.shape[:-1], n_head, -1)).flatten(-2)
+        return torch.cat(pieces, dim=-1)
+
+    return hook
+
+
+def hf_hook_for(hf, name: str, f) -> list:
+    """The HF hooks that apply ``f`` at minigpt tap ``name``, made the way the notes make them."""
+    t = hf.transformer
+    if name == "embed":
+        return [(t.wte, lambda m, a, out: f(out), "forward")]
+    if name == "ln_f":
+        return [(t.ln_f, lambda m, a, out: f(out), "forward")]
+    _, layer, tap = name.split(".", 2)
+    block = t.h[int(layer)]
+    H = hf.config.n_head
+    simple = {"ln1": block.ln_1, "ln2": block.ln_2, "attn_delta": block.attn.c_proj, "mlp.pre": block.mlp.c_fc,
+              "mlp.post": block.mlp.act, "mlp_delta": block.mlp.c_proj}
+    if tap in simple:
+        return [(simple[tap], lambda m, a, out: f(out), "forward")]
+    if tap in ("attn.q", "attn.k", "attn.v"):
+        return [(block.attn.c_attn, fused_qkv("qkv".index(tap[-1]), f, H), "forward")]
+    if tap == "attn.z":  # c_proj's input is the heads' outputs, merged
+        return [(block.attn.c_proj, lambda m, a: (f(a[0].view(*a[0].shape[:-1], H, -1)).flatten(-2),), "pre")]
+    if tap == "resid_pre":
+        return [(block, lambda m, a: (f(a[0]), *a[1:]), "pre")]
+    if tap == "resid_post":  # element 0 of the block's output (a tuple in older transformers)
+        return [(block, lambda m, a, out: replace_first(out, f(first_output(out))), "forward")]
+    if tap == "resid_mid":
+        # HF adds attention's output to the residual inside the block: to make the sum come out as
+        # f(resid_mid), attention's output becomes f(resid_pre + attn) - resid_pre.
+        seen = {}
+
+        def remember(m, a):
+            seen["resid_pre"] = a[0]
+
+        def attn_out(m, a, out):
+            r = seen["resid_pre"]
+            return (f(r + out[0]) - r, *out[1:])
+
+        return [(block, remember, "pre"), (block.attn, attn_out, "forward")]
+    raise AssertionError(f"no HF hook for {name}")
+
+
 def all_taps(model: GPT, tokens: torch.Tensor, **run_kwargs) -> tuple[torch.Tensor, dict]:
     """minigpt's run recording every tap ("*"), as a plain dict."""
     logits, trace = model.run(tokens, taps="*", **run_kwargs)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import Case, assert_close, cases, hf_forward, make_hf, to_minigpt
+from hf_reference import Case, assert_close, assert_same_run, cases, hf_forward, hf_hook_for, make_hf, to_minigpt
 from hypothesis import given
 from hypothesis import strategies as st
-from test_taps_edits import assert_same_run, hf_hook_for
 
 from minigpt import GPT, EditError, GPTConfig, TapError, edits
 from minigpt.edits import Edits
