@@ -1,9 +1,8 @@
-"""scripts/bench.py end to end in its quick mode (tiny model, 2 x 16 tokens): every contender is there
-with sane fields, the byte accounting is exact, and the memory-saving options of Taps really save.
-Never asserts on timings."""
+"""The bench (``python -m scripts.bench``) end to end in its quick mode (tiny model, 2 x 16 tokens):
+every contender is there with sane fields, the byte accounting is exact, and the memory-saving
+options of Taps really save. Never asserts on timings."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,36 +13,25 @@ import pytest
 from minigpt import GPTConfig, tap_names
 from minigpt.memory import nbytes_estimate
 
+from scripts.bench import cli, contenders, forward
+
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "scripts" / "bench.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_script", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return load_bench()
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "scripts.bench", "--quick", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "bench.json").read_text()), out
+    return json.loads((out / "bench.json").read_text(encoding="utf-8")), out
 
 
-def test_every_contender_is_measured_with_sane_fields(bench, quick) -> None:
-    report, out = quick
+def test_every_contender_is_measured_with_sane_fields(quick) -> None:
+    full, out = quick
+    report = full["forward"]
     skip_tl = report["tl_skipped"] is not None
-    expected = [c.name for c in bench.contenders("cpu", compile=False, skip_tl=skip_tl)]
+    expected = [c.name for c in contenders.forward_contenders("cpu", compile=False, skip_tl=skip_tl)]
     results = {r["name"]: r for r in report["results"]}
     assert list(results) == expected
     assert {"minigpt_plain", "minigpt_resid4", "minigpt_all", "hf_eager_plain", "hf_sdpa_plain",
@@ -59,14 +47,14 @@ def test_every_contender_is_measured_with_sane_fields(bench, quick) -> None:
         assert isinstance(r["peak_extra_bytes"], int) and r["logits_bytes"] == 2 * 16 * 1000 * 4
         assert (r["recorded_bytes"] > 0) == (r["kind"] == "record"), r["name"]
     assert report["matmul_ceiling_flops_per_s"] > 0 and report["forward_flops"] > 0
-    assert report["versions"]["torch"] and report["hardware"]
-    assert {t["target"] for t in report["targets"]} >= {"every tap: time over minigpt plain"}
+    assert full["versions"]["torch"] and full["hardware"]
+    assert {t["target"] for t in full["targets"]} >= {"every tap: time over minigpt plain"}
     table = (out / "bench.md").read_text()
     assert all(r["label"] in table for r in results.values())
 
 
 def test_recorded_bytes_are_exact_and_the_keep_options_save(quick) -> None:
-    report, _ = quick
+    report = quick[0]["forward"]
     r = {x["name"]: x for x in report["results"]}
     cfg = report["config"]
     L, B, S, D = cfg["n_layer"], report["batch"], report["seq"], cfg["n_embd"]
@@ -87,15 +75,16 @@ def test_recorded_bytes_are_exact_and_the_keep_options_save(quick) -> None:
         assert r["tl_cache_resid4"]["recorded_tensors"] == 4 * L
 
 
-def test_memory_subprocess_reports_one_contender(bench, quick) -> None:
-    report, out = quick
-    args = bench.parse_args(["--quick", "--threads", "1", "--out", str(out)])
-    measured = bench.memory_subprocess("minigpt_resid4", args, out / "checkpoint-quick")
+def test_memory_subprocess_reports_one_contender(quick) -> None:
+    full, out = quick
+    report = full["forward"]
+    args = cli.parse_args(["--quick", "--threads", "1", "--out", str(out)])
+    measured = forward.memory_subprocess("minigpt_resid4", args, out / "checkpoint-quick")
     assert "memory_error" not in measured, measured
     assert measured["peak_extra_bytes"] >= 0 and measured["recorded_tensors"] == 4 * report["config"]["n_layer"]
 
 
-def test_forward_flops_count_of_gpt2_small(bench) -> None:
+def test_forward_flops_count_of_gpt2_small() -> None:
     # 12 x (24 B S D^2 + 4 B S^2 D) + 2 B S D V at batch 1 x 1024: the usual ~2 x 124M FLOPs a token and attention.
-    cfg = bench.GPTConfig()
-    assert bench.forward_flops(cfg, 1, 1024) == 12 * (24 * 1024 * 768**2 + 4 * 1024**2 * 768) + 2 * 1024 * 768 * 50257
+    cfg = GPTConfig()
+    assert forward.forward_flops(cfg, 1, 1024) == 12 * (24 * 1024 * 768**2 + 4 * 1024**2 * 768) + 2 * 1024 * 768 * 50257

@@ -1,52 +1,38 @@
-#!/usr/bin/env python
 """Greedy decode speed: minigpt's KV-cache generation beside HuggingFace ``generate``, and the memory floor.
 
-    .venv/bin/python scripts/bench_decode.py                   # CPU, fp32, batch 1 and 8, 32 prompt + 256 new
-    .venv/bin/python scripts/bench_decode.py --quick           # tiny model and shape: a smoke run
-    .venv/bin/python scripts/bench_decode.py --device cuda --dtype bfloat16
+    .venv/bin/python -m scripts.bench --decode              # a section of the whole bench
+    .venv/bin/python -m scripts.bench.decode                # alone: CPU, fp32, batch 1 and 8, 32 prompt + 256 new
+    .venv/bin/python -m scripts.bench.decode --quick        # tiny model and shape: a smoke run
+    .venv/bin/python -m scripts.bench.decode --device cuda --dtype bfloat16
 
-For scripts/bench.py (``--decode``), two functions:
-
-    run(model_dir=None, device="cpu", dtype=torch.float32, batch_sizes=(1, 8), prompt_len=32,
-        new_tokens=256, repeats=3, compile=False, hf=True) -> list[dict]   (compile: add compile=True)
-    decode_rows(checkpoint, device, dtype, quick=False) -> list[dict]     (run() with bench.py's arguments)
-
-One dict per (contender, batch): contender, batch, tokens_per_s (new tokens of the whole batch per
+One row per (contender, batch): contender, batch, tokens_per_s (new tokens of the whole batch per
 second, prefill included), ms_per_step, x_floor (ms_per_step / floor), floor_ms_per_step, copy_GBps,
-same_as_hf (greedy ids equal HF's). ``model_dir=None`` uses seeded random weights of GPT-2 small's shape.
+same_as_hf (greedy ids equal HF's). Without a checkpoint, seeded random weights of GPT-2 small's shape.
 
 The memory floor: one decode step reads every weight once (the whole unembedding, but one row of the
 position table), so a step cannot take less than weight bytes / memory bandwidth. The bandwidth is that
 of copying a 1 GiB tensor, measured in the same run and counted as STREAM does (bytes read + written).
 The KV cache is read too (at batch 8 it adds up to ~20% of the weight bytes at these lengths); the floor
-leaves it out, as the issue defines it. Contenders are timed in alternation, one call each per round,
-so that noise from other processes hits all alike; the figures are medians over ``repeats`` rounds.
+leaves it out, as the issue defines it. Contenders are timed in alternation, one call each per round
+in a shuffled order (harness.time_round_robin); the figures are medians over all calls.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from minigpt import GPT, GPTConfig
+from minigpt.config import DTYPES
 
-from minigpt import GPT, GPTConfig  # noqa: E402
-from minigpt.weights import to_hf_state_dict  # noqa: E402
-
-QUICK = GPTConfig(vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from . import harness
+from .concern import Concern
+from .contenders import QUICK_CONFIG, bench_checkpoint, hf_twin
+from .report import table
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 5) -> float:
@@ -56,10 +42,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 5) 
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
-        sync(device)
+        harness.sync(device.type)
         start = time.perf_counter()
         dst.copy_(src)
-        sync(device)
+        harness.sync(device.type)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes / best
 
@@ -71,22 +57,9 @@ def weight_bytes_per_step(model: GPT) -> int:
     return total - pos.numel() * pos.element_size() + pos.shape[1] * pos.element_size()
 
 
-def hf_twin(model: GPT):
-    """HuggingFace's GPT2LMHeadModel (default attention, SDPA) with the same weights, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    weight = model.embed.weight
-    last = model.cfg.vocab_size - 1  # GPT-2's end token, or the last id of a smaller test vocabulary
-    config = GPT2Config(**model.cfg.to_hf(), bos_token_id=last, eos_token_id=last)
-    hf = GPT2LMHeadModel(config).to(dtype=weight.dtype, device=weight.device).eval()
-    state = to_hf_state_dict(model.state_dict(), model.cfg.n_layer, official=False)
-    hf.load_state_dict(state | {"lm_head.weight": state["transformer.wte.weight"]})
-    return hf
-
-
-def run(model_dir: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-        batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 32, new_tokens: int = 256, repeats: int = 3,
-        compile: bool = False, hf: bool = True, config: GPTConfig | None = None) -> list[dict]:
+def measure(model_dir: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+            batch_sizes: tuple[int, ...] = (1, 8), prompt_len: int = 32, new_tokens: int = 256, repeats: int = 3,
+            compile: bool = False, hf: bool = True, config: GPTConfig | None = None, log=print) -> list[dict]:
     """Time greedy generation of ``new_tokens`` after a ``prompt_len`` prompt; one dict per contender and batch."""
     device = torch.device(device)
     if model_dir is not None:
@@ -113,40 +86,56 @@ def run(model_dir: str | Path | None = None, device: str = "cpu", dtype: torch.d
             contenders["HF generate"] = hf_generate
             static = "HF generate, static cache" + (" (compiled)" if device.type == "cuda" else "")
             contenders[static] = lambda n: hf_generate(n, "static")
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        outputs = {}
-        for name, call in contenders.items():  # warm-up (and compilation)
+        for call in contenders.values():  # warm-up (and compilation), on a short generation
             call(min(8, new_tokens))
-        for _ in range(repeats):
-            for name, call in contenders.items():
-                sync(device)
-                start = time.perf_counter()
-                outputs[name] = call(new_tokens)
-                sync(device)
-                times[name].append(time.perf_counter() - start)
+        outputs: dict[str, torch.Tensor] = {}  # each contender's ids, kept to compare with HF's
+
+        def timed(name: str, call: Callable[[int], torch.Tensor]) -> Callable[[], None]:
+            return lambda: outputs.__setitem__(name, call(new_tokens))
+        log(f"decode, batch {batch}: {repeats} rounds")
+        times = harness.time_round_robin({name: timed(name, call) for name, call in contenders.items()}, device.type,
+                                         warmup=0, repeats=repeats, threads=torch.get_num_threads(), log=log)
         reference = outputs.get("HF generate")
-        for name, spent in times.items():
-            seconds = statistics.median(spent)
-            step = seconds / new_tokens
-            rows.append({"contender": name, "batch": batch, "tokens_per_s": round(batch * new_tokens / seconds, 1),
+        for name, timings in times.items():
+            step = timings.headline() / new_tokens
+            rows.append({"contender": name, "batch": batch, "tokens_per_s": round(batch / step, 1),
                          "ms_per_step": round(step * 1e3, 2), "x_floor": round(step / floor_s, 2),
                          "floor_ms_per_step": round(floor_s * 1e3, 2), "copy_GBps": round(bandwidth / 1e9, 1),
                          "same_as_hf": None if reference is None else bool(torch.equal(outputs[name], reference))})
     return rows
 
 
-def decode_rows(checkpoint: str | Path | None, device: str, dtype: torch.dtype, quick: bool = False) -> list[dict]:
-    """``run`` with scripts/bench.py's arguments (a tiny model and shape when ``quick``)."""
-    if quick:
-        return run(None, device, dtype, batch_sizes=(1, 2), prompt_len=8, new_tokens=16, repeats=2, config=QUICK)
-    return run(checkpoint, device, dtype, compile=True)
+def target_values(rows: list[dict]) -> dict[str, float]:
+    """The measured values of the decode targets (targets.TARGETS), by key."""
+    step = {(r["contender"], r["batch"]): r for r in rows}
+    values = {}
+    if ("minigpt", 1) in step and ("HF generate", 1) in step:
+        values["decode.batch1_vs_hf"] = step["minigpt", 1]["ms_per_step"] / step["HF generate", 1]["ms_per_step"]
+    if ("minigpt compile=True", 1) in step:
+        values["decode.compiled_batch1_x_floor"] = step["minigpt compile=True", 1]["x_floor"]
+    return values
 
 
-def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+def run(args: argparse.Namespace, log=print) -> dict:
+    """The decode section of the whole bench: GPT-2 small's checkpoint (random tiny weights with --quick)."""
+    dtype = DTYPES[args.dtype]
+    if args.quick:
+        rows = measure(None, args.device, dtype, batch_sizes=(1, 2), prompt_len=8, new_tokens=16, repeats=2,
+                       config=QUICK_CONFIG, log=log)
+    else:
+        checkpoint, _ = bench_checkpoint(Path(args.out), quick=False)
+        rows = measure(checkpoint, args.device, dtype, compile=True, log=log)
+    return {"rows": rows, "target_values": target_values(rows)}
+
+
+def markdown(section: dict) -> str:
+    rows = section["rows"]
+    return (f"Greedy decode; memory floor = weight bytes per step / copy bandwidth = {rows[0]['floor_ms_per_step']} "
+            f"ms per step (copy bandwidth {rows[0]['copy_GBps']} GB/s, read + write counted).\n\n" + table(rows))
+
+
+CONCERN = Concern("decode", "greedy decode tokens/s vs HF generate, and the memory-bandwidth floor",
+                  default=False, run=run, markdown=markdown)
 
 
 def main() -> None:
@@ -170,14 +159,12 @@ def main() -> None:
     if args.quick:
         shape = dict(batch_sizes=(1, 2), prompt_len=8, new_tokens=16)
     load = os.getloadavg()
-    rows = run(args.model, args.device, DTYPES[args.dtype], repeats=args.repeats, compile=args.compile,
-               hf=not args.no_hf, config=QUICK if args.quick else None, **shape)
+    rows = measure(args.model, args.device, DTYPES[args.dtype], repeats=args.repeats, compile=args.compile,
+                   hf=not args.no_hf, config=QUICK_CONFIG if args.quick else None, log=lambda line: None, **shape)
     print(f"greedy decode, {args.device} {args.dtype}, {torch.get_num_threads()} threads, prompt {shape['prompt_len']} + "
           f"{shape['new_tokens']} new tokens, {'random weights' if args.model is None else args.model}; "
           f"load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f}")
-    print(f"memory floor = weight bytes per step / copy bandwidth = {rows[0]['floor_ms_per_step']} ms per step "
-          f"(copy bandwidth {rows[0]['copy_GBps']} GB/s, read + write counted)\n")
-    print(table(rows))
+    print(markdown({"rows": rows}))
 
 
 if __name__ == "__main__":

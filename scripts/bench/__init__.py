@@ -1,0 +1,24 @@
+"""Benchmarks, side by side: minigpt beside HuggingFace and TransformerLens, one run, one table.
+
+    .venv/bin/python -m scripts.bench                   # CPU: forward and load rows (see --help)
+    .venv/bin/python -m scripts.bench --quick           # tiny model and shapes: a smoke run
+    .venv/bin/python -m scripts.bench --decode          # plus greedy decode tokens/s
+    .venv/bin/python -m scripts.bench.decode            # decode alone, with its own options
+
+The modules:
+
+    contenders   the set-ups: checkpoints, the models loaded from them, the forward contenders
+    harness      timing (contenders in shuffled order each round, medians over all calls), peak
+                 memory, work in a fresh process, the machine's description
+    targets      every target threshold, as one table of data
+    report       bench.json and bench.md
+    forward      one forward pass: plain, recording taps, HF + hooks, TransformerLens
+    load         loading a checkpoint: peak memory over the weights' bytes, time vs from_pretrained
+    decode       greedy generation beside HF generate, against the memory-bandwidth floor
+    concerns     the registry: which concerns exist, in the order they run
+    cli          the options and the run
+
+A new concern (a row of the table) is a module exposing ``CONCERN = Concern(...)`` (see
+``concerns.Concern``) plus one line in ``concerns.CONCERNS``; its targets go into
+``targets.TARGETS``.
+"""

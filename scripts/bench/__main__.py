@@ -1,0 +1,4 @@
+"""``python -m scripts.bench``: see cli.py."""
+from .cli import main
+
+main()

@@ -1,0 +1,15 @@
+"""The registry: every concern the bench measures, in the order it runs them and shows them.
+
+To add one: write its module (with ``CONCERN = concern.Concern(...)``), add it below (one line),
+and put its thresholds in ``targets.TARGETS``. The command line gets ``--NAME`` / ``--no-NAME``
+for it, and its section lands in bench.json and bench.md.
+"""
+from __future__ import annotations
+
+from . import decode, forward
+from .concern import Concern
+
+CONCERNS: dict[str, Concern] = {c.name: c for c in [
+    forward.CONCERN,
+    decode.CONCERN,
+]}
