@@ -1,19 +1,21 @@
 """The bench (``python -m scripts.bench``) end to end in its quick mode (tiny model, 2 x 16 tokens):
-every contender is there with sane fields, the byte accounting is exact, and the memory-saving
-options of Taps really save. Never asserts on timings."""
+every contender is there with sane fields, the byte accounting is exact, the memory-saving
+options of Taps really save, and the load row has its four contenders with finite ratios.
+Never asserts on timings."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from minigpt import GPTConfig, tap_names
+from minigpt import GPT, GPTConfig, tap_names
 from minigpt.memory import nbytes_estimate
 
-from scripts.bench import cli, contenders, forward
+from scripts.bench import cli, contenders, forward, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,3 +90,29 @@ def test_forward_flops_count_of_gpt2_small() -> None:
     # 12 x (24 B S D^2 + 4 B S^2 D) + 2 B S D V at batch 1 x 1024: the usual ~2 x 124M FLOPs a token and attention.
     cfg = GPTConfig()
     assert forward.forward_flops(cfg, 1, 1024) == 12 * (24 * 1024 * 768**2 + 4 * 1024**2 * 768) + 2 * 1024 * 768 * 50257
+
+
+def test_load_row_has_every_contender_with_finite_ratios(quick) -> None:
+    full, out = quick
+    load = full["load"]
+    rows = {r["name"]: r for r in load["rows"]}
+    assert list(rows) == ["minigpt_float32", "hf_float32", "minigpt_bfloat16", "hf_bfloat16"]
+    assert "model.safetensors" in load["files"] and not any(f.endswith(".bin") for f in load["files"])
+    values = sum(math.prod(shape) for shape in GPT.parameter_shapes(GPTConfig.from_hf(load["config"])).values())
+    for r in rows.values():
+        # The parameters' bytes in the loaded dtype: both libraries hold the same weights (the head tied).
+        assert r["weight_bytes"] == values * (4 if r["dtype"] == "float32" else 2), r["name"]
+        assert len(r["load_times_s"]) == len(r["load_and_forward_times_s"]) == len(r["peaks_bytes"]) == load["rounds"]
+        assert 0 < r["load_s"] <= r["load_and_forward_s"]
+        for key in ("peak_over_weights", "time_vs_hf", "load_only_vs_hf"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
+        assert r["peak_extra_bytes"] > 0 and r["memory_method"]
+        # Both libraries ran the same weights: fp32 to rounding, bf16 to its precision.
+        assert r["max_abs_logit_diff_vs_hf"] < (1e-4 if r["dtype"] == "float32" else 0.1), r["name"]
+    assert rows["hf_float32"]["time_vs_hf"] == rows["hf_bfloat16"]["time_vs_hf"] == 1.0
+    checked = {t["key"]: t for t in full["targets"]}
+    load_targets = [t.key for t in targets.TARGETS if t.key.startswith("load.")]
+    assert set(load_targets) <= set(checked)
+    assert checked["load.float32.time_vs_hf"]["value"] == rows["minigpt_float32"]["time_vs_hf"]
+    table = (out / "bench.md").read_text(encoding="utf-8")
+    assert all(r["label"] in table for r in rows.values())
