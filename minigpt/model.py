@@ -254,8 +254,8 @@ class GPT(nn.Module):
     @classmethod
     def parameter_shapes(cls, cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
         """Parameter name -> shape for ``cfg``, without allocating any weight."""
-        with torch.device("meta"):
-            return {name: tuple(p.shape) for name, p in cls(cfg).state_dict().items()}
+        from .weights import build_on_meta
+        return {name: tuple(p.shape) for name, p in build_on_meta(cls, cfg).state_dict().items()}
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, *, dtype: torch.dtype = torch.float32,

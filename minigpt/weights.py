@@ -21,6 +21,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
 from .errors import CheckpointError, HubError, HubUnreachableError, MiniGPTWarning
@@ -401,6 +402,26 @@ def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:
     return snapshot, snapshot.parent.parent, f"weights of {name_or_dir} (HuggingFace hub)"
 
 
+class _SkipInit(TorchFunctionMode):
+    """While active (in this thread only), torch.nn.init's functions leave their tensor as it is."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]  # every init function's first argument
+        return func(*args, **kwargs)
+
+
+def build_on_meta(model_class: type, cfg: GPTConfig):
+    """``model_class(cfg)`` on the meta device (shapes, no memory), its initialisation skipped.
+
+    There are no values to initialise; and the first ``normal_`` on a meta tensor in a process
+    imports torch._dynamo (about 1 s and 80 MiB), a cost a load has no reason to pay.
+    """
+    with torch.device("meta"), _SkipInit():
+        return model_class(cfg)
+
+
 def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str):
     """``model_class`` (GPT) with the weights of a checkpoint directory or hub name, at about their bytes.
 
@@ -419,8 +440,7 @@ def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype
     with ExitStack() as stack:
         header, where = _header(weight_files(directory, root), stack)
         chosen, twins = plan(header, cfg, model_class.parameter_shapes)
-        with torch.device("meta"):
-            model = model_class(cfg)
+        model = build_on_meta(model_class, cfg)
         try:
             _check_twins((a, where[a].get_tensor(a), b, where[b].get_tensor(b)) for a, b in twins)
             state, bad = {}, []

@@ -195,6 +195,23 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_loading_builds_on_meta_without_initialising_or_importing_dynamo(tmp_path: Path) -> None:
+    """The meta-device build skips initialisation: torch's first normal_ on meta would import torch._dynamo
+    (about 1 s and 80 MiB), which a load has no reason to pay. In a fresh process, where nothing imported it."""
+    hf = make_hf(TINY, seed=6)
+    directory = write_checkpoint(hf, tmp_path / "files", "official")
+    script = f"""
+import sys
+from minigpt import GPT
+model = GPT.from_pretrained({str(directory)!r})
+assert "torch._dynamo" not in sys.modules, "loading imported torch._dynamo"
+assert float(model.embed.weight.abs().sum()) > 0 and not any(p.is_meta for p in model.parameters())
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad checkpoints
 

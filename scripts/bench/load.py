@@ -53,9 +53,9 @@ def write_checkpoint(directory: Path, cfg: GPTConfig, seed: int = 0) -> list[str
 def _import_both():
     """Both loaders, imported (with what they import lazily) before the baseline is taken.
 
-    Both libraries in every process, so that each loader starts from the same interpreter: importing
-    transformers also imports torch._dynamo, which minigpt's first build on the meta device would
-    otherwise import during its load (about 1 s and 80 MiB, once per process).
+    Both libraries in every process, so that each loader starts from the same interpreter (importing
+    transformers brings in much of torch, torch._dynamo among it, that a loader might otherwise
+    import lazily and be charged for).
     """
     import safetensors.torch  # noqa: F401  (minigpt.weights imports it on first use)
     from transformers import GPT2LMHeadModel
