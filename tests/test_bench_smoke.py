@@ -104,7 +104,8 @@ def test_load_row_has_every_contender_with_finite_ratios(quick) -> None:
         assert r["weight_bytes"] == values * (4 if r["dtype"] == "float32" else 2), r["name"]
         assert len(r["load_times_s"]) == len(r["load_and_forward_times_s"]) == len(r["peaks_bytes"]) == load["rounds"]
         assert 0 < r["load_s"] <= r["load_and_forward_s"]
-        for key in ("peak_over_weights", "time_vs_hf", "load_only_vs_hf"):
+        assert 1 <= r["quiet_rounds"] <= load["rounds"] and len(r["cpu_shares"]) == load["rounds"]
+        for key in ("peak_over_weights", "time_vs_hf", "load_only_vs_hf", "quiet_time_vs_hf"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key)
         assert r["peak_extra_bytes"] > 0 and r["memory_method"]
         # Both libraries ran the same weights: fp32 to rounding, bf16 to its precision.

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--malloc-keep", action="store_true",
                    help="time with glibc keeping freed memory (see harness.keep_freed_memory); memory rows are "
                         "unaffected")
-    p.add_argument("--load-rounds", type=int, default=5, help="load: measured rounds (2 with --quick)")
+    p.add_argument("--load-rounds", type=int, default=7, help="load: measured rounds (2 with --quick)")
     p.add_argument("--out", default="bench-results")
     for concern in CONCERNS.values():
         p.add_argument(f"--{concern.name}", action=argparse.BooleanOptionalAction, default=concern.default,
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if getattr(args, name):
             section = concern.run(args, log)
             found[name] = section
-            values |= section.get("target_values", {}) if isinstance(section, dict) else {}
+            values |= section.get("target_values", {})
     found["load_average"] = harness.load_average()
     found["targets"] = targets.check(values)
     report.write(found, CONCERNS, Path(args.out))

@@ -14,11 +14,11 @@ class Concern:
     name: str     # the option (--name), the key of its section in bench.json, the name of its targets
     help: str     # what it measures, for --help
     default: bool  # whether a plain run includes it
-    # Measure: (the parsed options, a logging function) -> the section, a JSON-able dict; a list of
-    # rows or a string (why nothing was measured) also do. Targets' values go under "target_values".
-    run: Callable[[argparse.Namespace, Callable[[str], None]], dict | list | str]
+    # Measure: (the parsed options, a logging function) -> the section, a JSON-able dict; the
+    # measured values of its targets (targets.TARGETS) go under "target_values", by key.
+    run: Callable[[argparse.Namespace, Callable[[str], None]], dict]
     # The section as markdown for bench.md.
-    markdown: Callable[[dict | list | str], str]
+    markdown: Callable[[dict], str]
     # Work done in a fresh process (harness.in_fresh_process): request dict -> answer dict.
     child: Callable[[dict], dict] | None = None
 

@@ -14,6 +14,7 @@ files into the page cache, as for every contender alike).
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -77,7 +78,8 @@ def child(request: dict) -> dict:
     times: dict[str, float] = {}
 
     def load_and_run() -> tuple[torch.nn.Module, torch.Tensor, float]:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         if request["library"] == "minigpt":
             model = from_pretrained(request["checkpoint"], dtype=dtype, device=device)
         else:
@@ -90,7 +92,11 @@ def child(request: dict) -> dict:
             logits = logits if isinstance(logits, torch.Tensor) else logits.logits
             checksum = sum(float(p.sum()) for p in model.parameters())  # reads every weight, no temporaries
         harness.sync(device)
-        times["load_and_forward_s"] = time.perf_counter() - start
+        times["load_and_forward_s"] = wall = time.perf_counter() - start
+        # As in harness.time_round_robin: the share of the wall time our threads ran tells a quiet run
+        # from one that other processes slowed down; major page faults are pages read from the disk.
+        times["cpu_share"] = (time.process_time() - start_cpu) / (wall * torch.get_num_threads())
+        times["major_page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
         return model, logits[0, -1, :8].float().cpu(), checksum
 
     (model, logits, checksum), memory = harness.peak_during(load_and_run, device)
@@ -133,12 +139,15 @@ def _row(name: str, answers: list[dict]) -> dict:
     library, dtype = name.split("_")
     median = lambda key: statistics.median(a[key] for a in answers)  # noqa: E731
     weight_bytes = answers[0]["weight_bytes"]
+    timings = harness.Timings([a["load_and_forward_s"] for a in answers], [a["cpu_share"] for a in answers])
     return {"name": name, "label": f"{LIBRARIES[library]}, {'fp32' if dtype == 'float32' else 'as bf16'}",
             "library": library, "dtype": dtype, "load_s": median("load_s"),
-            "load_and_forward_s": median("load_and_forward_s"), "peak_extra_bytes": int(median("peak_extra_bytes")),
+            "load_and_forward_s": timings.headline(), "load_and_forward_quiet_s": timings.quiet_median(),
+            "quiet_rounds": len(timings.quiet()), "peak_extra_bytes": int(median("peak_extra_bytes")),
             "weight_bytes": weight_bytes, "peak_over_weights": median("peak_extra_bytes") / weight_bytes,
             "load_times_s": [a["load_s"] for a in answers],
-            "load_and_forward_times_s": [a["load_and_forward_s"] for a in answers],
+            "load_and_forward_times_s": timings.seconds, "cpu_shares": timings.shares,
+            "major_page_faults": [a["major_page_faults"] for a in answers],
             "peaks_bytes": [a["peak_extra_bytes"] for a in answers], "memory_method": answers[0]["memory_method"],
             "logits": answers[0]["logits"], "checksum": answers[0]["checksum"]}
 
@@ -149,6 +158,7 @@ def _compare(rows: list[dict]) -> None:
     for r in rows:
         theirs = hf[r["dtype"]]
         r["time_vs_hf"] = r["load_and_forward_s"] / theirs["load_and_forward_s"]
+        r["quiet_time_vs_hf"] = r["load_and_forward_quiet_s"] / theirs["load_and_forward_quiet_s"]
         r["load_only_vs_hf"] = r["load_s"] / theirs["load_s"]
         r["max_abs_logit_diff_vs_hf"] = max(abs(a - b) for a, b in zip(r["logits"], theirs["logits"]))
 
@@ -158,15 +168,20 @@ def markdown(section: dict) -> str:
              f"then one forward of {section['tokens']} tokens and a sum over every parameter. "
              f"{section['rounds']} rounds in shuffled order after {section['warmup_rounds']} warm-up round(s); medians.",
              "",
-             "| contender | load ms | load + forward ms | x HF (load + forward) | x HF (load only) | peak MiB "
+             "| contender | load ms | load + forward ms | x HF (load + forward) | x HF (load only) "
+             "| load + forward ms, quiet rounds | x HF, quiet rounds | quiet rounds | peak MiB "
              "| weights MiB | peak / weights | max abs logit diff vs HF |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in section["rows"]:
         lines.append(f"| {r['label']} | {r['load_s'] * 1e3:,.0f} | {r['load_and_forward_s'] * 1e3:,.0f} "
-                     f"| {r['time_vs_hf']:.2f} | {r['load_only_vs_hf']:.2f} | {mib(r['peak_extra_bytes'])} "
+                     f"| {r['time_vs_hf']:.2f} | {r['load_only_vs_hf']:.2f} | {r['load_and_forward_quiet_s'] * 1e3:,.0f} "
+                     f"| {r['quiet_time_vs_hf']:.2f} | {r['quiet_rounds']}/{len(r['load_times_s'])} "
+                     f"| {mib(r['peak_extra_bytes'])} "
                      f"| {mib(r['weight_bytes'])} | {r['peak_over_weights']:.2f} | {r['max_abs_logit_diff_vs_hf']:.1e} |")
-    lines += ["", "Peak = the highest resident set during load + forward above the interpreter's after its imports "
-              "(file pages mapped in count); weights = the parameters' bytes in the loaded dtype."]
+    lines += ["", "Medians over all rounds (the targets use them); quiet rounds: those in which the process's threads "
+              f"ran at least {harness.QUIET_SHARE:.0%} of the CPU share of that contender's best round, as in the "
+              "forward table. Peak = the highest resident set during load + forward above the interpreter's after "
+              "its imports (file pages mapped in count); weights = the parameters' bytes in the loaded dtype."]
     return "\n".join(lines)
 
 
