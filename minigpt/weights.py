@@ -461,9 +461,10 @@ def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A file's tensor in ``dtype`` on ``device``: itself if it already is, else a copy made a slice at a
-    time, each slice's file pages let go once copied (so the two are never held whole at once)."""
-    if tensor.dtype == dtype and tensor.device == device:
+    """A file's tensor in ``dtype`` on ``device``: itself if it already is (and is aligned as torch's own
+    memory is), else a copy made a slice at a time, each slice's file pages let go once copied (so the
+    two are never held whole at once)."""
+    if tensor.dtype == dtype and tensor.device == device and tensor.data_ptr() % _ALIGNMENT == 0:
         return tensor
     value = torch.empty(tensor.shape, dtype=dtype, device=device)
     source, target = tensor.reshape(-1), value.view(-1)
@@ -474,6 +475,10 @@ def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
 
 
 _SLICE = 1 << 23  # values per slice when converting: 32 MiB of float32
+# torch allocates CPU memory 64-byte aligned; a matmul reading a less aligned operand (a tensor at its
+# offset in the file) may take another kernel path and round differently, so such a tensor is copied:
+# the same weights must give the same bits whether loaded, built or copied.
+_ALIGNMENT = 64
 
 
 def _let_go(tensor: torch.Tensor) -> None:
