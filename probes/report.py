@@ -288,7 +288,8 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
     }
     payload["seconds"] = round(time.perf_counter() - started, 2)
     payload = _json_ready(payload)
-    (out / "report.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False))
+    (out / "report.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False),
+                                     encoding="utf-8")
     (out / "index.html").write_text(render_html(payload), encoding="utf-8")
     say(f"done in {payload['seconds']:.1f}s: {out / 'index.html'}")
     return payload
