@@ -99,7 +99,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Path, *, block: int = 9, head: int = 2,
+def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Path, *, block: int | None = None,
+                 head: int | None = None,
                  top_fraction: float = 0.01, random_weights: bool | None = None,
                  progress: Progress | None = None, dpi: int = 100) -> dict:
     """Run every probe on ``text`` and write the report into ``out_dir``; returns the JSON payload.
