@@ -71,17 +71,20 @@ def kl_rows(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Te
     return (p.exp() * (p - q)).sum(-1)
 
 
+def site(model: GPT, block: int | None = None, head: int | None = None) -> tuple[int, int]:
+    """The block and head the edits act on: the notes' block 9 and head 2 on GPT-2 small, or the last
+    block (head) of a smaller model, by default; one the model does not have is refused."""
+    cfg = model.cfg
+    block = check_index("block", min(9, cfg.n_layer - 1) if block is None else block, cfg.n_layer)
+    return block, check_index("head", min(2, cfg.n_head - 1) if head is None else head, cfg.n_head)
+
+
 def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int | None = None, head: int | None = None,
               noise_mean: float = 10.0, noise_std: float = 1.0, factors: tuple[float, float] = (0.1, 10.0),
               seed: int = 0) -> Interventions:
-    """Run the four exercises at ``block`` against the clean run.
-
-    The defaults are the notes' choice on GPT-2 small, block 9 and head 2, or the last block (head)
-    of a smaller model; a block or head given that the model does not have is refused.
-    """
+    """Run the four exercises at ``block`` (and ``head``, chosen by ``site``) against the clean run."""
     cfg = model.cfg
-    block = check_index("block", min(9, cfg.n_layer - 1) if block is None else block, cfg.n_layer)
-    head = check_index("head", min(2, cfg.n_head - 1) if head is None else head, cfg.n_head)
+    block, head = site(model, block, head)
     check_within("noise_mean", noise_mean, -1e6, 1e6)
     check_within("noise_std", noise_std, 0, 1e6)
     for factor in factors:  # the findings compare spreads on a log scale of the factor
