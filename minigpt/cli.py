@@ -1,14 +1,26 @@
-"""The ``minigpt`` command. Subcommands share one way to get a model (``load_model``)."""
+"""The ``minigpt`` command: its subcommands, one way to get a model, one way to fail.
+
+minigpt's own subcommands are listed in ``COMMANDS``. Packages above minigpt add theirs through the
+``minigpt.commands`` entry-point group (``probes`` adds ``report`` and ``trace``), so nothing here
+imports them. Every failure ends as one ``error: ...`` line on stderr and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import torch
 
 from .config import DTYPES, OFFICIAL
-from .errors import HubUnreachableError, MiniGPTError
+from .errors import HubUnreachableError, InputError, MiniGPTError
 from .model import GPT
+
+Subcommands = argparse._SubParsersAction  # what add_parser is called on
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -41,38 +53,36 @@ def load_model(args: argparse.Namespace) -> GPT:
     return model
 
 
-def trace(args: argparse.Namespace) -> None:
-    """Per block: residual norms, the reconstruction law, and the ln_f check."""
-    model = load_model(args)
-    n = model.cfg.n_layer
-    logits, tr = model.run(args.text, taps=["blocks.*.resid_pre", "blocks.*.attn_delta", "blocks.*.mlp_delta",
-                                            "blocks.*.resid_post", "ln_f"])
-    hidden = tr.hidden_states()
-    tokens = tr["ln_f"].shape[1]
+def output_dir(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as a directory that exists and takes files (created if missing), checked before any work.
 
-    def norm(x: torch.Tensor) -> float:  # mean L2 norm of one token's vector
-        return x.float().norm(dim=-1).mean().item()
-
-    print(f"{tokens} tokens, {n} blocks; norms are the mean L2 norm per token")
-    print(f"{'block':>5} {'|resid_pre|':>12} {'|attn_delta|':>13} {'|mlp_delta|':>12} {'|resid_post|':>13} "
-          f"{'max|pre+attn+mlp-post|':>23} {'max|post-H[L+1]|':>17}")
-    for layer in range(n):
-        pre, a, m, post = (tr[f"blocks.{layer}.{t}"] for t in ("resid_pre", "attn_delta", "mlp_delta", "resid_post"))
-        law = (pre + a + m - post).abs().max().item()
-        # hidden_states[L+1] is the next block's input, except after the last block, where it is ln_f's output.
-        vs_hidden = (post - hidden[layer + 1]).abs().max().item()
-        print(f"{layer:>5} {norm(pre):>12.4g} {norm(a):>13.4g} {norm(m):>12.4g} {norm(post):>13.4g} "
-              f"{law:>23.3g} {vs_hidden:>17.3g}")
-    last = tr[f"blocks.{n - 1}.resid_post"]
-    again = model.ln_f(last)
-    print(f"\nln_f check: the last block's raw output differs from hidden_states[-1] by up to "
-          f"{(last - hidden[-1]).abs().max().item():.4g};\n            ln_f(raw output) differs from it by "
-          f"{(again - hidden[-1]).abs().max().item():.3g}: hidden_states[-1] is normalised by ln_f.")
-    top = logits[0, -1].topk(5)
-    words = [repr(model.tokenizer.decode([i])) for i in top.indices.tolist()]
-    print(f"next-token top 5: {', '.join(words)}")
+    Raises InputError naming the option and why (a file in the way, no permission, a read-only place).
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} {out} is a file, not a directory; give a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # the only sure test that files can be written there
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {out} cannot be used: {e.strerror or e}; give a directory you can write to") from e
+    return out
 
 
+def add_generate(commands: Subcommands) -> None:
+    p = commands.add_parser("generate", help="continue a text, printing tokens as they come (KV cache)")
+    p.add_argument("text")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding p of the mass")
+    p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
+    add_model_args(p)  # its --seed seeds the sampling too
+    p.set_defaults(func=generate)
+
+
+@torch.no_grad()
 def generate(args: argparse.Namespace) -> None:
     """Continue the text, printing each token as soon as it is chosen."""
     model = load_model(args)
@@ -92,50 +102,57 @@ def generate(args: argparse.Namespace) -> None:
     print()
 
 
-def report(args: argparse.Namespace) -> None:
-    """Run every probe on the text; write index.html, report.json and the PNG figures into --out."""
-    from probes.report import build_report  # the probes (and matplotlib) only for this command
+# minigpt's own subcommands: each function adds one parser whose defaults carry func=the command.
+COMMANDS: list[Callable[[Subcommands], None]] = [
+    add_generate,
+]
 
-    model = load_model(args)
-    build_report(model, args.text, args.out, block=args.block, head=args.head)
+
+def _plugin_commands() -> list[Callable[[Subcommands], None]]:
+    """The subcommands other installed packages declare in the ``minigpt.commands`` entry-point group."""
+    found = []
+    for point in sorted(entry_points(group="minigpt.commands"), key=lambda p: p.name):
+        try:
+            found.append(point.load())
+        except Exception as e:  # a broken plug-in must not take the other commands down with it
+            print(f"note: the '{point.name}' command ({point.value}) cannot be loaded: {e}", file=sys.stderr)
+    return found
+
+
+def _as_typed(text: str) -> str:
+    """The text as the terminal sent it. Under a C/ASCII locale Python keeps non-ASCII bytes of an
+    argument as stand-in characters (surrogate escapes); terminals send UTF-8, so decode them as that."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minigpt", description="GPT-2 by hand, with taps and edits.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS + _plugin_commands():
+        add(commands)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minigpt", description="GPT-2 by hand, with taps and edits.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("trace", help="per-block residual norms, reconstruction law and ln_f check")
-    p.add_argument("text")
-    add_model_args(p)
-    p.set_defaults(func=trace)
-    p = commands.add_parser("generate", help="continue a text, printing tokens as they come (KV cache)")
-    p.add_argument("text")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding p of the mass")
-    p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
-    add_model_args(p)  # its --seed seeds the sampling too
-    p.set_defaults(func=generate)
-    p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures",
-                            description="Run every probe of the lecture notes on TEXT and write OUT/index.html, "
-                            "OUT/report.json and the PNG figures. Offline with nothing cached, it falls back to "
-                            "random weights of the --model size (--random-if-offline is on), and the page says so.")
-    p.add_argument("text")
-    p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")
-    p.add_argument("--block", type=int, default=9, help="block the interventions edit (default 9, clamped to the depth)")
-    p.add_argument("--head", type=int, default=2, help="head whose keys are zeroed (default 2, clamped to n_head)")
-    add_model_args(p)
-    # Offline with nothing cached, the report still runs, on random weights, and says so on the page.
-    p.set_defaults(func=report, random_if_offline=True)
-    args = parser.parse_args(argv)
+    """Run one subcommand; 0 on success, 2 with an ``error: ...`` line for any failure it can name."""
+    for stream in (sys.stdout, sys.stderr):  # a C/ASCII locale must not turn a non-ASCII token into a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    args = build_parser().parse_args(argv)  # a bad option: argparse's own 'error:' line and exit 2
+    if isinstance(getattr(args, "text", None), str):
+        args.text = _as_typed(args.text)
     try:
-        with torch.no_grad():
-            args.func(args)
+        args.func(args)  # each command decides on gradients (only training wants them)
     except MiniGPTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that cannot be read or written, named by the OS's own message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,11 +2,11 @@
 float64 model), labels, findings."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from minigpt import GPT, Trace
 from minigpt.errors import InputError, MiniGPTError
@@ -38,6 +38,18 @@ def verdict_of(findings: Iterable[Finding]) -> str:
     return " ".join(f.line() + "." for f in findings)
 
 
+@dataclass(kw_only=True)
+class Result:
+    """What every probe returns: its numbers (the subclass's fields) and the notes' claims, checked."""
+
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """The findings as one paragraph."""
+        return verdict_of(self.findings)
+
+
 def single_sequence(model: GPT, inputs: str | list | torch.Tensor) -> torch.Tensor:
     """Text, ids or a tensor -> int tensor [1, S]; probes read one sequence at a time."""
     tokens = model.tokens(inputs)
@@ -60,21 +72,20 @@ def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str
 
 def work_dtype(model: GPT) -> torch.dtype:
     """float32, or float64 for a float64 model: exact for every dtype the model may run in."""
-    return torch.float64 if model.embed.weight.dtype == torch.float64 else torch.float32
+    return torch.float64 if model.unembedding.dtype == torch.float64 else torch.float32
 
 
 RESIDUAL_TAPS = ["blocks.0.resid_pre", "blocks.*.resid_post"]
 
 
 def residual_states(trace: Trace) -> torch.Tensor:
-    """The raw residual stream: embeddings, then every block's output -> [n_layer + 1, S, D]."""
-    n = trace.n_layer
-    return torch.stack([trace["blocks.0.resid_pre"][0]] + [trace[f"blocks.{i}.resid_post"][0] for i in range(n)])
+    """The raw residual stream of the trace's one sequence: embeddings, then every block's output -> [n_layer + 1, S, D]."""
+    return trace.accumulated_residual()[:, 0]
 
 
 def hidden_stack(trace: Trace) -> torch.Tensor:
-    """HuggingFace's hidden states (the last one after ln_f) -> [n_layer + 1, S, D]."""
-    return torch.stack([h[0] for h in trace.hidden_states()])
+    """HuggingFace's hidden states (the last one after ln_f) of the trace's one sequence -> [n_layer + 1, S, D]."""
+    return torch.stack(trace.hidden_states())[:, 0]
 
 
 def residual_labels(n_layer: int) -> list[str]:
@@ -88,23 +99,22 @@ def hidden_labels(n_layer: int) -> list[str]:
 
 
 def apply_ln_f(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """The model's final LayerNorm on x [..., D], in the model's dtype and device -> CPU, work_dtype.
+    """The model's own final LayerNorm on x [..., D], run in the model's dtype and device -> CPU, work_dtype.
 
-    Computing in the model's own dtype makes the result bit-equal to the ``ln_f`` tap.
+    Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
     """
-    w = model.ln_f.weight
-    y = F.layer_norm(x.to(w.device, w.dtype), (w.shape[0],), w, model.ln_f.bias, model.ln_f.eps)
-    return y.detach().to("cpu", work_dtype(model))
+    w = model.unembedding
+    return model.ln_f(x.to(w.device, w.dtype)).detach().to("cpu", work_dtype(model))
 
 
 def unembedding(model: GPT) -> torch.Tensor:
-    """W_U [V, D] (tied to the token embedding), on the CPU in work_dtype."""
-    return model.embed.weight.detach().to("cpu", work_dtype(model))
+    """The model's W_U [V, D], on the CPU in work_dtype."""
+    return model.unembedding.detach().to("cpu", work_dtype(model))
 
 
 def float_eps(model: GPT) -> float:
     """Machine epsilon of the model's dtype (sets how close 'equal' must be)."""
-    return torch.finfo(model.embed.weight.dtype).eps
+    return torch.finfo(model.unembedding.dtype).eps
 
 
 def token_text(model: GPT, ids: Iterable[int]) -> list[str]:
@@ -138,11 +148,23 @@ def max_abs(x: torch.Tensor) -> float:
 
 
 def check_index(what: str, value: int, count: int) -> int:
-    """Clamp a block or head index into [0, count), accepting negative indices Python-style."""
+    """``value`` as an index into ``count`` things, negative ones counted from the end as in Python.
+
+    Out of range is refused (InputError naming the argument and its range), never clamped.
+    """
     if not isinstance(value, int) or isinstance(value, bool):
         raise InputError(f"{what} must be an integer, got {value!r}")
-    if value < 0:
-        value += count
-        if value < 0:
-            raise InputError(f"{what} {value - count} is out of range for {count} {what}s")
-    return min(value, count - 1)
+    if not -count <= value < count:
+        raise InputError(f"{what} {value} is out of range: this model and input have {count} "
+                         f"(valid: 0..{count - 1}, or -{count}..-1 from the end)")
+    return value % count
+
+
+def check_within(what: str, value: float, low: float, high: float = math.inf, *, integer: bool = False) -> float:
+    """``value`` if it is a number (an integer if ``integer``) in [low, high], else InputError naming the range."""
+    kind = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        wanted = "an integer" if integer else "a number"
+        upper = f" and at most {high:g}" if math.isfinite(high) else ""
+        raise InputError(f"{what} must be {wanted} of at least {low:g}{upper}, got {value!r}")
+    return value

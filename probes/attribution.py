@@ -12,17 +12,17 @@ the scale sigma is shared (taken from the whole residual); state it when quoting
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
 
-from ._common import Finding, check_index, float_eps, record, single_sequence, token_text, unembedding, verdict_of
+from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text, unembedding
 
 
 @dataclass
-class Attribution:
+class Attribution(Result):
     """Contributions (float64) to the logit of ``target_id`` at ``position``."""
 
     position: int
@@ -39,11 +39,6 @@ class Attribution:
     pos_embed: float
     ln_f_bias: float              # beta . W_U[t], the part no component writes
     sum_error: float              # |sum of contributions - logit|
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        return verdict_of(self.findings)
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         """The k parts with the largest |contribution|, largest first."""

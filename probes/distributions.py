@@ -7,17 +7,17 @@ flattened over tokens x dimensions, layers as variables), and histograms on shar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
 
-from ._common import Finding, hidden_labels, hidden_stack, record, single_sequence, verdict_of
+from ._common import Finding, Result, check_within, hidden_labels, hidden_stack, record, single_sequence
 
 
 @dataclass
-class Distributions:
+class Distributions(Result):
     """L = n_layer + 1 hidden states; 'used' values are tokens first_token.. of every dimension."""
 
     labels: list[str]           # 'emb', 'b0'..'b{n-2}', 'ln_f'
@@ -31,11 +31,6 @@ class Distributions:
     tail: torch.Tensor          # [L] 99.9th percentile of |used values|: how wide the tails reach
     first_token_max: torch.Tensor  # [L] max |value| at token 0
     rest_max: torch.Tensor      # [L] max |value| at tokens 1..
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        return verdict_of(self.findings)
 
     def by_token(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Scatter data (token index, value) of one layer, tokens first_token.. -> two [N] tensors."""
@@ -52,6 +47,7 @@ class Distributions:
 def measure_distributions(model: GPT, inputs: str | list | torch.Tensor, *, skip_first: bool = True,
                           bins: int = 120) -> Distributions:
     """Statistics of the n_layer + 1 hidden states of one text (first token left out if ``skip_first``)."""
+    bins = check_within("bins", bins, 1, 100_000, integer=True)
     tokens = single_sequence(model, inputs)
     _, trace = record(model, tokens, ["blocks.*.resid_pre", "ln_f"])
     states = hidden_stack(trace)  # [L, S, D]

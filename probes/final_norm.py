@@ -6,17 +6,17 @@ For every block i but the last, ``hidden_states[i + 1]`` is the block's output `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
 
-from ._common import Finding, apply_ln_f, float_eps, hidden_stack, max_abs, record, single_sequence, verdict_of
+from ._common import Finding, Result, apply_ln_f, float_eps, hidden_stack, max_abs, record, single_sequence
 
 
 @dataclass
-class FinalNorm:
+class FinalNorm(Result):
     """Differences between HF-style hidden states and the block-output taps (max |.| over tokens x dims)."""
 
     labels: list[str]            # 'b0'..'b{n-1}'
@@ -28,11 +28,6 @@ class FinalNorm:
     normalised_last_std: float   # std of hidden_states[-1]
     raw_last_max: float          # max |raw output|
     normalised_last_max: float   # max |hidden_states[-1]|
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        return verdict_of(self.findings)
 
 
 def check_final_norm(model: GPT, inputs: str | list | torch.Tensor) -> FinalNorm:

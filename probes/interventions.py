@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt import GPT, edits
+from minigpt.errors import InputError
 from minigpt.taps import Edit
 
-from ._common import (RESIDUAL_TAPS, Finding, check_index, record, residual_labels, residual_states,
-                      single_sequence, token_text, verdict_of)
+from ._common import (RESIDUAL_TAPS, Finding, Result, check_index, check_within, record, residual_labels,
+                      residual_states, single_sequence, token_text)
 
 
 @dataclass
-class InterventionResult:
+class InterventionResult(Result):
     """One edited run against the clean one. Per-layer arrays follow ``Interventions.labels``."""
 
     name: str                     # head_keys, mlp_noise, scale_0.1, scale_10
@@ -37,11 +38,6 @@ class InterventionResult:
     top1_edited: str
     top1_changed: bool
     top1_changed_fraction: float  # fraction of positions whose top-1 prediction changed
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        return verdict_of(self.findings)
 
 
 @dataclass
@@ -49,8 +45,8 @@ class Interventions:
     """The clean run and the four edited runs."""
 
     labels: list[str]             # 'emb', 'b0'..'b{n-1}' (raw block outputs), 'ln_f' (= HF hidden_states[-1])
-    block: int                    # the block every edit acts on (clamped to the model's depth)
-    head: int                     # the head whose keys are zeroed (clamped to n_head)
+    block: int                    # the block every edit acts on
+    head: int                     # the head whose keys are zeroed
     clean_std: torch.Tensor       # [n + 2]
     clean_mean_abs: torch.Tensor  # [n + 2]
     clean_post_gelu_near_zero: float  # fraction of the block's clean post-GELU values in [-0.2, 1]
@@ -75,12 +71,25 @@ def kl_rows(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Te
     return (p.exp() * (p - q)).sum(-1)
 
 
-def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int = 9, head: int = 2,
+def site(model: GPT, block: int | None = None, head: int | None = None) -> tuple[int, int]:
+    """The block and head the edits act on: the notes' block 9 and head 2 on GPT-2 small, or the last
+    block (head) of a smaller model, by default; one the model does not have is refused."""
+    cfg = model.cfg
+    block = check_index("block", min(9, cfg.n_layer - 1) if block is None else block, cfg.n_layer)
+    return block, check_index("head", min(2, cfg.n_head - 1) if head is None else head, cfg.n_head)
+
+
+def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int | None = None, head: int | None = None,
               noise_mean: float = 10.0, noise_std: float = 1.0, factors: tuple[float, float] = (0.1, 10.0),
               seed: int = 0) -> Interventions:
-    """Run the four exercises at ``block`` (default 9, clamped to the last block) against the clean run."""
+    """Run the four exercises at ``block`` (and ``head``, chosen by ``site``) against the clean run."""
     cfg = model.cfg
-    block, head = check_index("block", block, cfg.n_layer), check_index("head", head, cfg.n_head)
+    block, head = site(model, block, head)
+    check_within("noise_mean", noise_mean, -1e6, 1e6)
+    check_within("noise_std", noise_std, 0, 1e6)
+    for factor in factors:  # the findings compare spreads on a log scale of the factor
+        if check_within("each of factors", factor, 1e-6, 1e6) == 1:
+            raise InputError("a factor of 1 changes nothing; give factors other than 1, e.g. (0.1, 10)")
     tokens = single_sequence(model, inputs)
     taps = [*RESIDUAL_TAPS, "ln_f"]
     clean_logits, clean = record(model, tokens, [*taps, f"blocks.{block}.mlp.post"])

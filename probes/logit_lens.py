@@ -6,18 +6,18 @@ this is exactly the model's logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
 
-from ._common import (RESIDUAL_TAPS, Finding, apply_ln_f, check_index, decode_text, float_eps, record, residual_labels,
-                      residual_states, single_sequence, token_text, unembedding, verdict_of)
+from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_index, check_within, decode_text, float_eps,
+                      record, residual_labels, residual_states, single_sequence, token_text, unembedding)
 
 
 @dataclass
-class LogitLens:
+class LogitLens(Result):
     """L = n_layer + 1 states ('emb', 'b0'..'b{n-1}'), read at ``position``."""
 
     labels: list[str]
@@ -32,11 +32,6 @@ class LogitLens:
     target_rank: torch.Tensor     # [L] its rank (0 = top) in each state's distribution
     kl_to_final: torch.Tensor     # [L] KL(final || this state's distribution), nats
     final_max_diff: float         # max |lens at the last block - model logits|: 0 up to rounding
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        return verdict_of(self.findings)
 
 
 def lens(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1, k: int = 5) -> LogitLens:
@@ -44,6 +39,7 @@ def lens(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1, k
     tokens = single_sequence(model, inputs)
     S = tokens.shape[1]
     position = check_index("position", position, S)
+    k = check_within("k", k, 1, model.cfg.vocab_size, integer=True)
     logits, trace = record(model, tokens, RESIDUAL_TAPS)
     states = residual_states(trace)[:, position]            # [L, D]
     lens_logits = apply_ln_f(model, states) @ unembedding(model).T  # [L, V]

@@ -7,21 +7,21 @@ against the other with the outliers (huge activations, mostly at the first token
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
 from minigpt.errors import InputError
 
-from ._common import (RESIDUAL_TAPS, Finding, apply_ln_f, float_eps, hidden_stack, max_abs, pearson, record,
-                      residual_labels, residual_states, single_sequence, verdict_of)
+from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_within, float_eps, hidden_stack, max_abs,
+                      pearson, record, residual_labels, residual_states, single_sequence)
 
 OUTLIER_RULES = ("none", "first_token", "top")
 
 
 @dataclass
-class Reconstruction:
+class Reconstruction(Result):
     """Per block L (n = n_layer values) and per pair of consecutive residual states.
 
     Residual states are ``labels`` = emb, b0, ..., b{n-1} (embeddings, then each block's output).
@@ -43,11 +43,6 @@ class Reconstruction:
     range_kept: float                   # max |value| of the pair, kept points
     outliers: str                       # rule: none, first_token, top
     top_fraction: float
-    findings: list[Finding] = field(default_factory=list)
-
-    @property
-    def verdict(self) -> str:
-        return verdict_of(self.findings)
 
 
 def keep_mask(x: torch.Tensor, y: torch.Tensor, outliers: str, top_fraction: float) -> torch.Tensor:
@@ -78,10 +73,11 @@ def reconstruct(model: GPT, inputs: str | list | torch.Tensor, *, pair: tuple[in
         raise InputError(f"unknown outlier rule {outliers!r}; use one of {', '.join(OUTLIER_RULES)}")
     if not 0 <= top_fraction < 1:
         raise InputError(f"top_fraction must be in [0, 1), got {top_fraction}")
+    max_points = check_within("max_points", max_points, 1, integer=True)
     n = model.cfg.n_layer
     if pair is None:
         pair = (n - 1, n)
-    if not (0 <= pair[0] <= n and 0 <= pair[1] <= n):
+    if not (len(pair) == 2 and all(isinstance(i, int) and 0 <= i <= n for i in pair)):
         raise InputError(f"pair {pair} must index residual states 0..{n} (0 = embeddings, i + 1 = block i)")
     tokens = single_sequence(model, inputs)
     _, trace = record(model, tokens, ["blocks.*.resid_pre", "blocks.*.attn_delta", "blocks.*.mlp_delta",

@@ -26,11 +26,11 @@ import torch
 from minigpt import GPT
 from minigpt.errors import InputError
 
-from ._common import Finding, decode_text, single_sequence
+from ._common import Finding, decode_text, single_sequence, verdict_of
 from .attribution import attribute
 from .distributions import measure_distributions
 from .final_norm import check_final_norm
-from .interventions import intervene
+from .interventions import intervene, site
 from .logit_lens import lens
 from .reconstruction import reconstruct
 
@@ -99,12 +99,239 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Path, *, block: int = 9, head: int = 2,
-                 top_fraction: float = 0.01, random_weights: bool | None = None,
+@dataclass(frozen=True)
+class Prose:
+    """The words of one section: its progress line, title, introduction and each figure's caption.
+
+    ``{name}`` fields are filled from the section's numbers when the page is built.
+    """
+
+    step: str
+    title: str
+    intro: str
+    captions: dict[str, str]  # figure file -> caption
+
+
+PROSE: dict[str, Prose] = {
+    "reconstruction": Prose(
+        "reconstruction law and consecutive-block correlation",
+        "1. Rebuilding each block from its input and its two deltas",
+        "Each block adds two vectors to the residual stream: attention's output (attn_delta) and the MLP's "
+        "output (mlp_delta). So block L's input plus those two deltas must give block L+1's input, which is "
+        "also HuggingFace's hidden_states[L+1]. The scatter plots every value of one block's output against "
+        "the next block's output; the largest values (mostly at the first token) are left out so the rest "
+        "can be read.",
+        {"reconstruction.png": "Left: error of input + attn_delta + mlp_delta per block. Middle: Pearson r between "
+                               "consecutive states. Right: {x} vs {y}, top {top_fraction:.0%} magnitudes left out."}),
+    "final_norm": Prose(
+        "the final LayerNorm",
+        "2. The last hidden state is different: ln_f",
+        "HuggingFace's output_hidden_states gives n_layer + 1 tensors: the embeddings, then each block's output. "
+        "But the last one has already been through the final LayerNorm ln_f (the one applied before the "
+        "unembedding), so it is not what the last block wrote. The raw last residual exists only at the "
+        "block's own output (tap blocks.L.resid_post).",
+        {"final_norm.png": "Max |hidden_states[i+1] − block i's output| per block; the green bar compares "
+                           "ln_f(last block's output) with hidden_states[−1]."}),
+    "interventions": Prose(
+        "four interventions (5 forward passes)",
+        "3. Interventions at block {block} and their downstream impact",
+        "Four edits made inside the forward pass, each in its own run: (1) set the keys of head {head} of "
+        "block {block} to zero, so that head attends uniformly; (2) replace the even-numbered MLP neurons "
+        "of block {block} (after GELU) by Gaussian noise of mean 10, far outside their usual range; "
+        "(3, 4) multiply block {block}'s whole output by 0.1 and by 10. The impact is read from the spread "
+        "(std) of every later layer compared with the clean run, and from the change in the next-token "
+        "distribution (KL divergence, top-1 token). Layers: emb = embeddings, bN = block N's raw output, "
+        "ln_f = the normalised last hidden state HuggingFace returns.",
+        {"interventions_overview.png": "Std of every layer after each edit at block {block}, divided by the clean "
+                                       "run's (1 = unchanged).",
+         "intervention_{name}.png": "{title}: std and mean |value| per layer, clean (blue) vs edited (red)."}),
+    "distributions": Prose(
+        "activation distributions, covariance and R^2 between layers",
+        "4. Distributions of activations across layers",
+        "The n_layer + 1 hidden states (emb, the block outputs, and ln_f's output last, as HuggingFace returns "
+        "them) looked at as clouds of numbers, with {skipped} (it has no context and carries abnormal values). "
+        "The covariance and R² matrices treat each layer as one variable over all token × dimension values.",
+        {"values_by_token.png": "Activation value against token index for a few layers ({skipped}).",
+         "values_by_dimension.png": "Activation value against dimension: a few dimensions stand out in trained "
+                                    "models.",
+         "layer_matrices.png": "Covariance and R² between every pair of layers.",
+         "histograms.png": "Histograms of each layer's values on shared bins with a log y axis (tails), and their "
+                           "width per layer."}),
+    "logit_lens": Prose(
+        "logit lens",
+        "5. Logit lens (beyond the notes)",
+        "Every residual state at the last token is decoded as if the model stopped there: through ln_f and "
+        "the unembedding. It shows at which depth the final prediction {target} emerges.",
+        {"logit_lens.png": "Left: probability of the final prediction per layer. Right: top {k} tokens per layer."}),
+    "attribution": Prose(
+        "direct logit attribution",
+        "6. Direct logit attribution (beyond the notes)",
+        "The logit of the predicted token {target} is split exactly into the direct contributions of "
+        "the embeddings, every attention head, every attention output bias and every MLP. ln_f is made linear "
+        "by freezing its scale at this run's value σ = {scale:.4g}; its bias adds a constant term.",
+        {"attribution.png": "Left: each head's direct contribution to the logit. Right: attention and MLP per "
+                            "block."}),
+}
+
+RANDOM_WEIGHTS_BANNER = (
+    "<h2>These are RANDOM weights, not a trained GPT-2</h2>The numbers describe an untrained network of GPT-2's "
+    "shape. The architectural facts (the reconstruction law, ln_f on the last hidden state, the exact scale edit, "
+    "the exact attribution) hold for any weights. The claims below are about what training produces and only "
+    "hold for trained weights; here they may well fail:")
+
+
+@dataclass
+class Page:
+    """What every section builder needs: the model, the tokens [1, S], the options and where figures go."""
+
+    model: GPT
+    tokens: torch.Tensor
+    out: Path
+    block: int
+    head: int
+    top_fraction: float
+    dpi: int
+
+    def section(self, id: str, figures: list[Shown], findings: list[Finding], tables: list[Table], data: dict,
+                **fields) -> Section:
+        """A Section whose title and introduction are PROSE[id]'s, filled with ``fields``."""
+        prose = PROSE[id]
+        return Section(id, prose.title.format(**fields), prose.intro.format(**fields), figures, findings, tables, data)
+
+    def figure(self, section_id: str, fig, findings: list[Finding] = (), file: str | None = None, **fields) -> Shown:
+        """Save a matplotlib figure as PNG beside the page, captioned from PROSE (the caption of ``file``,
+        or of the section's only figure)."""
+        captions = PROSE[section_id].captions
+        template = file or next(iter(captions))
+        name = template.format(**fields)
+        with warnings.catch_warnings():  # tokens in scripts the default font lacks are drawn as boxes
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(self.out / name, dpi=self.dpi)
+        return Shown(name, captions[template].format(**fields), list(findings))
+
+
+def _reconstruction(page: Page, plots) -> Section:
+    r = reconstruct(page.model, page.tokens, top_fraction=page.top_fraction)
+    x, y = (r.labels[k] for k in r.pair)
+    per_block = Table("Per block", ["block", "max abs error vs next input", "relative error", "max abs error vs "
+                                    "hidden_states[L+1]", "Pearson r (next state)", "r, outliers left out"],
+                      [[f"b{b}", r.max_abs_error_next[b].item(), r.rel_error_next[b].item(),
+                        r.max_abs_error_hidden[b].item(), r.pearson_r[b].item(), r.pearson_r_kept[b].item()]
+                       for b in range(len(r.rel_error_next))])
+    return page.section(
+        "reconstruction", [page.figure("reconstruction", plots.plot_reconstruction(r), r.findings, x=x, y=y,
+                                       top_fraction=r.top_fraction)],
+        r.findings, [per_block],
+        {"pair": [x, y], "n_points": r.n_points, "n_left_out": r.n_left_out, "range_all": r.range_all,
+         "range_kept": r.range_kept, "outliers": r.outliers, "top_fraction": r.top_fraction})
+
+
+def _final_norm(page: Page, plots) -> Section:
+    f = check_final_norm(page.model, page.tokens)
+    rows = [[f"hidden_states[{b + 1}] vs output of b{b}", f.block_diff[b].item()] for b in range(len(f.labels))]
+    rows += [["ln_f(last output) vs hidden_states[-1]", f.ln_f_diff], ["std of the raw last output", f.raw_last_std],
+             ["std of hidden_states[-1]", f.normalised_last_std]]
+    return page.section(
+        "final_norm", [page.figure("final_norm", plots.plot_final_norm(f), f.findings)], f.findings,
+        [Table("Differences", ["comparison", "max |difference|"], rows)],
+        {"penultimate_diff": f.penultimate_diff, "last_diff": f.last_diff, "ln_f_diff": f.ln_f_diff})
+
+
+def _interventions(page: Page, plots) -> Section:
+    iv = intervene(page.model, page.tokens, block=page.block, head=page.head)
+    n = page.model.cfg.n_layer
+    # Each edit's findings under keys of their own (name.key): the section holds all four edits' claims.
+    named = {item.name: [Finding(f"{item.name}.{x.key}", x.claim, x.holds, x.detail, x.needs_trained)
+                         for x in item.findings] for item in iv.results}
+    figures = [page.figure("interventions", plots.plot_interventions_overview(iv), block=iv.block)]
+    figures += [page.figure("interventions", plots.plot_intervention(iv, item.name), named[item.name],
+                            file="intervention_{name}.png", name=item.name, title=item.title) for item in iv.results]
+    last = n  # index of the last block's raw output among iv.labels
+    impact = Table("Impact of each edit", ["edit", "KL at last token (nats)", "mean KL over tokens", "top-1 clean",
+                                           "top-1 edited", "tokens whose top-1 changed", f"std ratio at b{iv.block}",
+                                           f"std ratio at b{n - 1}", "std ratio after ln_f"],
+                   [[item.title, item.kl_last, item.kl_mean, item.top1_clean, item.top1_edited,
+                     f"{item.top1_changed_fraction:.0%}", item.std_ratio[iv.block + 1].item(),
+                     item.std_ratio[last].item(), item.std_ratio[-1].item()] for item in iv.results])
+    per_layer = Table("Std per layer", ["layer", "clean", *(item.name for item in iv.results)],
+                      [[label, iv.clean_std[k].item(), *(item.std[k].item() for item in iv.results)]
+                       for k, label in enumerate(iv.labels)])
+    data = {"labels": iv.labels, "block": iv.block, "head": iv.head, "clean_std": iv.clean_std,
+            "clean_mean_abs": iv.clean_mean_abs, "clean_post_gelu_near_zero": iv.clean_post_gelu_near_zero,
+            "edits": {item.name: {"title": item.title, "std": item.std, "mean_abs": item.mean_abs,
+                                  "std_ratio": item.std_ratio, "kl_last": item.kl_last, "kl_mean": item.kl_mean,
+                                  "top1_clean": item.top1_clean, "top1_edited": item.top1_edited,
+                                  "top1_changed": item.top1_changed,
+                                  "top1_changed_fraction": item.top1_changed_fraction} for item in iv.results}}
+    return page.section("interventions", figures, [x for item in iv.results for x in named[item.name]],
+                        [impact, per_layer], data, block=iv.block, head=iv.head)
+
+
+def _distributions(page: Page, plots) -> Section:
+    d = measure_distributions(page.model, page.tokens)
+    skipped = "the first token left out" if d.first_token else "every token"
+
+    def about(*keys: str) -> list[Finding]:
+        return [x for x in d.findings if x.key in keys]
+
+    figures = [page.figure("distributions", plots.plot_by_token(d), about("first_token"), file="values_by_token.png",
+                           skipped=skipped),
+               page.figure("distributions", plots.plot_by_dimension(d), file="values_by_dimension.png"),
+               page.figure("distributions", plots.plot_layer_matrices(d), about("shared_variance", "gradual"),
+                           file="layer_matrices.png"),
+               page.figure("distributions", plots.plot_histograms(d), about("tails"), file="histograms.png")]
+    per_layer = Table("Per layer", ["layer", "std", "99.9th pct |value|", "max |value| at token 0",
+                                    "max |value| elsewhere"],
+                      [[d.labels[k], d.std[k].item(), d.tail[k].item(), d.first_token_max[k].item(),
+                        d.rest_max[k].item()] for k in range(len(d.labels))])
+    return page.section("distributions", figures, d.findings, [per_layer],
+                        {"labels": d.labels, "first_token": d.first_token, "covariance": d.covariance, "r2": d.r2,
+                         "bin_edges": d.bin_edges, "counts": d.counts}, skipped=skipped)
+
+
+def _logit_lens(page: Page, plots) -> Section:
+    ll = lens(page.model, page.tokens)
+    k = ll.top_probs.shape[1]
+    per_layer = Table("Per layer", ["layer", f"p({ll.target_token})", "rank", "KL(final || layer)", "top tokens"],
+                      [[ll.labels[i], ll.target_prob[i].item(), int(ll.target_rank[i]), ll.kl_to_final[i].item(),
+                        ", ".join(f"{t} {p:.2f}" for t, p in zip(ll.top_tokens[i], ll.top_probs[i].tolist()))]
+                       for i in range(len(ll.labels))])
+    return page.section(
+        "logit_lens", [page.figure("logit_lens", plots.plot_logit_lens(ll), ll.findings, k=k)], ll.findings,
+        [per_layer],
+        {"labels": ll.labels, "position": ll.position, "target_token": ll.target_token, "target_id": ll.target_id,
+         "target_prob": ll.target_prob, "target_rank": ll.target_rank, "kl_to_final": ll.kl_to_final,
+         "top_tokens": ll.top_tokens, "top_probs": ll.top_probs, "final_max_diff": ll.final_max_diff},
+        target=ll.target_token)
+
+
+def _attribution(page: Page, plots) -> Section:
+    a = attribute(page.model, page.tokens)
+    tables = [Table("Largest parts", ["part", "contribution"], [[name, value] for name, value in a.top(10)]),
+              Table("Sum", ["logit", "sum of parts", "|error|", "ln_f scale σ"],
+                    [[a.logit, a.contributions.sum().item(), a.sum_error, a.scale]])]
+    return page.section(
+        "attribution", [page.figure("attribution", plots.plot_attribution(a), a.findings)], a.findings, tables,
+        {"target_token": a.target_token, "target_id": a.target_id, "logit": a.logit, "scale": a.scale,
+         "parts": dict(zip(a.names, a.contributions.tolist())), "sum_error": a.sum_error},
+        target=a.target_token, scale=a.scale)
+
+
+# The page's sections in order, each built by one function from the Page (and the plots module).
+BUILDERS: dict[str, Callable[[Page, object], Section]] = {
+    "reconstruction": _reconstruction, "final_norm": _final_norm, "interventions": _interventions,
+    "distributions": _distributions, "logit_lens": _logit_lens, "attribution": _attribution,
+}
+
+
+def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Path, *, block: int | None = None,
+                 head: int | None = None, top_fraction: float = 0.01, random_weights: bool | None = None,
                  progress: Progress | None = None, dpi: int = 100) -> dict:
     """Run every probe on ``text`` and write the report into ``out_dir``; returns the JSON payload.
 
-    random_weights: whether to flag the weights as random on the page (default: read from model.source).
+    block, head: where the interventions act (``probes.interventions.site``: by default the notes'
+    block 9 and head 2, or the last of a smaller model). random_weights: whether to flag the weights
+    as random on the page (default: read from model.source).
     """
     from . import plots  # matplotlib only when figures are made
 
@@ -113,168 +340,32 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a directory for the report")
     tokens = single_sequence(model, text)
+    block, head = site(model, block, head)  # a block or head the model lacks fails now, not after minutes
     out.mkdir(parents=True, exist_ok=True)
-    random_weights = is_random(model) if random_weights is None else random_weights
-    n, S = model.cfg.n_layer, tokens.shape[1]
+    page = Page(model, tokens, out, block, head, top_fraction, dpi)
     started = time.perf_counter()
-    say(f"report on {S} tokens with {getattr(model, 'source', 'a model')}; writing to {out}/")
-
-    def save(fig, name: str) -> str:
-        with warnings.catch_warnings():  # tokens in scripts the default font lacks are drawn as boxes
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            fig.savefig(out / name, dpi=dpi)
-        return name
-
+    say(f"report on {tokens.shape[1]} tokens with {getattr(model, 'source', 'a model')}; writing to {out}/")
     sections = []
-    steps = 6
+    for step, (id, build) in enumerate(BUILDERS.items(), 1):
+        say(f"[{step}/{len(BUILDERS)}] {PROSE[id].step}")
+        sections.append(build(page, plots))
+    payload = _payload(model, tokens, sections, is_random(model) if random_weights is None else random_weights)
+    payload["seconds"] = round(time.perf_counter() - started, 2)
+    payload = _json_ready(payload)
+    (out / "report.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False),
+                                     encoding="utf-8")
+    (out / "index.html").write_text(render_html(payload), encoding="utf-8")
+    say(f"done in {payload['seconds']:.1f}s: {out / 'index.html'}")
+    return payload
 
-    say(f"[1/{steps}] reconstruction law and consecutive-block correlation")
-    r = reconstruct(model, tokens, top_fraction=top_fraction)
-    i, j = r.pair
-    sections.append(Section(
-        "reconstruction", "1. Rebuilding each block from its input and its two deltas",
-        "Each block adds two vectors to the residual stream: attention's output (attn_delta) and the MLP's "
-        "output (mlp_delta). So block L's input plus those two deltas must give block L+1's input, which is "
-        "also HuggingFace's hidden_states[L+1]. The scatter plots every value of one block's output against "
-        "the next block's output; the largest values (mostly at the first token) are left out so the rest "
-        "can be read.",
-        [Shown(save(plots.plot_reconstruction(r), "reconstruction.png"),
-               f"Left: error of input + attn_delta + mlp_delta per block. Middle: Pearson r between consecutive "
-               f"states. Right: {r.labels[i]} vs {r.labels[j]}, top {r.top_fraction:.0%} magnitudes left out.",
-               r.findings)],
-        r.findings,
-        [Table("Per block", ["block", "max abs error vs next input", "relative error", "max abs error vs "
-                             "hidden_states[L+1]", "Pearson r (next state)", "r, outliers left out"],
-               [[f"b{b}", r.max_abs_error_next[b].item(), r.rel_error_next[b].item(), r.max_abs_error_hidden[b].item(),
-                 r.pearson_r[b].item(), r.pearson_r_kept[b].item()] for b in range(n)])],
-        {"pair": [r.labels[i], r.labels[j]], "n_points": r.n_points, "n_left_out": r.n_left_out,
-         "range_all": r.range_all, "range_kept": r.range_kept, "outliers": r.outliers, "top_fraction": r.top_fraction}))
 
-    say(f"[2/{steps}] the final LayerNorm")
-    f = check_final_norm(model, tokens)
-    sections.append(Section(
-        "final_norm", "2. The last hidden state is different: ln_f",
-        "HuggingFace's output_hidden_states gives n_layer + 1 tensors: the embeddings, then each block's output. "
-        "But the last one has already been through the final LayerNorm ln_f (the one applied before the "
-        "unembedding), so it is not what the last block wrote. The raw last residual exists only at the "
-        "block's own output (tap blocks.L.resid_post).",
-        [Shown(save(plots.plot_final_norm(f), "final_norm.png"),
-               "Max |hidden_states[i+1] − block i's output| per block; the green bar compares ln_f(last block's "
-               "output) with hidden_states[−1].", f.findings)],
-        f.findings,
-        [Table("Differences", ["comparison", "max |difference|"],
-               [[f"hidden_states[{b + 1}] vs output of b{b}", f.block_diff[b].item()] for b in range(n)]
-               + [["ln_f(last output) vs hidden_states[-1]", f.ln_f_diff],
-                  ["std of the raw last output", f.raw_last_std], ["std of hidden_states[-1]", f.normalised_last_std]])],
-        {"penultimate_diff": f.penultimate_diff, "last_diff": f.last_diff, "ln_f_diff": f.ln_f_diff}))
-
-    say(f"[3/{steps}] four interventions (5 forward passes)")
-    iv = intervene(model, tokens, block=block, head=head)
-    named = {item.name: [Finding(f"{item.name}.{x.key}", x.claim, x.holds, x.detail, x.needs_trained)
-                         for x in item.findings] for item in iv.results}
-    figures = [Shown(save(plots.plot_interventions_overview(iv), "interventions_overview.png"),
-                     f"Std of every layer after each edit at block {iv.block}, divided by the clean run's "
-                     "(1 = unchanged).")]
-    for item in iv.results:
-        figures.append(Shown(save(plots.plot_intervention(iv, item.name), f"intervention_{item.name}.png"),
-                             f"{item.title}: std and mean |value| per layer, clean (blue) vs edited (red).",
-                             named[item.name]))
-    last = n  # index of the last block's raw output among iv.labels
-    sections.append(Section(
-        "interventions", f"3. Interventions at block {iv.block} and their downstream impact",
-        f"Four edits made inside the forward pass, each in its own run: (1) set the keys of head {iv.head} of "
-        f"block {iv.block} to zero, so that head attends uniformly; (2) replace the even-numbered MLP neurons "
-        f"of block {iv.block} (after GELU) by Gaussian noise of mean 10, far outside their usual range; "
-        f"(3, 4) multiply block {iv.block}'s whole output by 0.1 and by 10. The impact is read from the spread "
-        "(std) of every later layer compared with the clean run, and from the change in the next-token "
-        "distribution (KL divergence, top-1 token). Layers: emb = embeddings, bN = block N's raw output, "
-        "ln_f = the normalised last hidden state HuggingFace returns.",
-        figures, [x for item in iv.results for x in named[item.name]],
-        [Table("Impact of each edit", ["edit", "KL at last token (nats)", "mean KL over tokens", "top-1 clean",
-                                       "top-1 edited", "tokens whose top-1 changed", f"std ratio at b{iv.block}",
-                                       f"std ratio at b{n - 1}", "std ratio after ln_f"],
-               [[item.title, item.kl_last, item.kl_mean, item.top1_clean, item.top1_edited,
-                 f"{item.top1_changed_fraction:.0%}", item.std_ratio[iv.block + 1].item(),
-                 item.std_ratio[last].item(), item.std_ratio[-1].item()] for item in iv.results]),
-         Table("Std per layer", ["layer", "clean", *(item.name for item in iv.results)],
-               [[label, iv.clean_std[k].item(), *(item.std[k].item() for item in iv.results)]
-                for k, label in enumerate(iv.labels)])],
-        {"labels": iv.labels, "block": iv.block, "head": iv.head, "clean_std": iv.clean_std,
-         "clean_mean_abs": iv.clean_mean_abs, "clean_post_gelu_near_zero": iv.clean_post_gelu_near_zero,
-         "edits": {item.name: {"title": item.title, "std": item.std, "mean_abs": item.mean_abs,
-                               "std_ratio": item.std_ratio, "kl_last": item.kl_last, "kl_mean": item.kl_mean,
-                               "top1_clean": item.top1_clean, "top1_edited": item.top1_edited,
-                               "top1_changed": item.top1_changed,
-                               "top1_changed_fraction": item.top1_changed_fraction} for item in iv.results}}))
-
-    say(f"[4/{steps}] activation distributions, covariance and R^2 between layers")
-    d = measure_distributions(model, tokens)
-    skipped = "the first token left out" if d.first_token else "every token"
-
-    def about(*keys: str) -> list[Finding]:
-        return [x for x in d.findings if x.key in keys]
-
-    sections.append(Section(
-        "distributions", "4. Distributions of activations across layers",
-        f"The n_layer + 1 hidden states (emb, the block outputs, and ln_f's output last, as HuggingFace returns "
-        f"them) looked at as clouds of numbers, with {skipped} (it has no context and carries abnormal values). "
-        "The covariance and R² matrices treat each layer as one variable over all token × dimension values.",
-        [Shown(save(plots.plot_by_token(d), "values_by_token.png"),
-               f"Activation value against token index for a few layers ({skipped}).", about("first_token")),
-         Shown(save(plots.plot_by_dimension(d), "values_by_dimension.png"),
-               "Activation value against dimension: a few dimensions stand out in trained models."),
-         Shown(save(plots.plot_layer_matrices(d), "layer_matrices.png"),
-               "Covariance and R² between every pair of layers.", about("shared_variance", "gradual")),
-         Shown(save(plots.plot_histograms(d), "histograms.png"),
-               "Histograms of each layer's values on shared bins with a log y axis (tails), and their width per "
-               "layer.", about("tails"))],
-        d.findings,
-        [Table("Per layer", ["layer", "std", "99.9th pct |value|", "max |value| at token 0", "max |value| elsewhere"],
-               [[d.labels[k], d.std[k].item(), d.tail[k].item(), d.first_token_max[k].item(), d.rest_max[k].item()]
-                for k in range(len(d.labels))])],
-        {"labels": d.labels, "first_token": d.first_token, "covariance": d.covariance, "r2": d.r2,
-         "bin_edges": d.bin_edges, "counts": d.counts}))
-
-    say(f"[5/{steps}] logit lens")
-    ll = lens(model, tokens)
-    sections.append(Section(
-        "logit_lens", "5. Logit lens (beyond the notes)",
-        f"Every residual state at the last token is decoded as if the model stopped there: through ln_f and "
-        f"the unembedding. It shows at which depth the final prediction {ll.target_token} emerges.",
-        [Shown(save(plots.plot_logit_lens(ll), "logit_lens.png"),
-               f"Left: probability of the final prediction per layer. Right: top {ll.top_probs.shape[1]} tokens "
-               "per layer.", ll.findings)],
-        ll.findings,
-        [Table("Per layer", ["layer", f"p({ll.target_token})", "rank", "KL(final || layer)", "top tokens"],
-               [[ll.labels[k], ll.target_prob[k].item(), int(ll.target_rank[k]), ll.kl_to_final[k].item(),
-                 ", ".join(f"{t} {p:.2f}" for t, p in zip(ll.top_tokens[k], ll.top_probs[k].tolist()))]
-                for k in range(len(ll.labels))])],
-        {"labels": ll.labels, "position": ll.position, "target_token": ll.target_token, "target_id": ll.target_id,
-         "target_prob": ll.target_prob, "target_rank": ll.target_rank, "kl_to_final": ll.kl_to_final,
-         "top_tokens": ll.top_tokens, "top_probs": ll.top_probs, "final_max_diff": ll.final_max_diff}))
-
-    say(f"[6/{steps}] direct logit attribution")
-    a = attribute(model, tokens)
-    sections.append(Section(
-        "attribution", "6. Direct logit attribution (beyond the notes)",
-        f"The logit of the predicted token {a.target_token} is split exactly into the direct contributions of "
-        f"the embeddings, every attention head, every attention output bias and every MLP. ln_f is made linear "
-        f"by freezing its scale at this run's value σ = {a.scale:.4g}; its bias adds a constant term.",
-        [Shown(save(plots.plot_attribution(a), "attribution.png"),
-               "Left: each head's direct contribution to the logit. Right: attention and MLP per block.",
-               a.findings)],
-        a.findings,
-        [Table("Largest parts", ["part", "contribution"], [[name, value] for name, value in a.top(10)]),
-         Table("Sum", ["logit", "sum of parts", "|error|", "ln_f scale σ"],
-               [[a.logit, a.contributions.sum().item(), a.sum_error, a.scale]])],
-        {"target_token": a.target_token, "target_id": a.target_id, "logit": a.logit, "scale": a.scale,
-         "parts": dict(zip(a.names, a.contributions.tolist())), "sum_error": a.sum_error}))
-
-    payload = {
+def _payload(model: GPT, tokens: torch.Tensor, sections: list[Section], random_weights: bool) -> dict:
+    """Everything the page shows, as one JSON-able dict (the page is rendered from it alone)."""
+    return {
         "model": {"source": getattr(model, "source", ""), "random_weights": random_weights,
-                  "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+                  "dtype": str(model.unembedding.dtype).removeprefix("torch."),
                   "config": {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}},
-        "text": decode_text(model, tokens[0].tolist()), "n_tokens": S,
+        "text": decode_text(model, tokens[0].tolist()), "n_tokens": tokens.shape[1],
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "trained_only": sorted({x.claim for s in sections for x in s.findings if x.needs_trained}),
         "sections": [{"id": s.id, "title": s.title, "intro": s.intro,
@@ -282,16 +373,10 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
                                    "findings": [x.key for x in shown.findings]} for shown in s.figures],
                       "findings": [{"key": x.key, "claim": x.claim, "holds": x.holds, "detail": x.detail,
                                     "needs_trained_weights": x.needs_trained} for x in s.findings],
-                      "verdict": " ".join(x.line() + "." for x in s.findings),
+                      "verdict": verdict_of(s.findings),
                       "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in s.tables],
                       "data": s.data} for s in sections],
     }
-    payload["seconds"] = round(time.perf_counter() - started, 2)
-    payload = _json_ready(payload)
-    (out / "report.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False))
-    (out / "index.html").write_text(render_html(payload), encoding="utf-8")
-    say(f"done in {payload['seconds']:.1f}s: {out / 'index.html'}")
-    return payload
 
 
 CSS = """
@@ -337,12 +422,7 @@ def render_html(p: dict) -> str:
              f"<div class='text'>{html.escape(p['text'])}</div>"]
     if m["random_weights"]:
         items = "".join(f"<li>{html.escape(c)}</li>" for c in p["trained_only"])
-        parts.append("<div class='random'><h2>These are RANDOM weights, not a trained GPT-2</h2>"
-                     "The numbers describe an untrained network of GPT-2's shape. The architectural facts (the "
-                     "reconstruction law, ln_f on the last hidden state, the exact scale edit, the exact "
-                     "attribution) hold for any weights. The claims below are about what training produces and "
-                     "only hold for trained weights; here they may well fail:"
-                     f"<ul>{items}</ul></div>")
+        parts.append(f"<div class='random'>{RANDOM_WEIGHTS_BANNER}<ul>{items}</ul></div>")
     summary = "".join(f"<li><a href='#{s['id']}'>{html.escape(s['title'])}</a>: "
                       f"{sum(x['holds'] is True for x in s['findings'])} hold, "
                       f"{sum(x['holds'] is False for x in s['findings'])} do not, "

@@ -71,3 +71,13 @@ def test_no_circle_among_minigpt_modules() -> None:
     for module in sorted(edges):
         if module not in state:
             visit(module, [])
+
+
+def test_minigpt_never_imports_the_packages_above_it() -> None:
+    """Not even lazily: the probes' commands reach the CLI through an entry point instead."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            assert not any(n == "probes" or n.startswith("probes.") for n in names), f"{path} imports probes"

@@ -165,11 +165,15 @@ def test_scale_edit_multiplies_that_blocks_std_exactly(factor):
         assert next(f for f in item.findings if f.key == "ln_f_compensates").holds is True
 
 
-def test_interventions_clamp_head_and_reject_bad_block():
-    iv = probes.intervene(random_model(n_layer=2, n_head=2, n_embd=16), TOKENS, block=9, head=2)
+def test_interventions_default_to_the_last_block_and_head_of_a_small_model_and_refuse_others():
+    small = random_model(n_layer=2, n_head=2, n_embd=16)
+    iv = probes.intervene(small, TOKENS)  # the notes' block 9 / head 2 do not exist here: the last ones
     assert (iv.block, iv.head) == (1, 1)
-    with pytest.raises(InputError, match="block"):
-        probes.intervene(random_model(n_layer=2), TOKENS, block=-5)
+    assert (probes.intervene(small, TOKENS, block=-2, head=-1).block, iv.head) == (0, 1)  # Python-style
+    for bad in ({"block": 9}, {"block": 2}, {"block": -3}, {"head": 2}, {"head": -3}):
+        (name, value), = bad.items()
+        with pytest.raises(InputError, match=rf"{name} {value} is out of range: .* have 2 \(valid: 0\.\.1"):
+            probes.intervene(small, TOKENS, **bad)
 
 
 # --- distributions --------------------------------------------------------------------------------
