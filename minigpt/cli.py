@@ -8,6 +8,7 @@ import torch
 
 from .config import DTYPES, OFFICIAL
 from .errors import HubUnreachableError, MiniGPTError
+from .harvest import cli as harvest_cli
 from .model import GPT
 
 
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(p)
     # Offline with nothing cached, the report still runs, on random weights, and says so on the page.
     p.set_defaults(func=report, random_if_offline=True)
+    harvest_cli.add_command(commands, add_model_args)
     args = parser.parse_args(argv)
     try:
         with torch.no_grad():
