@@ -73,14 +73,17 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
                     "corpus": {"files": corpus.fingerprint(files), "lines": lines}, "taps": taps,
                     "dtype": str(dtype).removeprefix("torch."), "context": context, "max_tokens": max_tokens,
                     "positions": positions, "shard_bytes": shard_bytes, "rows_per_shard": rows_per_shard}
-        _prepare(out, settings, rank, world)
-        done = {k: v for k, v in storage.finished_shards(out).items() if k % world == rank}
 
         def plan() -> Iterable[Shard]:
             docs = corpus.documents(files, lines)
             encode = model.tokenizer.encode
             wins = windows(docs, lambda text: encode(text, allowed_special={END_OF_TEXT}), context, max_tokens)
             return shards(wins, rows_per_shard, positions)
+
+        if next(iter(plan()), None) is None:  # before anything is written
+            raise HarvestError(f"the corpus ({len(files)} files) holds no tokens: every document is empty")
+        _prepare(out, settings, rank, world)
+        done = {k: v for k, v in storage.finished_shards(out).items() if k % world == rank}
 
         progress = None if quiet or rank != 0 else _progress(plan(), rank, world, done)
         recorder = Recorder(model, taps, positions)
@@ -344,8 +347,6 @@ def _finish(out: Path, settings: dict, row_shapes: dict, mine: list[dict], rank:
                 "index": {name: str(kind).removeprefix("torch.") for name, kind in storage.INDEX.items()},
                 "rows": sum(r["rows"] for r in records), "tokens": sum(r["tokens"] for r in records),
                 "bytes": sum(r["bytes"] for r in records), "world_size": world, "shards": records}
-    if not records:
-        raise HarvestError("the corpus gave no tokens (every document is empty); nothing to harvest")
     if rank == 0:
         storage.write_json(out / MANIFEST, manifest)
     _all(None, world)  # nobody returns before the manifest is there
