@@ -53,6 +53,9 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
     calls this with the same arguments and takes its share of the shards.
     """
     model = _model(model)
+    if model.cfg.vocab_size < END_OF_TEXT_ID + 1:
+        raise HarvestError(f"harvest tokenizes the corpus with GPT-2's BPE ({END_OF_TEXT_ID + 1} ids), but this "
+                           f"model's vocabulary has {model.cfg.vocab_size}")
     taps = _taps(model, taps)
     context = model.cfg.n_positions if context is None else context
     dtype = _check_options(model, context, max_tokens, positions, dtype, batch_size, shard_bytes)
@@ -233,7 +236,8 @@ def _model_identity(model) -> dict:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         t = tensor.detach().cpu().contiguous()
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # the bytes in place, no copy
     return {"source": model.source, "config": asdict(model.cfg), "dtype": str(model.unembedding.dtype),
             "weights_sha256": digest.hexdigest()}
 

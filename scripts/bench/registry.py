@@ -6,10 +6,11 @@ for it, and its section lands in bench.json and bench.md.
 """
 from __future__ import annotations
 
-from . import decode, forward
+from . import decode, forward, harvest
 from .concern import Concern
 
 CONCERNS: dict[str, Concern] = {c.name: c for c in [
     forward.CONCERN,
     decode.CONCERN,
+    harvest.CONCERN,
 ]}
