@@ -138,8 +138,8 @@ def check_harvest_memory(model: GPT, batch: int, seq: int, buffer_bytes: int, *,
     """Refuse a harvest whose peak would not fit in the memory free now (``minigpt.harvest``).
 
     Its peak does not grow with the corpus: the forward of one batch (``forward_bytes``) on the
-    model's device, plus ``buffer_bytes`` of shard buffers in CPU memory (two being filled or written,
-    one serialised shard). The weights are already loaded, so they are not counted.
+    model's device, plus ``buffer_bytes`` of shard buffers in CPU memory (one being filled, two waiting
+    for the disk). The weights are already loaded, so they are not counted.
     """
     itemsize = model.unembedding.dtype.itemsize
     device = model.unembedding.device

@@ -259,7 +259,7 @@ def test_other_settings_over_an_existing_directory_are_refused(model, corpus, tm
         harvest(model, corpus, "blocks.0.resid_post", tmp_path / "h", context=8, quiet=True)
     with pytest.raises(HarvestError, match="taps"):
         harvest(model, corpus, "blocks.1.resid_post", tmp_path / "h", context=16, quiet=True)
-    with pytest.raises(HarvestError, match="weights_sha256"):
+    with pytest.raises(HarvestError, match="weights_sample_sha256"):
         harvest(GPT.random(CFG, seed=2), corpus, "blocks.0.resid_post", tmp_path / "h", context=16, quiet=True)
     assert sorted(p.name for p in (tmp_path / "h" / "shards").iterdir()) == before
     # The same settings again: nothing to do, the same manifest.

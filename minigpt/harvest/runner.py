@@ -231,15 +231,19 @@ def _check_options(model, context, max_tokens, positions, dtype, batch_size, sha
 
 
 def _model_identity(model) -> dict:
-    """What identifies the model: where it came from, its config, and a hash of every weight."""
+    """What identifies the model: where it came from, its config, and a hash of a sample of every weight.
+
+    The sample (up to 65,536 evenly spaced values of each tensor) keeps this cheap for any size of
+    model; training or loading other weights changes it.
+    """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        t = tensor.detach().cpu().contiguous()
-        if t.numel():
-            digest.update(t.view(torch.uint8).numpy())  # the bytes in place, no copy
+        values = tensor.detach().flatten()
+        sample = values[::max(1, len(values) // 65536)].cpu().contiguous()
+        digest.update(name.encode() + str(list(tensor.shape)).encode())
+        digest.update(sample.view(torch.uint8).numpy())
     return {"source": model.source, "config": asdict(model.cfg), "dtype": str(model.unembedding.dtype),
-            "weights_sha256": digest.hexdigest()}
+            "weights_sample_sha256": digest.hexdigest()}
 
 
 def _distributed(device: torch.device) -> tuple[int, int, bool]:
@@ -294,14 +298,21 @@ def _check_directory(out: Path, settings: dict) -> str | None:
             if differ:
                 return (f"{out} holds a harvest made with other settings ({'; '.join(differ[:4])}). Run with the "
                         "same arguments to resume it, or choose another --out")
-        elif out.exists() and any(out.iterdir()):
+        elif out.exists() and not _fresh(out):
             return (f"{out} is not empty and holds no harvest ({SETTINGS} missing); choose a new or empty "
                     "directory for --out")
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
-        storage.write_json(out / SETTINGS, settings)
+        if not (out / SETTINGS).is_file():
+            storage.write_json(out / SETTINGS, settings)
     except OSError as e:
         return f"cannot write into --out {out} ({e.strerror or e}); choose a directory you can write to"
     return None
+
+
+def _fresh(out: Path) -> bool:
+    """Whether ``out`` holds nothing but what ranks starting beside this one may have begun to write."""
+    return all(p.name.endswith(".tmp") or (p.name == SHARDS and p.is_dir() and not any(p.iterdir()))
+               for p in out.iterdir())
 
 
 def _differences(theirs: object, ours: object, where: str = "") -> list[str]:

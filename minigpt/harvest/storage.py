@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import queue
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,9 @@ from pathlib import Path
 import torch
 
 from ..errors import HarvestError
+from ..weights import SAFETENSORS_DTYPES
+
+_SAFETENSORS_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 SETTINGS, MANIFEST, SHARDS = "settings.json", "manifest.json", "shards"
 # The index of each row, stored in every shard beside the taps' rows (tap names never start with "index.").
@@ -34,8 +38,11 @@ def shard_path(directory: Path, index: int) -> Path:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """``data`` to ``path``, never visible half-written: a temporary file, fsync, then rename."""
-    temporary = path.with_name(path.name + ".tmp")
+    """``data`` to ``path``, never visible half-written: a temporary file, fsync, then rename.
+
+    The temporary name holds the process id: processes sharing the directory never write one file.
+    """
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with temporary.open("wb") as f:
         f.write(data)
         f.flush()
@@ -80,15 +87,42 @@ class Buffers:
         return {**{tap: t[:n] for tap, t in self.rows.items()}, **{k: t[:n] for k, t in self.index.items()}}
 
 
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+    """``tensors`` to the file ``path`` in the safetensors format, flushed to disk; (bytes, sha256) of it.
+
+    Written straight from the tensors' memory, hashed on the way: no serialised copy of the shard is
+    made (safetensors.torch.save would build one in memory). The format: an 8-byte little-endian
+    header length, the JSON header (each tensor's dtype, shape and byte range, padded to 8 bytes),
+    then the tensors' bytes in that order. Read back with safetensors' own safe_open.
+    """
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for piece in [struct.pack("<Q", len(text)), text,
+                      *(t.contiguous().view(-1).view(torch.uint8).numpy() for t in tensors.values())]:
+            digest.update(piece)
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(text) + offset, digest.hexdigest()
+
+
 class ShardWriter:
     """Writes full shards in a background thread while the model computes the next one.
 
-    ``take()`` gives free Buffers to fill (blocks while both are being written), ``put(...)`` hands
-    them over; the thread serialises them (safetensors), gives them back, then hashes and writes the
-    file. ``close()`` waits for the last one. An error in the thread comes out of the next call.
+    ``take()`` gives free Buffers to fill (blocks while all are being written), ``put(...)`` hands them
+    over; the thread writes the shard file from them and gives them back. Three sets of buffers: one
+    being filled while two may wait for the disk. ``close()`` waits for the last one. An error in the
+    thread comes out of the next call.
     """
 
-    def __init__(self, directory: Path, make_buffers: Callable[[], Buffers], count: int = 2):
+    def __init__(self, directory: Path, make_buffers: Callable[[], Buffers], count: int = 3):
         self.directory = directory
         self.free: queue.Queue[Buffers] = queue.Queue()
         self.todo: queue.Queue = queue.Queue()
@@ -125,22 +159,20 @@ class ShardWriter:
             raise HarvestError(f"writing a shard into {self.directory} failed: {self.error}") from self.error
 
     def _work(self) -> None:
-        from safetensors.torch import save
-
         while (item := self.todo.get()) is not None:
             if self.error is not None:
                 continue  # drain: the main thread raises
             index, buffers, rows, meta = item
             try:
-                data = save(buffers.tensors(rows), metadata={"shard": str(index)})
-                self.free.put(buffers)  # serialised: the model may fill them again
                 path = shard_path(self.directory, index)
-                record = {"file": f"{SHARDS}/{path.name}", "rows": rows, "bytes": len(data),
-                          "sha256": hashlib.sha256(data).hexdigest(), **meta}
-                # The record first: a shard file under its name always has one.
+                temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                size, sha256 = write_shard(temporary, buffers.tensors(rows), {"shard": str(index)})
+                record = {"file": f"{SHARDS}/{path.name}", "rows": rows, "bytes": size, "sha256": sha256, **meta}
+                # The record before the shard's final name: a shard file under its name always has one.
                 write_json(path.with_suffix(".json"), record)
-                write_atomically(path, data)
+                os.replace(temporary, path)
                 self.written.append(record)
             except BaseException as e:  # noqa: BLE001 - any failure here must reach the main thread
                 self.error = e
+            finally:
                 self.free.put(buffers)
