@@ -116,7 +116,8 @@ def measure(args: argparse.Namespace, log=print) -> dict:
     per_document = 4 * args.seq
     corpus = write_corpus(work / "corpus.jsonl", model, 2 if args.quick else 8, per_document)
     windows = windows_of(corpus, model, args.seq)
-    shard_bytes = (1 if args.quick else 64) * 2**20
+    # Shards much smaller than the output, so that buffers are reused as in a long harvest (default 256 MiB).
+    shard_bytes = (1 if args.quick else 16) * 2**20
     last = f"blocks.{model.cfg.n_layer - 1}.resid_post"
     hf = hf_twin(model).transformer  # GPT2Model: no LM head, as a harvester needs none
     row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
