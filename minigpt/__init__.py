@@ -1,7 +1,7 @@
 """minigpt: GPT-2 by hand in plain PyTorch, with named taps and edits, equal to HuggingFace's."""
 from . import edits
 from .config import OFFICIAL, GPTConfig
-from .errors import (CheckpointError, EditError, HubError, HubUnreachableError, InputError, MemoryBudgetError, MiniGPTError,
+from .errors import (CheckpointError, EditError, HarvestError, HubError, HubUnreachableError, InputError, MemoryBudgetError, MiniGPTError,
                      MiniGPTWarning, TapError, TokenizerError)
 from .model import GPT
 from .taps import describe, tap_names
@@ -9,4 +9,4 @@ from .trace import Trace
 
 __all__ = ["GPT", "GPTConfig", "OFFICIAL", "Trace", "tap_names", "describe", "edits", "MiniGPTError",
            "TapError", "EditError", "InputError", "CheckpointError", "HubError", "HubUnreachableError", "TokenizerError",
-           "MemoryBudgetError", "MiniGPTWarning"]
+           "MemoryBudgetError", "HarvestError", "MiniGPTWarning"]

@@ -44,6 +44,11 @@ class MemoryBudgetError(MiniGPTError, MemoryError):
     """The taps asked for would hold more memory than the budget allows."""
 
 
+class HarvestError(MiniGPTError):
+    """A harvest that cannot run or be read: a missing or unreadable corpus, an output directory that
+    holds another harvest (or is not writable), settings that cannot work together."""
+
+
 class MiniGPTWarning(UserWarning):
     """Something suspicious that is not an error (e.g. an edit produced NaN)."""
 

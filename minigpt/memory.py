@@ -10,7 +10,7 @@ import torch
 
 from .config import GPTConfig, is_integer
 from .errors import InputError, MemoryBudgetError
-from .taps import QUERY_KEY_TAPS, Positions, Taps, describe
+from .taps import QUERY_KEY_TAPS, Positions, Taps, describe, tap_shape
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -29,11 +29,21 @@ def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg: GPTConfig, 
         kept = 1
     else:
         kept = len(range(seq)[positions] if isinstance(positions, slice) else positions)
-    sizes = {"1": 1, "B": batch, "Q": seq, "K": seq, "H": cfg.n_head, "D": cfg.n_embd,
-             "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
+    sizes = {"B": batch, "Q": seq, "K": seq, **axis_sizes(cfg)}
     shapes = {info.name: info.shape.split() for info in describe(cfg.n_layer)}
     return {n: math.prod(kept if axis == "S" else sizes[axis] for axis in shapes[n]) * bytes_per_value
             for n in names}
+
+
+def axis_sizes(cfg: GPTConfig) -> dict[str, int]:
+    """The size of each model-fixed axis letter of the tap table (H heads, D d_model, d d_head, M d_mlp, V vocab)."""
+    return {"1": 1, "H": cfg.n_head, "D": cfg.n_embd, "d": cfg.d_head, "M": cfg.d_mlp, "V": cfg.vocab_size}
+
+
+def row_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
+    """The shape of one token's values at a tap shaped [B, S, ...]: ``blocks.0.attn.q`` -> (H, d)."""
+    sizes = axis_sizes(cfg)
+    return tuple(sizes[axis] for axis in tap_shape(name)[2:])
 
 
 def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq: int, *,
@@ -52,20 +62,21 @@ def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq:
 
 
 def forward_bytes(cfg: GPTConfig, batch: int, seq: int, itemsize: int, *, grad: bool = False,
-                  explicit_attention: bool = False, keys: int | None = None) -> int:
+                  explicit_attention: bool = False, keys: int | None = None, logits: bool = True) -> int:
     """Bytes the forward pass itself holds at its peak, beyond the weights and the trace.
 
     The logits [B, S, V] and one block's temporaries (qkv, the attention output, the MLP's two
     [B, S, M]), plus scores and pattern [B, H, S, K] when attention runs in the open; with ``grad``
     the autograd graph keeps every block's. ``keys``: positions attended over (a cache's), else S.
-    An estimate on the safe side, for the guard, not an exact count.
+    ``logits=False``: a forward that stops before the unembedding. An estimate on the safe side, for
+    the guard, not an exact count.
     """
     keys = seq if keys is None else keys
     block = batch * seq * (8 * cfg.n_embd + 2 * cfg.d_mlp)
     if explicit_attention:
         block += 2 * batch * cfg.n_head * seq * keys
     blocks_held = cfg.n_layer if grad else 1
-    return itemsize * (batch * seq * cfg.vocab_size + blocks_held * block)
+    return itemsize * (batch * seq * cfg.vocab_size * logits + blocks_held * block)
 
 
 def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | None = None) -> None:
@@ -121,6 +132,27 @@ def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | 
             + ", ".join(f"{what} {fmt_bytes(n)}" for what, n in parts.items() if n)
             + f"), more than the {fmt_bytes(free)} free on {where} now (trace_budget_bytes='auto' keeps 10% spare). "
             f"Use a smaller batch or fewer tokens, or {_WAY_OUT[0].lower()}{_WAY_OUT[1:]}")
+
+
+def check_harvest_memory(model: GPT, batch: int, seq: int, buffer_bytes: int, *, logits: bool) -> None:
+    """Refuse a harvest whose peak would not fit in the memory free now (``minigpt.harvest``).
+
+    Its peak does not grow with the corpus: the forward of one batch (``forward_bytes``) on the
+    model's device, plus ``buffer_bytes`` of shard buffers in CPU memory (one being filled, two waiting
+    for the disk). The weights are already loaded, so they are not counted.
+    """
+    itemsize = model.unembedding.dtype.itemsize
+    device = model.unembedding.device
+    forward = forward_bytes(model.cfg, batch, seq, itemsize, logits=logits)
+    needs = {device: forward} if device.type != "cpu" else {}
+    needs[torch.device("cpu")] = buffer_bytes + (forward if device.type == "cpu" else 0)
+    for where, total in needs.items():
+        free = available_memory(where)
+        if free is not None and total > 0.9 * free:
+            raise MemoryBudgetError(
+                f"this harvest needs about {fmt_bytes(total)} on {where} (the forward of {batch}x{seq} tokens "
+                f"{fmt_bytes(forward)}, shard buffers {fmt_bytes(buffer_bytes)}), more than 90% of the "
+                f"{fmt_bytes(free)} free there now; use a smaller --batch-size, --context or --shard-mb")
 
 
 _WAY_OUT = ("Record fewer taps, fewer positions (positions=[-1]) or a smaller batch, record in a lower dtype "

@@ -202,23 +202,30 @@ class Taps:
     to bfloat16) and ``positions`` keeps only those sequence positions of taps whose second axis is
     the sequence (an index tensor [B]: one position per row). ``stop_at``: the forward ends after
     this tap. ``Taps.request`` builds one from patterns and checks everything first.
+
+    ``sink``: instead of keeping recorded tensors in ``trace``, call ``sink(name, x)`` with each one
+    (the value the forward goes on with, whole: ``to``/``dtype``/``positions`` do not apply). The sink
+    must not change ``x``; it copies what it wants into memory of its own, e.g. buffers it reuses
+    from batch to batch (``minigpt.harvest`` does), so that recording allocates nothing.
     """
 
     def __init__(self, record: Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
                  grad: bool = False, to: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 positions: slice | list[int] | torch.Tensor | None = None, stop_at: str | None = None):
+                 positions: slice | list[int] | torch.Tensor | None = None, stop_at: str | None = None,
+                 sink: Callable[[str, torch.Tensor], None] | None = None):
         self.record = dict.fromkeys(record)  # ordered, for the memory guard's message
         self.edits = dict(edits or {})
         self.stop_at = stop_at
         self.wanted = self.record.keys() | self.edits.keys() | ({stop_at} if stop_at else set())
-        self.grad, self.to, self.dtype, self.positions = grad, to, dtype, positions
+        self.grad, self.to, self.dtype, self.positions, self.sink = grad, to, dtype, positions, sink
         self.trace: dict[str, torch.Tensor] = {}
 
     @classmethod
     def request(cls, names: list[str], taps: str | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
                 seq: int, mask: torch.Tensor | None = None, grad: bool = False,
                 to: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                positions: Positions = None, stop_at: str | None = None) -> Taps:
+                positions: Positions = None, stop_at: str | None = None,
+                sink: Callable[[str, torch.Tensor], None] | None = None) -> Taps:
         """What ``run`` asks for, checked: tap patterns and edits resolved against ``names``, the keep
         options valid for a ``seq``-token input (``mask`` [B, seq] for a padded batch), and the taps
         after ``stop_at`` left out. Raises TapError, EditError or InputError."""
@@ -230,7 +237,7 @@ class Taps:
         if positions == "last":
             # Each row's last real token (the last True of its mask), as an index [B].
             positions = [-1] if mask is None else seq - 1 - mask.flip(-1).int().argmax(dim=-1)
-        return cls(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions, stop_at=stop_at)
+        return cls(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions, stop_at=stop_at, sink=sink)
 
     def wants(self, name: str) -> bool:
         """Whether the tap ``name`` is recorded or edited in this call (or is where it stops)."""
@@ -249,7 +256,10 @@ class Taps:
             if self.grad and not x.requires_grad:
                 # Nothing before this tap needs a gradient (a frozen model): start the graph here.
                 x = x.detach().requires_grad_()
-            self.trace[name] = self._keep(name, x)
+            if self.sink is not None:
+                self.sink(name, x)
+            else:
+                self.trace[name] = self._keep(name, x)
         if name == self.stop_at:
             raise StopForward
         return x

@@ -278,7 +278,7 @@ def _open(path: Path, stack: ExitStack):
                               "or corrupt: download it again") from e
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
@@ -294,7 +294,7 @@ def _header(files: list[Path], stack: ExitStack) -> tuple[Header, dict[str, obje
                 raise CheckpointError(f"{key!r} is in two shards ({path.name} and another); the checkpoint is "
                                       "ambiguous: download it again")
             piece = handle.get_slice(key)
-            dtype = _DTYPES.get(piece.get_dtype())
+            dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
             if dtype is None:
                 raise CheckpointError(f"{path}: {key} has dtype {piece.get_dtype()}, which minigpt does not read")
             header[key], where[key] = (tuple(piece.get_shape()), dtype), handle

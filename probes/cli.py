@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from minigpt.cli import Subcommands, add_model_args, load_model, output_dir
+from minigpt.command import Subcommands, add_model_args, load_model, output_dir
 
 from .final_norm import check_final_norm
 from .reconstruction import reconstruct

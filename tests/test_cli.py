@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from minigpt import GPT, GPTConfig
-from minigpt import cli
+from minigpt import cli, command
 from minigpt.errors import InputError
 
 TEXT = "Naïve café — 東京 and the residual stream"
@@ -96,11 +96,11 @@ def test_a_bad_option_is_argparse_own_error(capsys):
 
 
 def test_output_dir_creates_and_refuses(tmp_path):
-    made = cli.output_dir(tmp_path / "a" / "b")
+    made = command.output_dir(tmp_path / "a" / "b")
     assert made.is_dir() and list(made.iterdir()) == []  # the write test leaves nothing behind
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="--where .*is a file"):
-        cli.output_dir(tmp_path / "f", option="--where")
+        command.output_dir(tmp_path / "f", option="--where")
 
 
 def test_commands_come_from_the_table_and_the_entry_points():

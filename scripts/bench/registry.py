@@ -6,11 +6,12 @@ for it, and its section lands in bench.json and bench.md.
 """
 from __future__ import annotations
 
-from . import decode, forward, load
+from . import decode, forward, harvest, load
 from .concern import Concern
 
 CONCERNS: dict[str, Concern] = {c.name: c for c in [
     forward.CONCERN,
     load.CONCERN,
     decode.CONCERN,
+    harvest.CONCERN,
 ]}

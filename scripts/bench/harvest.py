@@ -1,0 +1,194 @@
+"""Harvest throughput: ``minigpt.harvest`` writing the four residual taps of every block to disk in
+bf16, beside the plain forward on the same windows and a hand-written HF + hooks harvester.
+
+    .venv/bin/python -m scripts.bench --no-forward --harvest     # this section alone
+    .venv/bin/python -m scripts.bench --quick --no-forward --harvest
+
+The corpus: JSONL documents of words that are one GPT-2 token each, so that every window is full
+(``--seq`` tokens; 4 windows per document). The contenders, timed in alternation (one call each
+per round, shuffled), each over the whole corpus, ``--batch`` windows per forward:
+
+  minigpt forward, plain      ``model(tokens)`` per batch, logits included: the reference of the target
+  minigpt forward, stopped    ``model.run(tokens, stop_at=last block's resid_post)``: the forward harvest runs
+  minigpt harvest             ``harvest(...)`` from the JSONL file to a finished directory (reading,
+                              tokenizing, hashing the weights, writing shards, fsync, manifest: all of it)
+  HF + hooks harvester        GPT2Model (no LM head) with forward hooks on every block, its attention
+                              and its MLP, bf16 copies collected per batch and written with
+                              safetensors' save_file, the same rows and index, the same shard size
+
+Peak memory of the harvest is measured in a fresh process (harness.peak_during) and set beside its
+bound: the forward of one batch plus three shard buffers (weights not counted).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from minigpt import GPT
+from minigpt.memory import forward_bytes
+
+from . import harness
+from .concern import Concern
+from .contenders import FOUR, QUICK_CONFIG, hf_twin
+from .report import mib, table
+
+# --quick's tiny model, with GPT-2's whole vocabulary: the corpus is tokenized with GPT-2's BPE.
+QUICK = dataclasses.replace(QUICK_CONFIG, vocab_size=50257)
+WORDS = "the of and to in is was for on with as by at from his her it that this city river house".split()
+
+
+def write_corpus(path: Path, model: GPT, documents: int, tokens_per_document: int) -> Path:
+    """JSONL documents of exactly ``tokens_per_document`` tokens (words that are one token each)."""
+    words = [w for w in WORDS if len(model.tokenizer.encode(" " + w)) == 1]
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(documents):
+            f.write(json.dumps({"text": "".join(" " + rng.choice(words) for _ in range(tokens_per_document))}) + "\n")
+    return path
+
+
+def windows_of(path: Path, model: GPT, seq: int) -> torch.Tensor:
+    """The corpus's windows as one tensor [N, seq] (every document a whole number of windows)."""
+    ids = [model.tokenizer.encode(json.loads(line)["text"]) for line in path.read_text().splitlines()]
+    return torch.tensor(ids).view(-1, seq)
+
+
+def hf_hooks_harvester(hf, windows: torch.Tensor, out: Path, batch: int, rows_per_shard: int,
+                       tokens_per_document: int) -> None:
+    """What one writes by hand today: hooks that keep bf16 copies, a list per tap, save_file per shard."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    kept: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str, x) -> None:
+        x = x[0] if isinstance(x, tuple) else x
+        kept.setdefault(name, []).append(x.detach().to(torch.bfloat16).flatten(0, 1))
+
+    hooks = []
+    for layer, block in enumerate(hf.h):
+        p = f"blocks.{layer}."
+        hooks += [
+            block.register_forward_pre_hook(lambda m, args, kwargs, p=p: keep(p + "resid_pre", args[0] if args else
+                                                                               kwargs["hidden_states"]),
+                                            with_kwargs=True),
+            block.attn.register_forward_hook(lambda m, args, output, p=p: keep(p + "attn_delta", output)),
+            block.mlp.register_forward_hook(lambda m, args, output, p=p: keep(p + "mlp_delta", output)),
+            block.register_forward_hook(lambda m, args, output, p=p: keep(p + "resid_post", output))]
+    tokens = windows.flatten()
+    shard, start, end = 0, 0, 0  # rows [start, end) wait in ``kept``
+
+    def flush() -> None:
+        nonlocal shard, start
+        row = torch.arange(start, end)  # the index, as harvest stores it
+        tensors = {name: torch.cat(parts) for name, parts in kept.items()}
+        tensors |= {"index.document": row // tokens_per_document, "index.position": row % tokens_per_document,
+                    "index.token": tokens[start:end].to(torch.int32)}
+        save_file(tensors, str(out / f"shard-{shard:06d}.safetensors"))
+        kept.clear()
+        shard, start = shard + 1, end
+
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(windows), batch):
+                if end - start + windows[i:i + batch].numel() > rows_per_shard:
+                    flush()
+                hf(windows[i:i + batch])
+                end += windows[i:i + batch].numel()
+            flush()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def measure(args: argparse.Namespace, log=print) -> dict:
+    cfg = QUICK if args.quick else "gpt2"
+    model = GPT.random(cfg, seed=0)
+    work = Path(args.out) / "harvest-work"
+    shutil.rmtree(work, ignore_errors=True)
+    per_document = 4 * args.seq
+    corpus = write_corpus(work / "corpus.jsonl", model, 2 if args.quick else 8, per_document)
+    windows = windows_of(corpus, model, args.seq)
+    # Shards much smaller than the output, so that buffers are reused as in a long harvest (default 256 MiB).
+    shard_bytes = (1 if args.quick else 16) * 2**20
+    last = f"blocks.{model.cfg.n_layer - 1}.resid_post"
+    hf = hf_twin(model).transformer  # GPT2Model: no LM head, as a harvester needs none
+    row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
+    calls_made = {"n": 0}
+
+    def fresh(name: str) -> Path:
+        calls_made["n"] += 1
+        return work / f"{name}-{calls_made['n']}"
+
+    def plain() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(windows), args.batch):
+                model(windows[i:i + args.batch])
+
+    def stopped() -> None:
+        for i in range(0, len(windows), args.batch):
+            model.run(windows[i:i + args.batch], stop_at=last)
+
+    def ours() -> None:
+        from minigpt.harvest import harvest
+        harvest(model, corpus, FOUR, fresh("minigpt"), context=args.seq, batch_size=args.batch,
+                dtype=torch.bfloat16, shard_bytes=shard_bytes, quiet=True)
+
+    def theirs() -> None:
+        hf_hooks_harvester(hf, windows, fresh("hf"), args.batch, shard_bytes // row_bytes, per_document)
+
+    calls = {"minigpt forward, plain (logits)": plain, "minigpt forward, stopped after the last block": stopped,
+             "minigpt harvest, 4 residual taps, bf16, to disk": ours,
+             "HF GPT2Model + hooks harvester, bf16, save_file": theirs}
+    log(f"harvest: {windows.numel()} tokens ({len(windows)} windows of {args.seq}), batch {args.batch}")
+    times = harness.time_round_robin(calls, "cpu", warmup=1, repeats=max(2, args.repeats // 3),
+                                     threads=torch.get_num_threads(), log=log)
+    tokens = windows.numel()
+    plain_s = times["minigpt forward, plain (logits)"].headline()
+    rows = [{"contender": name, "median_s": round(t.headline(), 3), "tokens_per_s": round(tokens / t.headline(), 1),
+             "x_plain_tokens_per_s": round(plain_s / t.headline(), 3), "calls": len(t.seconds)}
+            for name, t in times.items()]
+    memory = harness.in_fresh_process("harvest", {"quick": args.quick, "seq": args.seq, "batch": args.batch,
+                                                  "corpus": str(corpus), "shard_bytes": shard_bytes,
+                                                  "out": str(work / "memory")})
+    bound = forward_bytes(model.cfg, args.batch, args.seq, 4, logits=False) + 3 * (shard_bytes // row_bytes) * row_bytes
+    shutil.rmtree(work, ignore_errors=True)
+    by = {r["contender"]: r for r in rows}
+    return {"tokens": tokens, "batch": args.batch, "seq": args.seq, "shard_bytes": shard_bytes,
+            "model": "random weights, " + ("tiny" if args.quick else "GPT-2 small") + " shape, fp32",
+            "written_bytes_per_call": memory.get("written_bytes"), "rows": rows, "peak": memory, "peak_bound_bytes": bound,
+            "target_values": {
+                "harvest.vs_plain": by["minigpt harvest, 4 residual taps, bf16, to disk"]["x_plain_tokens_per_s"],
+                "harvest.vs_hf_hooks": (by["HF GPT2Model + hooks harvester, bf16, save_file"]["median_s"]
+                                        / by["minigpt harvest, 4 residual taps, bf16, to disk"]["median_s"])}}
+
+
+def child(request: dict) -> dict:
+    """Peak memory of one harvest call, in a fresh process (the model and corpus made before measuring)."""
+    from minigpt.harvest import harvest
+
+    model = GPT.random(QUICK if request["quick"] else "gpt2", seed=0)
+    manifest, memory = harness.peak_during(lambda: harvest(
+        model, request["corpus"], FOUR, request["out"], context=request["seq"], batch_size=request["batch"],
+        shard_bytes=request["shard_bytes"], quiet=True), "cpu")
+    return memory | {"written_bytes": manifest["bytes"]}
+
+
+def markdown(section: dict) -> str:
+    peak = section["peak"]
+    return (f"{section['tokens']:,} tokens ({section['model']}), windows of {section['seq']}, batch {section['batch']}, "
+            f"shards of at most {mib(section['shard_bytes'])} MiB; contenders in shuffled order, medians over all calls. "
+            f"Harvest peak memory above the loaded model, in a fresh process: {mib(peak.get('peak_extra_bytes'))} MiB "
+            f"(bound: forward of one batch + 3 shard buffers = {mib(section['peak_bound_bytes'])} MiB).\n\n"
+            + table(section["rows"]))
+
+
+CONCERN = Concern("harvest", "minigpt.harvest to disk vs the plain forward and an HF + hooks harvester",
+                  default=False, run=measure, markdown=markdown, child=child)
