@@ -2,11 +2,11 @@
 from . import edits
 from .config import OFFICIAL, GPTConfig
 from .errors import (CheckpointError, EditError, HarvestError, HubError, HubUnreachableError, InputError, MemoryBudgetError, MiniGPTError,
-                     MiniGPTWarning, TapError, TokenizerError)
+                     MiniGPTWarning, TapError, TokenizerError, TrainingError)
 from .model import GPT
 from .taps import describe, tap_names
 from .trace import Trace
 
 __all__ = ["GPT", "GPTConfig", "OFFICIAL", "Trace", "tap_names", "describe", "edits", "MiniGPTError",
            "TapError", "EditError", "InputError", "CheckpointError", "HubError", "HubUnreachableError", "TokenizerError",
-           "MemoryBudgetError", "HarvestError", "MiniGPTWarning"]
+           "MemoryBudgetError", "HarvestError", "TrainingError", "MiniGPTWarning"]

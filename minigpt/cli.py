@@ -17,6 +17,7 @@ import torch
 from .command import Subcommands, add_model_args, load_model
 from .errors import MiniGPTError
 from .harvest.cli import add_command as add_harvest
+from .training.cli import add_command as add_train
 
 
 def add_generate(commands: Subcommands) -> None:
@@ -55,6 +56,7 @@ def generate(args: argparse.Namespace) -> None:
 COMMANDS: list[Callable[[Subcommands], None]] = [
     add_generate,
     add_harvest,
+    add_train,
 ]
 
 

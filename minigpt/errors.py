@@ -49,6 +49,11 @@ class HarvestError(MiniGPTError):
     holds another harvest (or is not writable), settings that cannot work together."""
 
 
+class TrainingError(MiniGPTError):
+    """A training run that cannot start or go on: a corpus too small, settings that cannot work, an
+    output directory that holds another run (or a damaged checkpoint of this one)."""
+
+
 class MiniGPTWarning(UserWarning):
     """Something suspicious that is not an error (e.g. an edit produced NaN)."""
 

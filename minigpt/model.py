@@ -265,6 +265,11 @@ class GPT(nn.Module):
 
         return load_model(cls, name_or_dir, dtype=dtype, device=device)
 
+    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json + model.safetensors in HuggingFace's save_pretrained layout (transformers loads it)."""
+        from .weights import save_pretrained
+        return save_pretrained(self, directory, dtype=dtype)
+
     @classmethod
     def random(cls, size: str | GPTConfig = "gpt2", *, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> GPT:

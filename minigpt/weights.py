@@ -312,6 +312,38 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                                   "corrupt: download it again") from e
 
 
+def save_pretrained(model, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` (a GPT) as HuggingFace's ``save_pretrained`` does: config.json + model.safetensors.
+
+    The names are save_pretrained's (``transformer.h.0.attn.c_attn.weight``, Conv1D weights [in, out]),
+    the unembedding left out as it is tied, so ``GPT2LMHeadModel.from_pretrained(directory)`` and
+    ``GPT.from_pretrained(directory)`` both load it. ``dtype``: store in another dtype (e.g. bfloat16).
+    Each file is written under a temporary name and renamed, so a file under its name is whole.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
+    _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(
+        to_hf_state_dict(state, model.cfg.n_layer, official=False), path, metadata={"format": "pt"}))
+    config = json.dumps({**model.cfg.to_hf(), "torch_dtype": str(dtype or model.unembedding.dtype)[6:]}, indent=2)
+    _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config + "\n", encoding="utf-8"))
+    return directory
+
+
+def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """``write(temporary path)``, flushed to disk, then renamed to ``path``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(str(temporary))
+    with open(temporary, "rb") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # as any file the user writes (safetensors creates it private)
+    os.replace(temporary, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The hub
 

@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+from .. import distributed
 from ..command import Subcommands, add_model_args, load_model
 from ..config import DTYPES
 from ..memory import fmt_bytes
@@ -48,9 +49,7 @@ def add_command(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> None:
     from .runner import harvest
 
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None and args.device == "cuda":
-        args.device = f"cuda:{local_rank}"  # torchrun: one GPU per process on each machine
+    args.device = distributed.local_device(args.device)  # torchrun: one GPU per process on each machine
     model = load_model(args)
     start = time.perf_counter()
     manifest = harvest(model, args.data, args.taps, args.out, context=args.context, max_tokens=args.max_tokens,

@@ -10,10 +10,8 @@ Once every rank is done, rank 0 writes ``manifest.json``.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import math
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..config import DTYPES, END_OF_TEXT, END_OF_TEXT_ID, is_integer
 from ..errors import HarvestError, TapError
 from ..memory import check_harvest_memory, fmt_bytes, row_shape
@@ -31,8 +30,6 @@ from .windows import Shard, rows_of, shards, windows
 
 FORMAT = "minigpt-harvest/1"
 POSITIONS = ("all", "last")
-# A rank may wait at the end for slower ranks for this long (torch.distributed's default is 30 minutes).
-WAIT_FOR_OTHER_RANKS = datetime.timedelta(days=7)
 
 
 def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable[str], out: str | Path, *,
@@ -71,8 +68,7 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
                            f"{fmt_bytes(row_bytes)}): raise the shard size or lower the context")
     check_harvest_memory(model, batch_size, context, 3 * rows_per_shard * row_bytes, logits=taps[-1] == "logits")
 
-    rank, world, started_here = _distributed(model.unembedding.device)
-    try:
+    with distributed.process_group(model.unembedding.device) as (rank, world):
         settings = {"format": FORMAT, "model": _model_identity(model), "tokenizer": "gpt2 (tiktoken)",
                     "corpus": {"files": corpus.fingerprint(files), "lines": lines}, "taps": taps,
                     "dtype": str(dtype).removeprefix("torch."), "context": context, "max_tokens": max_tokens,
@@ -109,9 +105,6 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
                 progress.close()
         mine = sorted([*done.values(), *written], key=lambda r: r["file"])
         return _finish(out, settings, row_shapes, mine, rank, world)
-    finally:
-        if started_here:
-            torch.distributed.destroy_process_group()
 
 
 class Recorder:
@@ -241,40 +234,16 @@ def _model_identity(model) -> dict:
             "weights_sample_sha256": digest.hexdigest()}
 
 
-def _distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether this call started torch.distributed), from torchrun's environment."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    started = False
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=WAIT_FOR_OTHER_RANKS)
-        started = True
-    return dist.get_rank(), dist.get_world_size(), started
-
-
-def _all(value, world: int) -> list:
-    """``value`` of every rank, in rank order (a barrier too)."""
-    if world == 1:
-        return [value]
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 def _prepare(out: Path, settings: dict, rank: int, world: int) -> None:
     """Create ``out`` or check that it holds this very harvest; remove this rank's half-written files.
 
     Rank 0 goes first (the others may share its directory); every rank learns of any rank's error.
     """
     problem = _check_directory(out, settings) if rank == 0 else None
-    problem = _all(problem, world)[0]
+    problem = distributed.gather(problem, world)[0]
     if problem is None and rank != 0:
         problem = _check_directory(out, settings)
-    problems = [p for p in _all(problem, world) if p]
+    problems = [p for p in distributed.gather(problem, world) if p]
     if problems:
         raise HarvestError(problems[0])
     for stale in (out / SHARDS).glob("*.tmp"):
@@ -351,7 +320,7 @@ def _progress(plan: Iterable[Shard], rank: int, world: int, done: dict[int, dict
 
 def _finish(out: Path, settings: dict, row_shapes: dict, mine: list[dict], rank: int, world: int) -> dict:
     """Rank 0 writes the manifest once every rank has written its shards; every rank returns it."""
-    records = sorted((r for part in _all(mine, world) for r in part), key=lambda r: r["shard"])
+    records = sorted((r for part in distributed.gather(mine, world) for r in part), key=lambda r: r["shard"])
     manifest = {"format": FORMAT, "settings": settings,
                 "row_shapes": {tap: list(shape) for tap, shape in row_shapes.items()},
                 "index": {name: str(kind).removeprefix("torch.") for name, kind in storage.INDEX.items()},
@@ -359,5 +328,5 @@ def _finish(out: Path, settings: dict, row_shapes: dict, mine: list[dict], rank:
                 "bytes": sum(r["bytes"] for r in records), "world_size": world, "shards": records}
     if rank == 0:
         storage.write_json(out / MANIFEST, manifest)
-    _all(None, world)  # nobody returns before the manifest is there
+    distributed.gather(None, world)  # nobody returns before the manifest is there
     return manifest

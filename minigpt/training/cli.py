@@ -1,0 +1,71 @@
+"""``minigpt train``: the command line of ``minigpt.training.train``; one option per Settings field."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import typing
+from dataclasses import fields
+
+import torch
+
+from .. import distributed
+from ..command import Subcommands, output_dir
+
+EXAMPLE = """examples:
+  minigpt train --data corpus/ --size tiny.json --out run/ --steps 2000
+  minigpt train --data corpus.jsonl --size gpt2 --out run/ --device cuda --compile
+  torchrun --nproc-per-node 2 -m minigpt train --data corpus/ --size tiny.json --out run/
+Started again with the same arguments over the same --out, it goes on from the last checkpoint."""
+
+
+def add_command(commands: Subcommands) -> None:
+    """Register ``train`` on the ``minigpt`` parser's subcommands."""
+    from .train import Settings
+
+    p = commands.add_parser(
+        "train", help="train a GPT-2 from scratch on a corpus (resumable; torchrun for data parallel)",
+        description="Train the model of minigpt/model.py on a corpus with AdamW, warm-up and cosine decay; "
+        "write checkpoints to OUT in HuggingFace's layout (config.json + model.safetensors), which "
+        "minigpt and transformers both load.", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="text files (one document each), .jsonl (a 'text' field per line), .parquet, or directories")
+    p.add_argument("--size", default=None,
+                   help="gpt2, gpt2-medium, ..., or a config.json (HF's or GPTConfig's fields); not with --init")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this checkpoint's weights")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, the tokenized corpus, the log")
+    p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in fields(Settings):
+        kind = float if typing.get_type_hints(Settings)[f.name] != int else int
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"]
+                       + (f" (default {f.default})" if f.default is not None else ""))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..errors import InputError
+    from .train import Settings, train
+
+    if (args.size is None) == (args.init is None):
+        raise InputError("give --size (train from scratch) or --init CHECKPOINT (go on from its weights), one of them")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    out = output_dir(args.out)
+    settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    started = time.perf_counter()
+    state = train(args.data, args.size, out, settings, init=args.init, device=distributed.local_device(args.device),
+                  lines=args.lines, save_every=args.save_every, compile=args.compile, quiet=args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = state["log"][-1] if state["log"] else {}
+        val = [e["val_loss"] for e in state["log"] if "val_loss" in e]
+        print(f"trained to step {state['step']}: loss {last.get('loss', float('nan')):.4f}, validation loss "
+              f"{val[-1] if val else float('nan'):.4f} ({time.perf_counter() - started:.1f} s this run); "
+              f"checkpoint in {out} (minigpt and transformers load it)", file=sys.stderr)

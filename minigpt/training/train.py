@@ -1,0 +1,241 @@
+"""Train GPT-2 from scratch: the whole loop, on the model of model.py as it is.
+
+Read ``train`` top to bottom: the model and its optimizer, the data, then one step at a time:
+learning rate, forward and loss, backward, clip, update; every so often a validation loss and a
+checkpoint. Under ``torchrun`` each process takes its share of every step's windows and DDP
+averages the gradients, so the step is the same as one process doing all of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed
+from ..config import OFFICIAL, GPTConfig
+from ..errors import TrainingError
+from ..model import GPT
+from . import checkpoint, data
+
+
+def _knob(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a training run is (each field is also a ``minigpt train`` option); a run resumed over the
+    same ``out`` must be given the same."""
+
+    steps: int = _knob(1000, "optimizer steps")
+    batch_size: int = _knob(8, "windows per forward, in each process")
+    grad_accum: int = _knob(1, "forwards per optimizer step, in each process (gradient accumulation)")
+    context: int = _knob(256, "tokens per window")
+    lr: float = _knob(6e-4, "peak learning rate, reached at the end of the warm-up")
+    min_lr: float = _knob(6e-5, "learning rate at the last step, where the cosine ends")
+    warmup: int = _knob(100, "steps of linear warm-up")
+    weight_decay: float = _knob(0.1, "AdamW's weight decay, on matrices and embeddings only")
+    beta1: float = _knob(0.9, "AdamW's beta1")
+    beta2: float = _knob(0.95, "AdamW's beta2")
+    grad_clip: float = _knob(1.0, "largest gradient norm (0: no clipping)")
+    dropout: float | None = _knob(None, "embedding/attention/residual dropout (default: the config's)")
+    val_fraction: float = _knob(0.05, "fraction of the documents held out for the validation loss")
+    eval_every: int = _knob(100, "steps between validation losses (and at the last step)")
+    eval_windows: int = _knob(64, "validation windows per evaluation")
+    seed: int = _knob(0, "seed of the initial weights, the split, the window order and dropout")
+
+    def global_batch(self, world: int) -> int:
+        """Windows per optimizer step, all processes together."""
+        return self.batch_size * self.grad_accum * world
+
+
+def learning_rate(step: int, s: Settings) -> float:
+    """Linear warm-up to ``lr``, then a cosine down to ``min_lr`` at the last step."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (s.lr - s.min_lr)
+
+
+def make_optimizer(model: GPT, s: Settings) -> torch.optim.AdamW:
+    """AdamW with the usual two groups: decay for matrices and embeddings, none for biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = model.unembedding.device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=fused or None)
+
+
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of inputs [B, S] against targets [B, S] (bf16 autocast on a GPU)."""
+    on_gpu = inputs.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        logits = model(inputs)  # [B, S, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def train(data_paths, size: str | GPTConfig | Path, out: str | Path, settings: Settings = Settings(), *,
+          init: str | Path | None = None, device: str = "cpu", lines: bool = False, save_every: int = 500,
+          compile: bool = False, quiet: bool = False) -> dict:
+    """Train a GPT-2 of ``size`` (an official name, a GPTConfig, or a config.json) on ``data_paths``.
+
+    Checkpoints go to ``out`` in HuggingFace's layout (see checkpoint.py) every ``save_every`` steps
+    and at the end. Started again over the same ``out`` with the same settings, it goes on from the
+    last checkpoint, and the losses are those the uninterrupted run would have had. ``init``: start
+    from a checkpoint's weights instead of random ones. Returns the final state (step, losses).
+    """
+    out = Path(out)
+    _check(settings, save_every)
+    with distributed.process_group(torch.device(device)) as (rank, world):
+        torch.manual_seed(settings.seed + rank)  # each process's dropout
+        model = _model(size, init, settings, device)
+        if settings.context > model.cfg.n_positions:
+            raise TrainingError(f"--context {settings.context} is longer than the model's {model.cfg.n_positions} "
+                                "positions; lower it or use a config with more positions")
+        optimizer = make_optimizer(model, settings)
+        identity = {"settings": asdict(settings), "config": asdict(model.cfg), "init": str(init) if init else None,
+                    "global_batch": settings.global_batch(world)}
+
+        meta = data.prepare(data_paths, out / "data", val_fraction=settings.val_fraction, seed=settings.seed,
+                            lines=lines) if rank == 0 else None
+        meta = distributed.gather(meta, world)[0]  # the others wait until rank 0 has tokenized the corpus
+        train_windows = data.Windows.open(out / "data", "train", settings.context)
+        val_windows = data.Windows.open(out / "data", "val", settings.context)
+        if len(train_windows) == 0:
+            raise TrainingError(f"the corpus gives {meta['train_tokens']} training tokens, less than one window of "
+                                f"{settings.context + 1}; lower --context or give more text")
+        order = data.Order(len(train_windows), settings.seed)
+
+        state = _resume(out, identity, model, optimizer, rank)
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+        step_fn = ddp or model
+        if compile:
+            step_fn = torch.compile(step_fn)
+        progress = _progress(settings.steps, state["step"], quiet or rank != 0)
+        tokens_per_step = settings.global_batch(world) * settings.context
+        while state["step"] < settings.steps:
+            step, started = state["step"], time.perf_counter()
+            lr = learning_rate(step, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            first = step * settings.global_batch(world)
+            loss = torch.zeros((), device=model.unembedding.device)
+            for micro in range(settings.grad_accum):
+                # This process's windows: rank-major within each micro-batch, so any world size sees the same set.
+                start = first + (micro * world + rank) * settings.batch_size
+                inputs, targets = train_windows.batch(order.take(start, settings.batch_size), model.unembedding.device)
+                last = micro == settings.grad_accum - 1
+                with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():  # all-reduce once a step
+                    micro_loss = loss_of(step_fn, inputs, targets) / settings.grad_accum
+                    micro_loss.backward()
+                loss += micro_loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+            state["step"] = step = step + 1
+            entry = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm.item(),
+                     "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            if step % settings.eval_every == 0 or step == settings.steps:
+                entry["val_loss"] = evaluate(model, val_windows, settings, rank, world)
+            state["log"].append(entry)
+            progress.update(1)
+            progress.set_postfix_str(f"loss {entry['loss']:.3f}" + (f" val {entry['val_loss']:.3f}"
+                                     if "val_loss" in entry else "") + f" {entry['tokens_per_s']:,.0f} tok/s")
+            if step % save_every == 0 or step == settings.steps:
+                checkpoint.save(out, model, optimizer, state, rank, world)
+        progress.close()
+        model.eval()
+        return state
+
+
+@torch.no_grad()
+def evaluate(model: GPT, windows: data.Windows, s: Settings, rank: int, world: int) -> float:
+    """Mean loss over the first ``eval_windows`` validation windows (all ranks together), in eval mode."""
+    count = min(s.eval_windows, len(windows))
+    if count == 0:
+        return math.nan
+    model.eval()
+    mine = list(range(rank, count, world))
+    total = torch.zeros(2, dtype=torch.float64, device=model.unembedding.device)  # loss sum, windows
+    for start in range(0, len(mine), s.batch_size):
+        chosen = mine[start:start + s.batch_size]
+        total += torch.tensor([loss_of(model, *windows.batch(chosen, model.unembedding.device)).item() * len(chosen),
+                               len(chosen)], dtype=torch.float64, device=total.device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def config_of(size: str | GPTConfig | Path) -> GPTConfig:
+    """An official size's config, a GPTConfig as it is, or one read from a config.json (HF's or GPTConfig's fields)."""
+    if isinstance(size, GPTConfig):
+        return size
+    if isinstance(size, str) and size in OFFICIAL:
+        return OFFICIAL[size]
+    path = Path(size)
+    if not path.is_file():
+        raise TrainingError(f"--size {size!r} is neither an official size ({', '.join(OFFICIAL)}) nor a config.json file")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainingError(f"cannot read {path} as JSON ({e})") from e
+    return GPTConfig.from_hf({"model_type": "gpt2", **raw} if isinstance(raw, dict) else raw)
+
+
+def _model(size, init, s: Settings, device: str) -> GPT:
+    """GPT-2's initial weights (seeded), or those of ``init``; the dropout of ``s`` if it sets one."""
+    start = GPT.from_pretrained(init, device=device) if init is not None else None
+    cfg = start.cfg if start is not None else config_of(size)
+    if s.dropout is not None:
+        cfg = GPTConfig(**{**asdict(cfg), "embd_pdrop": s.dropout, "attn_pdrop": s.dropout, "resid_pdrop": s.dropout})
+    model = GPT.random(cfg, seed=s.seed, device=device)
+    if start is not None:
+        model.load_state_dict(start.state_dict())
+    return model
+
+
+def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict:
+    """The state to go on from: the checkpoint's if ``out`` holds one of this very run, else step 0."""
+    saved = checkpoint.load_state(out)
+    if saved is None:
+        return {**identity, "step": 0, "log": []}
+    differing = [k for k in identity if json.dumps(saved.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
+    if differing:
+        raise TrainingError(f"{out} holds a training run with other {', '.join(differing)}; give the same "
+                            "settings to resume it, or train into a new --out (to train a checkpoint further, "
+                            "pass it as --init)")
+    checkpoint.restore(out, saved, model, optimizer, rank)
+    return {**identity, "step": saved["step"], "log": saved["log"]}
+
+
+def _check(s: Settings, save_every: int) -> None:
+    positive = ["steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"]
+    problems = [f"{name} must be a positive integer, got {getattr(s, name)!r}" for name in positive
+                if not (isinstance(getattr(s, name), int) and getattr(s, name) >= 1)]
+    problems += [f"{name} must be >= 0, got {getattr(s, name)!r}"
+                 for name in ("warmup", "lr", "min_lr", "weight_decay", "grad_clip") if not getattr(s, name) >= 0]
+    problems += [f"{name} must be in [0, 1), got {getattr(s, name)!r}" for name in ("beta1", "beta2", "val_fraction")
+                 if not 0 <= getattr(s, name) < 1]
+    if s.dropout is not None and not 0 <= s.dropout <= 1:
+        problems.append(f"dropout must be in [0, 1], got {s.dropout!r}")
+    if not (isinstance(save_every, int) and save_every >= 1):
+        problems.append(f"save_every must be a positive integer, got {save_every!r}")
+    if problems:
+        raise TrainingError("bad training settings: " + "; ".join(problems))
+
+
+def _progress(total: int, done: int, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="step", disable=quiet, dynamic_ncols=True, desc="train")
+
