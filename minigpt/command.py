@@ -15,6 +15,8 @@ from .errors import HubUnreachableError, InputError
 from .model import GPT
 
 Subcommands = argparse._SubParsersAction  # what add_parser is called on
+# The model a command falls back to offline with --trained-if-offline (see weights.SHIPPED).
+OFFLINE_MODEL = "pydoc-tiny"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +26,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="use seeded RANDOM weights of the --model size (one of: " + ", ".join(OFFICIAL) + ")")
     parser.add_argument("--random-if-offline", action="store_true",
                         help="if the hub cannot be reached and nothing is cached, fall back to random weights")
+    parser.add_argument("--trained-if-offline", action="store_true",
+                        help="if the hub cannot be reached and nothing is cached, fall back to the small model "
+                        f"trained by minigpt that ships with it ({OFFLINE_MODEL})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(args: argparse.Namespace) -> GPT:
-    """The model that --model/--random/--random-if-offline ask for; says on stderr what it got."""
+    """The model that --model/--random/--*-if-offline ask for; says on stderr what it got."""
     kwargs = {"dtype": DTYPES[args.dtype], "device": args.device}
     if args.random:
         model = GPT.random(args.model, seed=args.seed, **kwargs)
@@ -38,11 +43,16 @@ def load_model(args: argparse.Namespace) -> GPT:
         try:
             model = GPT.from_pretrained(args.model, **kwargs)
         except HubUnreachableError as e:
-            if not (args.random_if_offline and args.model in OFFICIAL):
+            if getattr(args, "trained_if_offline", False) and args.model in OFFICIAL:
+                print(f"note: {e}\nnote: falling back to {OFFLINE_MODEL}, the small model trained by minigpt "
+                      "that ships with it (not OpenAI's GPT-2; --random for random weights)", file=sys.stderr)
+                model = GPT.from_pretrained(OFFLINE_MODEL, **kwargs)
+            elif args.random_if_offline and args.model in OFFICIAL:
+                print(f"note: {e}\nnote: falling back to RANDOM weights of the {args.model} shape "
+                      "(mechanics only: findings that need trained weights will not hold)", file=sys.stderr)
+                model = GPT.random(args.model, seed=args.seed, **kwargs)
+            else:
                 raise
-            print(f"note: {e}\nnote: falling back to RANDOM weights of the {args.model} shape "
-                  "(mechanics only: findings that need trained weights will not hold)", file=sys.stderr)
-            model = GPT.random(args.model, seed=args.seed, **kwargs)
     print(f"model: {model.source}", file=sys.stderr)
     return model
 

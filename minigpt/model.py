@@ -9,19 +9,18 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ACTIVATIONS, OFFICIAL, GPTConfig
-from .errors import InputError
+from .config import ACTIVATIONS, GPTConfig
 from .generate import KVCache, generate, stream
-from .inputs import as_tokens, check_placement, check_seed, check_tokens, str_tokens, token_id, tokens
+from .inputs import as_tokens, check_tokens, str_tokens, token_id, tokens
 from .memory import check_budget, estimate_trace_bytes
 from .taps import NO_TAPS, Edit, Positions, StopForward, Taps, tap_names
 from .trace import Trace
+from .weights import load_model, parameter_shapes, random_model, save_pretrained
 
 
 class Attention(nn.Module):
@@ -251,43 +250,7 @@ class GPT(nn.Module):
         from .tokenizer import gpt2_tokenizer
         return gpt2_tokenizer()
 
-    @classmethod
-    def parameter_shapes(cls, cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-        """Parameter name -> shape for ``cfg``, without allocating any weight."""
-        from .weights import build_on_meta
-        return {name: tuple(p.shape) for name, p in build_on_meta(cls, cfg).state_dict().items()}
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> GPT:
-        """Load a GPT-2 checkpoint (hub name or local directory with config.json + safetensors)."""
-        from .weights import load_model
-
-        return load_model(cls, name_or_dir, dtype=dtype, device=device)
-
-    def save_pretrained(self, directory: str | Path, *, dtype: torch.dtype | None = None) -> Path:
-        """Write config.json + model.safetensors in HuggingFace's save_pretrained layout (transformers loads it)."""
-        from .weights import save_pretrained
-        return save_pretrained(self, directory, dtype=dtype)
-
-    @classmethod
-    def random(cls, size: str | GPTConfig = "gpt2", *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> GPT:
-        """A GPT-2 of an official size (or any config) with seeded random weights, as HF initialises them."""
-        check_placement(dtype, device)
-        check_seed(seed)
-        if not (isinstance(size, GPTConfig) or (isinstance(size, str) and size in OFFICIAL)):
-            raise InputError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OFFICIAL)}, or pass a GPTConfig")
-        model = cls(OFFICIAL[size] if isinstance(size, str) else size)
-        generator = torch.Generator().manual_seed(seed)
-        # GPT-2's init: N(0, 0.02), the residual projections shrunk by sqrt(2 * n_layer); biases 0, LayerNorm 1.
-        projection_std = 0.02 / math.sqrt(2 * model.cfg.n_layer)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
-                    param.fill_(1.0 if name.endswith("weight") else 0.0)
-                else:
-                    std = projection_std if name.endswith(("out.weight", "proj.weight")) else 0.02
-                    param.normal_(0.0, std, generator=generator)
-        model.source = f"RANDOM weights (seed {seed}), {size if isinstance(size, str) else 'custom'} shape"
-        return model.to(dtype=dtype, device=device)
+    # Checkpoints (loading, saving) and GPT-2's random initialisation live in weights.py; these are
+    # its functions as methods: GPT.from_pretrained(dir), GPT.random("gpt2", seed=0), model.save_pretrained(dir).
+    from_pretrained, random = classmethod(load_model), classmethod(random_model)
+    parameter_shapes, save_pretrained = classmethod(parameter_shapes), save_pretrained

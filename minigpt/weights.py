@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .config import GPTConfig
-from .errors import CheckpointError, HubError, HubUnreachableError, MiniGPTWarning
-from .inputs import check_placement
+from .config import OFFICIAL, GPTConfig
+from .errors import CheckpointError, HubError, HubUnreachableError, InputError, MiniGPTWarning
+from .inputs import check_placement, check_seed
 
 # HF name (without "transformer.") -> minigpt name, and whether the tensor is a Conv1D weight,
 # which HF stores [in, out] while nn.Linear wants [out, in].
@@ -420,6 +420,22 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
 # Loading
 
 
+# Trained models that come with minigpt (made by scripts/train_small.py), by the name that loads them.
+SHIPPED = {"pydoc-tiny": Path(__file__).parent / "assets" / "pydoc-tiny"}
+
+
+def shipped_description(name: str) -> str:
+    """What a shipped model is, from the TRAINING.json beside it: a label no one can take for OpenAI's GPT-2."""
+    try:
+        record = json.loads((SHIPPED[name] / "TRAINING.json").read_text(encoding="utf-8"))
+        cfg = record["config"]
+        return (f"{name}: a small GPT-2 ({cfg['n_layer']} blocks, d_model {cfg['n_embd']}, "
+                f"{record['parameters'] / 1e6:.1f}M parameters) trained by minigpt on the Python 3.11 documentation "
+                f"(validation loss {record['final_validation_loss']:.2f}), shipped with minigpt; NOT OpenAI's GPT-2")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{name}: a small model trained by minigpt, shipped with it; NOT OpenAI's GPT-2"
+
+
 def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:
     """(directory of config.json and the weights, the root no file may leave, a description of the source)."""
     if not isinstance(name_or_dir, (str, Path)) or not str(name_or_dir):
@@ -429,6 +445,8 @@ def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:
         return path, path, f"weights from {path}"
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and {WEIGHTS_FILE}")
+    if str(name_or_dir) in SHIPPED:
+        return SHIPPED[str(name_or_dir)], SHIPPED[str(name_or_dir)], shipped_description(str(name_or_dir))
     snapshot = hub_directory(str(name_or_dir))
     # The hub's cache links each snapshot's files to blobs/ beside snapshots/: the repository's folder is the root.
     return snapshot, snapshot.parent.parent, f"weights of {name_or_dir} (HuggingFace hub)"
@@ -444,6 +462,34 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def parameter_shapes(model_class: type, cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """``GPT.parameter_shapes``: parameter name -> shape for ``cfg``, without allocating any weight."""
+    return {name: tuple(p.shape) for name, p in build_on_meta(model_class, cfg).state_dict().items()}
+
+
+def random_model(model_class: type, size: str | GPTConfig = "gpt2", *, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """``GPT.random``: a GPT-2 of an official size (or any config) with seeded random weights, as HF
+    initialises them (and as ``minigpt train`` starts)."""
+    check_placement(dtype, device)
+    check_seed(seed)
+    if not (isinstance(size, GPTConfig) or (isinstance(size, str) and size in OFFICIAL)):
+        raise InputError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OFFICIAL)}, or pass a GPTConfig")
+    model = model_class(OFFICIAL[size] if isinstance(size, str) else size)
+    generator = torch.Generator().manual_seed(seed)
+    # GPT-2's init: N(0, 0.02), the residual projections shrunk by sqrt(2 * n_layer); biases 0, LayerNorm 1.
+    projection_std = 0.02 / math.sqrt(2 * model.cfg.n_layer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or ".ln" in name or name.startswith("ln_f"):
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                std = projection_std if name.endswith(("out.weight", "proj.weight")) else 0.02
+                param.normal_(0.0, std, generator=generator)
+    model.source = f"RANDOM weights (seed {seed}), {size if isinstance(size, str) else 'custom'} shape"
+    return model.to(dtype=dtype, device=device)
+
+
 def build_on_meta(model_class: type, cfg: GPTConfig):
     """``model_class(cfg)`` on the meta device (shapes, no memory), its initialisation skipped.
 
@@ -454,8 +500,10 @@ def build_on_meta(model_class: type, cfg: GPTConfig):
         return model_class(cfg)
 
 
-def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype, device: torch.device | str):
-    """``model_class`` (GPT) with the weights of a checkpoint directory or hub name, at about their bytes.
+def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu"):
+    """``GPT.from_pretrained``: ``model_class`` (GPT) with the weights of a checkpoint (hub name or local
+    directory with config.json + safetensors), at about their bytes.
 
     config.json and the files' headers are checked first (``plan``); the model is built on the
     meta device, and each parameter becomes the file's memory-mapped tensor as it is (a Conv1D
@@ -471,7 +519,7 @@ def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype
     cfg = read_config(checked_file(config, root))
     with ExitStack() as stack:
         header, where = _header(weight_files(directory, root), stack)
-        chosen, twins = plan(header, cfg, model_class.parameter_shapes)
+        chosen, twins = plan(header, cfg, lambda c: parameter_shapes(model_class, c))
         model = build_on_meta(model_class, cfg)
         try:
             _check_twins((a, where[a].get_tensor(a), b, where[b].get_tensor(b)) for a, b in twins)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt import GPT, Trace
+from minigpt.config import is_integer
 from minigpt.errors import InputError, MiniGPTError
 from minigpt.taps import Edit
 
@@ -152,7 +153,7 @@ def check_index(what: str, value: int, count: int) -> int:
 
     Out of range is refused (InputError naming the argument and its range), never clamped.
     """
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_integer(value):
         raise InputError(f"{what} must be an integer, got {value!r}")
     if not -count <= value < count:
         raise InputError(f"{what} {value} is out of range: this model and input have {count} "

@@ -18,7 +18,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text, unembedding
+from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text
 
 
 @dataclass
@@ -53,31 +53,17 @@ def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = 
     n = cfg.n_layer
     tokens = single_sequence(model, inputs)
     position = check_index("position", position, tokens.shape[1])
-    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta",
-            f"blocks.{n - 1}.resid_post"]
+    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", "ln_f.scale"]
     logits, trace = record(model, tokens, taps, positions=[position])
     target = int(logits[position].argmax()) if target is None else check_index("target", target, cfg.vocab_size)
 
-    def at(name: str) -> torch.Tensor:
-        return trace[name][0, 0].double()  # [D] (or [H, D] for heads) at the position
-
-    heads = torch.stack([at(f"blocks.{i}.attn.heads") for i in range(n)])  # [n, H, D]
-    # The output bias of attention belongs to no head: it is what attn_delta holds beyond the heads.
-    bias = torch.stack([at(f"blocks.{i}.attn_delta") for i in range(n)]) - heads.sum(dim=1)  # [n, D]
-    mlp = torch.stack([at(f"blocks.{i}.mlp_delta") for i in range(n)])  # [n, D]
-    parts = torch.cat([at("embed")[None], at("pos_embed")[None], torch.cat([heads, bias[:, None], mlp[:, None]], 1)
-                      .flatten(0, 1)])  # [2 + n (H + 2), D]
+    # embed, pos_embed, then per block each head's write, attention's output bias (no head's), the MLP.
+    parts, _ = trace.decomposed_residual(heads=True)  # [2 + n (H + 2), 1, 1, D]
+    contributions = trace.logit_attribution(parts.double(), model, target)[:, 0, 0]  # ln_f's scale frozen
+    ln_f_bias = trace.ln_f_bias_attribution(model, target).double().item()
     names = ["embed", "pos_embed"] + [f"b{i}.{p}" for i in range(n)
                                       for p in [*(f"h{h}" for h in range(cfg.n_head)), "attn_bias", "mlp"]]
-
-    resid = at(f"blocks.{n - 1}.resid_post")
-    sigma = (resid.var(unbiased=False) + model.ln_f.eps).sqrt()
-    gamma = model.ln_f.weight.detach().to("cpu", torch.float64)
-    beta = model.ln_f.bias.detach().to("cpu", torch.float64)
-    w_u = unembedding(model)[target].double()
-    direction = gamma * w_u / sigma
-    contributions = (parts - parts.mean(dim=1, keepdim=True)) @ direction
-    ln_f_bias = (beta @ w_u).item()
+    sigma = 1 / trace["ln_f.scale"].double().item()
     logit = logits[position, target].item()
     total = contributions.sum().item() + ln_f_bias
     per_block = contributions[2:].view(n, cfg.n_head + 2)

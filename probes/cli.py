@@ -19,7 +19,8 @@ def add_report(commands: Subcommands) -> None:
     p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures",
                             description="Run every probe of the lecture notes on TEXT and write OUT/index.html, "
                             "OUT/report.json and the PNG figures. Offline with nothing cached, it falls back to "
-                            "random weights of the --model size (--random-if-offline is on), and the page says so.")
+                            "pydoc-tiny, the small model trained by minigpt that ships with it (--trained-if-offline "
+                            "is on), and the page says so; --random gives random weights of the --model size.")
     p.add_argument("text")
     p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")
     p.add_argument("--block", type=int, default=None,
@@ -27,8 +28,8 @@ def add_report(commands: Subcommands) -> None:
     p.add_argument("--head", type=int, default=None,
                    help="head whose keys are zeroed (default: head 2, or the last head of a narrower model)")
     add_model_args(p)
-    # Offline with nothing cached, the report still runs, on random weights, and says so on the page.
-    p.set_defaults(func=report, random_if_offline=True)
+    # Offline with nothing cached, the report still runs, on the small trained model shipped with minigpt.
+    p.set_defaults(func=report, trained_if_offline=True)
 
 
 @torch.no_grad()

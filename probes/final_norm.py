@@ -36,7 +36,7 @@ def check_final_norm(model: GPT, inputs: str | list | torch.Tensor) -> FinalNorm
     tokens = single_sequence(model, inputs)
     _, trace = record(model, tokens, ["blocks.*.resid_pre", "blocks.*.resid_post", "ln_f"])
     hidden = hidden_stack(trace)
-    posts = torch.stack([trace[f"blocks.{i}.resid_post"][0] for i in range(n)])
+    posts = trace.stack("resid_post")[:, 0]  # [n, S, D]
     block_diff = torch.tensor([max_abs(hidden[i + 1] - posts[i]) for i in range(n)])
     raw, normalised = posts[-1], hidden[-1]
     result = FinalNorm(

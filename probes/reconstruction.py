@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt import GPT
+from minigpt.config import is_integer
 from minigpt.errors import InputError
 
 from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_within, float_eps, hidden_stack, max_abs,
@@ -77,7 +78,7 @@ def reconstruct(model: GPT, inputs: str | list | torch.Tensor, *, pair: tuple[in
     n = model.cfg.n_layer
     if pair is None:
         pair = (n - 1, n)
-    if not (len(pair) == 2 and all(isinstance(i, int) and 0 <= i <= n for i in pair)):
+    if not (len(pair) == 2 and all(is_integer(i) and 0 <= i <= n for i in pair)):
         raise InputError(f"pair {pair} must index residual states 0..{n} (0 = embeddings, i + 1 = block i)")
     tokens = single_sequence(model, inputs)
     _, trace = record(model, tokens, ["blocks.*.resid_pre", "blocks.*.attn_delta", "blocks.*.mlp_delta",

@@ -72,6 +72,11 @@ def is_random(model: GPT) -> bool:
     return "RANDOM" in source or "untrained" in source
 
 
+def is_shipped_small_model(source: str) -> bool:
+    """Whether ``source`` (a model's) names a small model shipped with minigpt (weights.shipped_description)."""
+    return "shipped with minigpt; NOT OpenAI's GPT-2" in source
+
+
 def stderr_progress() -> Progress:
     """Print '[  1.2s] message' lines on stderr."""
     start = time.perf_counter()
@@ -172,6 +177,13 @@ PROSE: dict[str, Prose] = {
         {"attribution.png": "Left: each head's direct contribution to the logit. Right: attention and MLP per "
                             "block."}),
 }
+
+SMALL_MODEL_BANNER = (
+    "<h2>A small model trained by minigpt, not OpenAI's GPT-2</h2>This report runs on the tiny GPT-2 that "
+    "ships with minigpt, the one used when no hub can be reached ({source}). Its weights are trained, so the claims about trained "
+    "weights are put to a real test; but it is a few minutes of training of a model 35 times smaller than GPT-2 "
+    "small, and a claim that fails here may still hold for GPT-2 itself. Pass --model with a GPT-2 checkpoint "
+    "directory for the real thing.")
 
 RANDOM_WEIGHTS_BANNER = (
     "<h2>These are RANDOM weights, not a trained GPT-2</h2>The numbers describe an untrained network of GPT-2's "
@@ -385,6 +397,8 @@ h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom:
 .meta { color: #555; } .text { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
 .random { background: #fde2e1; border: 3px solid #c0392b; padding: 0.8em 1.2em; margin: 1em 0; }
 .random h2 { border: none; margin: 0 0 0.3em 0; color: #c0392b; }
+.small { background: #fff4d6; border-color: #b7791f; }
+.small h2 { color: #8a5a00; }
 .figure { display: flex; gap: 1.2em; align-items: flex-start; margin: 1.2em 0; }
 .figure img { max-width: 68%; border: 1px solid #ddd; } .side { flex: 1; min-width: 18em; }
 .caption { font-style: italic; margin-bottom: 0.6em; }
@@ -423,6 +437,8 @@ def render_html(p: dict) -> str:
     if m["random_weights"]:
         items = "".join(f"<li>{html.escape(c)}</li>" for c in p["trained_only"])
         parts.append(f"<div class='random'>{RANDOM_WEIGHTS_BANNER}<ul>{items}</ul></div>")
+    elif is_shipped_small_model(m["source"]):
+        parts.append(f"<div class='random small'>{SMALL_MODEL_BANNER.format(source=html.escape(m['source']))}</div>")
     summary = "".join(f"<li><a href='#{s['id']}'>{html.escape(s['title'])}</a>: "
                       f"{sum(x['holds'] is True for x in s['findings'])} hold, "
                       f"{sum(x['holds'] is False for x in s['findings'])} do not, "

@@ -6,8 +6,8 @@
 
 The corpus: the reStructuredText sources of the Python 3.11 documentation (tutorial, library and
 language reference, HOWTOs, FAQ, what's new), as Debian ships them in the package python3.11-doc
-(html/_sources/**/*.rst.txt, 497 files, about 11 MB, 3.5 M GPT-2 tokens); English prose with code
-examples. License: the Python documentation is under the PSF License Agreement (Python Software
+(html/_sources/**/*.rst.txt, 497 files, about 11 MB); English prose with code examples. Each line
+is stripped of its indentation (see ``flatten``: GPT-2's BPE spends a token per space of it). License: the Python documentation is under the PSF License Agreement (Python Software
 Foundation License Version 2); see the package's /usr/share/doc/python3.11-doc/copyright. Each
 file is one document; 5% of them (seeded) are held out for the validation loss.
 
@@ -81,9 +81,21 @@ def extract_sources(deb: Path, corpus: Path) -> list[Path]:
             if member.isfile() and member.name.startswith(SOURCES) and member.name.endswith(".rst.txt"):
                 target = corpus / member.name[len(SOURCES):]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(tar.extractfile(member).read())
+                target.write_text(flatten(tar.extractfile(member).read().decode("utf-8")), encoding="utf-8")
                 written.append(target)
     return sorted(written)
+
+
+def flatten(text: str) -> str:
+    """Each line without its leading and trailing whitespace, runs of blank lines as one.
+
+    GPT-2's BPE spends a token per space of indentation (reStructuredText indents code samples and
+    directive bodies), so left as it is the corpus is largely spaces, and so would be what the model
+    learns to write.
+    """
+    lines = [line.strip() for line in text.splitlines()]
+    kept = [line for i, line in enumerate(lines) if line or (i > 0 and lines[i - 1])]
+    return "\n".join(kept).strip() + "\n"
 
 
 def corpus_sha256(files: list[Path], root: Path) -> str:
@@ -124,6 +136,8 @@ def main() -> None:
         "corpus": {"package": deb.name, "package_sha256": package_sha256, "expected_package_sha256": PACKAGE_SHA256,
                    "registry": "Debian (bookworm), apt-get download " + PACKAGE,
                    "files": f"{SOURCES.lstrip('.')}**/*.rst.txt", "documents": len(files),
+                   "preprocessing": "each line stripped of leading and trailing whitespace; runs of blank lines "
+                                    "made one (scripts/train_small.py: flatten)",
                    "corpus_sha256": corpus_sha256(files, corpus),
                    "license": "PSF License Agreement (Python Software Foundation License Version 2)",
                    "train_tokens": data["train_tokens"], "val_tokens": data["val_tokens"], "split": data["split"]},

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from minigpt import GPT, GPTConfig, tap_names
 from minigpt.memory import nbytes_estimate
@@ -117,3 +118,26 @@ def test_load_row_has_every_contender_with_finite_ratios(quick) -> None:
     assert checked["load.float32.time_vs_hf"]["value"] == rows["minigpt_float32"]["time_vs_hf"]
     table = (out / "bench.md").read_text(encoding="utf-8")
     assert all(r["label"] in table for r in rows.values())
+
+
+def test_train_row_steps_both_libraries_alike(tmp_path) -> None:
+    """The train concern's steps: minigpt's and HF's give the same losses step after step (dropout off), and its
+    section has every contender with a finite ratio."""
+    import dataclasses
+
+    from scripts.bench import cli, train
+    from scripts.bench.contenders import QUICK_CONFIG, hf_twin
+
+    model = GPT.random(dataclasses.replace(QUICK_CONFIG, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0), seed=0)
+    hf = train._HFAsGPT(hf_twin(model))
+    rows = torch.randint(0, QUICK_CONFIG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    ours, theirs = (train.stepper(m, m, rows[:, :-1], rows[:, 1:]) for m in (model, hf))
+    for _ in range(3):
+        a, b = ours(), theirs()
+        assert abs(a.item() - b.item()) < 1e-5 * abs(b.item())
+    args = cli.parse_args(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-forward", "--no-load", "--train"])
+    section = train.measure(args, log=lambda _: None)
+    assert [r["contender"] for r in section["rows"]] == ["minigpt", "HF GPT2LMHeadModel (sdpa)",
+                                                         "HF GPT2LMHeadModel (eager)"]
+    assert all(r["median_s"] > 0 and math.isfinite(r["x_best_hf_time"]) for r in section["rows"])
+    assert math.isfinite(section["target_values"]["train.step_vs_hf"])

@@ -1,4 +1,4 @@
-"""The package's layers: minigpt's modules import each other without a circle.
+"""The package's layers: minigpt's modules, those of its subpackages too, import each other without a circle.
 
 Every import counts, also one inside a function (it runs when the function does); only imports
 under ``if TYPE_CHECKING:`` are left out, since they never run.
@@ -23,36 +23,64 @@ def _type_checking_lines(tree: ast.Module) -> set[int]:
     return lines
 
 
-def imports_at_run_time(path: Path) -> set[str]:
-    """The minigpt modules (short names, e.g. 'taps') that ``path`` imports when it runs."""
+def module_names() -> dict[str, Path]:
+    """Every module of minigpt by its dotted name under the package: 'taps', 'harvest' (its __init__), 'harvest.runner'."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts and parts != ["__main__"]:
+            found[".".join(parts)] = path
+    return found
+
+
+def imports_at_run_time(name: str, path: Path, modules: set[str]) -> set[str]:
+    """The minigpt modules (dotted names, e.g. 'taps', 'harvest.corpus') that module ``name`` imports when it runs.
+
+    A package imported on the way to one of its modules counts (its __init__ runs), except the
+    module's own packages, which are already being imported when it runs.
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
     skip = _type_checking_lines(tree)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: set[str] = set()
+
+    def add(target: list[str], names: list[str] = ()) -> None:
+        for i in range(1, len(target) + 1):
+            found.add(".".join(target[:i]))
+        for alias in names:  # from X import Y: Y may be a module of X
+            found.add(".".join([*target, alias]))
+
     for node in ast.walk(tree):
         if getattr(node, "lineno", None) in skip:
             continue
         if isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level == 1 and module:
-                found.add(module.split(".")[0])
-            elif node.level == 1:  # from . import edits
-                found.update(alias.name for alias in node.names)
-            elif module.startswith("minigpt."):
-                found.add(module.split(".")[1])
+            module = (node.module or "").split(".") if node.module else []
+            if node.level:
+                base = package[:len(package) - (node.level - 1)]
+                add(base + module, [a.name for a in node.names])
+            elif module[:1] == ["minigpt"]:
+                add(module[1:], [a.name for a in node.names])
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("minigpt."))
-    return found
+            for a in node.names:
+                if a.name.startswith("minigpt."):
+                    add(a.name.split(".")[1:])
+    own = {".".join(package[:i]) for i in range(1, len(package) + 1)}
+    return (found & modules) - own - {name}
 
 
 def graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
-    return {m: imports_at_run_time(PACKAGE / f"{m}.py") & modules for m in modules}
+    paths = module_names()
+    return {m: imports_at_run_time(m, path, set(paths)) for m, path in paths.items()}
 
 
 def test_the_graph_is_read() -> None:
     edges = graph()
     assert "taps" in edges["model"] and "errors" in edges["taps"]  # the parser sees plain imports
     assert "generate" in edges["model"]  # ... and imports inside functions
+    assert {"distributed", "harvest.corpus", "harvest", "config"} <= edges["training.data"] | edges["training.loop"]
+    assert "harvest.storage" in edges["harvest.runner"]  # ... and the modules of subpackages
 
 
 def test_no_circle_among_minigpt_modules() -> None:

@@ -22,7 +22,7 @@ Started again with the same arguments over the same --out, it goes on from the l
 
 def add_command(commands: Subcommands) -> None:
     """Register ``train`` on the ``minigpt`` parser's subcommands."""
-    from .train import Settings
+    from .loop import Settings
 
     p = commands.add_parser(
         "train", help="train a GPT-2 from scratch on a corpus (resumable; torchrun for data parallel)",
@@ -50,7 +50,7 @@ def add_command(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..errors import InputError
-    from .train import Settings, train
+    from .loop import Settings, train
 
     if (args.size is None) == (args.init is None):
         raise InputError("give --size (train from scratch) or --init CHECKPOINT (go on from its weights), one of them")

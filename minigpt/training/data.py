@@ -117,6 +117,16 @@ class Order:
         self.n, self.seed = n_windows, seed
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.long)
 
+    def for_step(self, step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
+        """This process's windows at ``step``: ``grad_accum`` micro-batches of ``batch_size``.
+
+        The step's ``batch_size * grad_accum * world`` windows are dealt micro-batch by micro-batch,
+        rank after rank within each, so any number of processes with the same global batch shares
+        out the same set of windows.
+        """
+        first = step * batch_size * grad_accum * world
+        return [self.take(first + (micro * world + rank) * batch_size, batch_size) for micro in range(grad_accum)]
+
     def take(self, start: int, count: int) -> list[int]:
         """Windows ``start`` .. ``start + count - 1`` of the endless sequence."""
         taken = []

@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--malloc-keep", action="store_true",
                    help="time with glibc keeping freed memory (see harness.keep_freed_memory); memory rows are "
                         "unaffected")
+    p.add_argument("--train-batch", type=int, default=None, help="train: windows per step (default 4; 2 with --quick)")
     p.add_argument("--load-rounds", type=int, default=7, help="load: measured rounds (2 with --quick)")
     p.add_argument("--out", default="bench-results")
     for concern in CONCERNS.values():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 

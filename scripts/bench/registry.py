@@ -6,7 +6,7 @@ for it, and its section lands in bench.json and bench.md.
 """
 from __future__ import annotations
 
-from . import decode, forward, harvest, load
+from . import decode, forward, harvest, load, train
 from .concern import Concern
 
 CONCERNS: dict[str, Concern] = {c.name: c for c in [
@@ -14,4 +14,5 @@ CONCERNS: dict[str, Concern] = {c.name: c for c in [
     load.CONCERN,
     decode.CONCERN,
     harvest.CONCERN,
+    train.CONCERN,
 ]}

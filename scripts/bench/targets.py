@@ -40,6 +40,7 @@ TARGETS = [
     Target("harvest.vs_plain", "harvest 4 residual taps to disk, bf16: tokens/s over the plain forward's", ">=", 0.9),
     Target("harvest.vs_hf_hooks", "harvest vs a hand-written HF + hooks harvester writing the same rows (speed-up)",
            ">", 1.0),
+    Target("train.step_vs_hf", "training step (forward, backward, AdamW): minigpt time over the faster HF's", "<=", 1.0),
     Target("decode.batch1_vs_hf", "decode, batch 1: minigpt time per token over HF generate's", "<=", 1.0),
     Target("decode.compiled_batch1_x_floor", "decode, batch 1, compile=True: time per token / memory floor", "<=", 1.3),
 ]

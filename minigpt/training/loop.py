@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import OFFICIAL, GPTConfig
+from ..config import OFFICIAL, GPTConfig, is_integer
 from ..errors import TrainingError
 from ..model import GPT
 from . import checkpoint, data
@@ -119,42 +119,49 @@ def train(data_paths, size: str | GPTConfig | Path, out: str | Path, settings: S
         if compile:
             step_fn = torch.compile(step_fn)
         progress = _progress(settings.steps, state["step"], quiet or rank != 0)
-        tokens_per_step = settings.global_batch(world) * settings.context
         while state["step"] < settings.steps:
-            step, started = state["step"], time.perf_counter()
+            started = time.perf_counter()
+            step = state["step"]
             lr = learning_rate(step, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            first = step * settings.global_batch(world)
-            loss = torch.zeros((), device=model.unembedding.device)
-            for micro in range(settings.grad_accum):
-                # This process's windows: rank-major within each micro-batch, so any world size sees the same set.
-                start = first + (micro * world + rank) * settings.batch_size
-                inputs, targets = train_windows.batch(order.take(start, settings.batch_size), model.unembedding.device)
-                last = micro == settings.grad_accum - 1
-                with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():  # all-reduce once a step
-                    micro_loss = loss_of(step_fn, inputs, targets) / settings.grad_accum
-                    micro_loss.backward()
-                loss += micro_loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+            micro_batches = order.for_step(step, settings.batch_size, settings.grad_accum, rank, world)
+            batches = [train_windows.batch(windows, device) for windows in micro_batches]
+            loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, settings.grad_clip)
             state["step"] = step = step + 1
-            entry = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm.item(),
-                     "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": settings.global_batch(world) * settings.context / (time.perf_counter() - started)}
             if step % settings.eval_every == 0 or step == settings.steps:
                 entry["val_loss"] = evaluate(model, val_windows, settings, rank, world)
             state["log"].append(entry)
-            progress.update(1)
-            progress.set_postfix_str(f"loss {entry['loss']:.3f}" + (f" val {entry['val_loss']:.3f}"
-                                     if "val_loss" in entry else "") + f" {entry['tokens_per_s']:,.0f} tok/s")
+            _show(progress, entry)
             if step % save_every == 0 or step == settings.steps:
                 checkpoint.save(out, model, optimizer, state, rank, world)
         progress.close()
         model.eval()
         return state
+
+
+def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float,
+               batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float) -> tuple[float, float]:
+    """One optimizer step over this process's micro-batches (inputs, targets [B, S]) -> (loss, gradient norm).
+
+    The loss is the mean over every process's windows; under DDP the gradients are averaged across
+    processes once, at the last micro-batch (``no_sync`` before it).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = torch.zeros((), device=model.unembedding.device)
+    for micro, (inputs, targets) in enumerate(batches):
+        last = micro == len(batches) - 1
+        with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
+            micro_loss = loss_of(step_fn, inputs, targets) / len(batches)
+            micro_loss.backward()
+        loss += micro_loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ddp is not None:
+        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+    return loss.item(), norm.item()
 
 
 @torch.no_grad()
@@ -221,17 +228,25 @@ def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict
 def _check(s: Settings, save_every: int) -> None:
     positive = ["steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"]
     problems = [f"{name} must be a positive integer, got {getattr(s, name)!r}" for name in positive
-                if not (isinstance(getattr(s, name), int) and getattr(s, name) >= 1)]
+                if not (is_integer(getattr(s, name)) and getattr(s, name) >= 1)]
     problems += [f"{name} must be >= 0, got {getattr(s, name)!r}"
                  for name in ("warmup", "lr", "min_lr", "weight_decay", "grad_clip") if not getattr(s, name) >= 0]
+    problems += [f"{name} must be an integer, got {getattr(s, name)!r}" for name in ("warmup", "seed")
+                 if not is_integer(getattr(s, name))]
     problems += [f"{name} must be in [0, 1), got {getattr(s, name)!r}" for name in ("beta1", "beta2", "val_fraction")
                  if not 0 <= getattr(s, name) < 1]
     if s.dropout is not None and not 0 <= s.dropout <= 1:
         problems.append(f"dropout must be in [0, 1], got {s.dropout!r}")
-    if not (isinstance(save_every, int) and save_every >= 1):
+    if not (is_integer(save_every) and save_every >= 1):
         problems.append(f"save_every must be a positive integer, got {save_every!r}")
     if problems:
         raise TrainingError("bad training settings: " + "; ".join(problems))
+
+
+def _show(progress, entry: dict) -> None:
+    progress.update(1)
+    validation = f" val {entry['val_loss']:.3f}" if "val_loss" in entry else ""
+    progress.set_postfix_str(f"loss {entry['loss']:.3f}{validation} {entry['tokens_per_s']:,.0f} tok/s")
 
 
 def _progress(total: int, done: int, quiet: bool):

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Every finding of the notes, side by side for several reports: a markdown table for README.
+
+    .venv/bin/python scripts/compare_findings.py report-random/ report-trained/ --names random trained
+
+Reads each directory's report.json (written by ``minigpt report``) and prints one row per claim:
+whether it holds in each report, with the measured numbers the report gave for it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MARK = {True: "holds", False: "**does not hold**", None: "measured"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("reports", nargs="+", type=Path, help="report directories (each with report.json)")
+    p.add_argument("--names", nargs="+", default=None, help="a column title per report")
+    args = p.parse_args()
+    names = args.names or [str(r) for r in args.reports]
+    payloads = [json.loads((r / "report.json").read_text(encoding="utf-8")) for r in args.reports]
+    findings = [{f"{s['id']}.{x['key']}": (s["title"], x) for s in p["sections"] for x in s["findings"]}
+                for p in payloads]
+    print("| section | finding | needs trained weights | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for key, (section, first) in findings[0].items():
+        cells = []
+        for found in findings:
+            x = found.get(key, (None, None))[1]
+            cells.append("-" if x is None else f"{MARK[x['holds']]}: {x['detail']}".replace("|", "\\|"))
+        print(f"| {section} | {first['claim']} | {'yes' if first['needs_trained_weights'] else ''} | "
+              + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

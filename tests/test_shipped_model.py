@@ -1,0 +1,91 @@
+"""The small trained GPT-2 shipped in minigpt/assets/pydoc-tiny: its record, transformers loading it with
+equal logits, that it is trained, and that the main job falls back to it offline (and --random does not)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from minigpt import GPT, GPTConfig
+from minigpt.weights import SHIPPED
+
+ROOT = Path(__file__).resolve().parent.parent
+DIRECTORY = SHIPPED["pydoc-tiny"]
+DOC_TEXT = ("The :func:`open` function returns a :term:`file object`. If the file cannot be opened, an "
+            ":exc:`OSError` is raised. See the :mod:`io` module for more details.")
+
+
+@pytest.fixture(scope="module")
+def record() -> dict:
+    return json.loads((DIRECTORY / "TRAINING.json").read_text(encoding="utf-8"))
+
+
+def test_the_record_describes_the_files_beside_it(record) -> None:
+    config = json.loads((DIRECTORY / "config.json").read_text(encoding="utf-8"))
+    assert GPTConfig.from_hf(config) == GPTConfig(**record["config"])
+    model = GPT.from_pretrained("pydoc-tiny")
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    assert (DIRECTORY / "model.safetensors").stat().st_size <= 10 * 2**20
+    corpus = record["corpus"]
+    assert corpus["package"].startswith("python3.11-doc_") and "PSF" in corpus["license"]
+    assert corpus["documents"] == 497 and len(corpus["corpus_sha256"]) == 64
+    steps = [step for step, _ in record["validation_loss"]]
+    assert steps[-1] == record["settings"]["steps"] and record["final_validation_loss"] == record["validation_loss"][-1][1]
+    assert "NOT OpenAI's GPT-2" in model.source and "Python 3.11 documentation" in model.source
+
+
+def test_transformers_loads_it_with_equal_logits() -> None:
+    hf = GPT2LMHeadModel.from_pretrained(DIRECTORY, attn_implementation="eager", torch_dtype=torch.float64).eval()
+    ours = GPT.from_pretrained("pydoc-tiny", dtype=torch.float64)
+    tokens = ours.tokens(DOC_TEXT)
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max() <= 1e-9 * expected.abs().max()
+
+
+def loss_on(model: GPT, text: str) -> float:
+    tokens = model.tokens(text)
+    logits = model(tokens)
+    return torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:]).item()
+
+
+@torch.no_grad()
+def test_it_is_trained(record) -> None:
+    trained = GPT.from_pretrained("pydoc-tiny")
+    untrained = GPT.random(trained.cfg, seed=0)
+    assert loss_on(untrained, DOC_TEXT) > 10
+    assert loss_on(trained, DOC_TEXT) < 6.5
+    assert record["final_validation_loss"] < record["validation_loss"][0][1] - 2
+
+
+def report_offline(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "minigpt", "report", "Lists are mutable sequences.", "--model",
+                           "gpt2", "--out", str(tmp_path / "report"), *extra], capture_output=True, text=True,
+                          env=env, timeout=600)
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8") if done.returncode == 0 else ""
+    return done, page
+
+
+@pytest.mark.slow
+def test_offline_the_main_job_reports_on_the_shipped_model(tmp_path) -> None:
+    done, page = report_offline(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "falling back to pydoc-tiny" in done.stderr
+    assert "A small model trained by minigpt, not OpenAI&#x27;s GPT-2" in page and "RANDOM weights" not in page
+    payload = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
+    assert payload["model"]["random_weights"] is False and payload["model"]["config"]["n_layer"] == 8
+
+
+@pytest.mark.slow
+def test_offline_random_still_gives_random_weights(tmp_path) -> None:
+    done, page = report_offline(tmp_path, "--random")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RANDOM weights, not a trained GPT-2" in page and "pydoc-tiny" not in page
