@@ -18,7 +18,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text
+from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text, unembedding
 
 
 @dataclass
@@ -53,17 +53,23 @@ def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = 
     n = cfg.n_layer
     tokens = single_sequence(model, inputs)
     position = check_index("position", position, tokens.shape[1])
-    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", "ln_f.scale"]
+    last = f"blocks.{n - 1}.resid_post"
+    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last]
     logits, trace = record(model, tokens, taps, positions=[position])
     target = int(logits[position].argmax()) if target is None else check_index("target", target, cfg.vocab_size)
 
     # embed, pos_embed, then per block each head's write, attention's output bias (no head's), the MLP.
-    parts, _ = trace.decomposed_residual(heads=True)  # [2 + n (H + 2), 1, 1, D]
-    contributions = trace.logit_attribution(parts.double(), model, target)[:, 0, 0]  # ln_f's scale frozen
-    ln_f_bias = trace.ln_f_bias_attribution(model, target).double().item()
+    parts = trace.decomposed_residual(heads=True)[0][:, 0, 0].double()  # [2 + n (H + 2), D]
     names = ["embed", "pos_embed"] + [f"b{i}.{p}" for i in range(n)
                                       for p in [*(f"h{h}" for h in range(cfg.n_head)), "attn_bias", "mlp"]]
-    sigma = 1 / trace["ln_f.scale"].double().item()
+    # ln_f made linear: its scale frozen at this position's 1/sigma, in float64 from the recorded residual.
+    resid = trace[last][0, 0].double()
+    sigma = (resid.var(unbiased=False) + model.ln_f.eps).sqrt()
+    gamma = model.ln_f.weight.detach().to("cpu", torch.float64)
+    beta = model.ln_f.bias.detach().to("cpu", torch.float64)
+    w_u = unembedding(model)[target].double()
+    contributions = (parts - parts.mean(dim=1, keepdim=True)) @ (gamma * w_u / sigma)
+    ln_f_bias = (beta @ w_u).item()
     logit = logits[position, target].item()
     total = contributions.sum().item() + ln_f_bias
     per_block = contributions[2:].view(n, cfg.n_head + 2)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Worked example: harvest a corpus, then fit a linear probe per layer on the harvested rows.
 
-    .venv/bin/python scripts/probe_example.py                       # random GPT-2 small weights, offline
+    .venv/bin/python scripts/probe_example.py                       # pydoc-tiny, the small model shipped here
     .venv/bin/python scripts/probe_example.py --model gpt2          # real weights (hub name or directory)
+    .venv/bin/python scripts/probe_example.py --random              # random GPT-2 small weights
 
 The corpus: the docstrings of Python's standard library modules (English prose, on every machine,
 offline), written as JSONL. The harvest: the residual stream entering every block and leaving the
@@ -50,7 +51,9 @@ def stdlib_docstrings(path: Path, least_chars: int = 300) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="hub name or checkpoint directory (default: random GPT-2 small weights)")
+    p.add_argument("--model", default="pydoc-tiny", help="hub name or checkpoint directory (default: pydoc-tiny, the "
+                   "small trained model shipped with minigpt)")
+    p.add_argument("--random", action="store_true", help="random GPT-2 small weights instead")
     p.add_argument("--out", default="probe-example", help="working directory (default: probe-example/)")
     p.add_argument("--figure", default=str(ROOT / "docs" / "harvest_probes.png"))
     p.add_argument("--max-tokens", type=int, default=12_000)
@@ -61,7 +64,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = GPT.random("gpt2", seed=0) if args.model is None else GPT.from_pretrained(args.model)
+    model = GPT.random("gpt2", seed=0) if args.random else GPT.from_pretrained(args.model)
+    name = "random GPT-2 small weights (seed 0)" if args.random else args.model
     n = model.cfg.n_layer
     corpus = stdlib_docstrings(out / "corpus.jsonl")
     points = [f"blocks.{L}.resid_pre" for L in range(n)] + [f"blocks.{n - 1}.resid_post"]
@@ -86,10 +90,10 @@ def main() -> None:
         print(f"{point:>26} " + " ".join(f"{r.scores[i]:>26.3f}" for r in results.values()))
     print(f"majority-class accuracy of 'starts a word' on the held-out rows: "
           f"{results['starts a word (accuracy)'].probes[0].baseline:.3f}")
-    figure(results, points, model.source, manifest["tokens"], Path(args.figure))
+    figure(results, points, name, manifest["tokens"], Path(args.figure))
 
 
-def figure(results: dict, points: list[str], source: str, tokens: int, path: Path) -> None:
+def figure(results: dict, points: list[str], name: str, tokens: int, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,7 +108,7 @@ def figure(results: dict, points: list[str], source: str, tokens: int, path: Pat
     ax.set_xlabel("residual stream after block (emb = block 0's input)")
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"Linear probes per layer, {tokens:,} harvested tokens\n{source}", fontsize=9)
+    ax.set_title(f"Linear probes per layer, {tokens:,} harvested tokens\n{name}", fontsize=9)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -219,3 +219,11 @@ def test_command_line_trains_and_fails_with_one_error_line(corpus, tmp_path) -> 
         failed = run_cli("--data", str(corpus), "--out", str(tmp_path / "bad"), "--quiet", "--device", "cpu", *args)
         assert failed.returncode == 2 and failed.stderr.startswith("error: ") and message in failed.stderr, failed.stderr
         assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_one(corpus, tmp_path) -> None:
+    quick = replace(QUICK, steps=3, dropout=0.0)
+    eager = train(corpus, CFG, tmp_path / "eager", quick, quiet=True)
+    compiled = train(corpus, CFG, tmp_path / "compiled", quick, compile=True, quiet=True)
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4)

@@ -52,8 +52,6 @@ def run(args: argparse.Namespace) -> None:
     from ..errors import InputError
     from .loop import Settings, train
 
-    if (args.size is None) == (args.init is None):
-        raise InputError("give --size (train from scratch) or --init CHECKPOINT (go on from its weights), one of them")
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be a positive integer, got {args.threads}")

@@ -80,7 +80,7 @@ def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def train(data_paths, size: str | GPTConfig | Path, out: str | Path, settings: Settings = Settings(), *,
+def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, settings: Settings = Settings(), *,
           init: str | Path | None = None, device: str = "cpu", lines: bool = False, save_every: int = 500,
           compile: bool = False, quiet: bool = False) -> dict:
     """Train a GPT-2 of ``size`` (an official name, a GPTConfig, or a config.json) on ``data_paths``.
@@ -91,6 +91,9 @@ def train(data_paths, size: str | GPTConfig | Path, out: str | Path, settings: S
     from a checkpoint's weights instead of random ones. Returns the final state (step, losses).
     """
     out = Path(out)
+    if (size is None) == (init is None):
+        raise TrainingError("give a size (--size: train from scratch) or init (--init CHECKPOINT: go on from its "
+                            "weights), one of them")
     _check(settings, save_every)
     with distributed.process_group(torch.device(device)) as (rank, world):
         torch.manual_seed(settings.seed + rank)  # each process's dropout
@@ -102,9 +105,16 @@ def train(data_paths, size: str | GPTConfig | Path, out: str | Path, settings: S
         identity = {"settings": asdict(settings), "config": asdict(model.cfg), "init": str(init) if init else None,
                     "global_batch": settings.global_batch(world)}
 
-        meta = data.prepare(data_paths, out / "data", val_fraction=settings.val_fraction, seed=settings.seed,
-                            lines=lines) if rank == 0 else None
-        meta = distributed.gather(meta, world)[0]  # the others wait until rank 0 has tokenized the corpus
+        meta, problem = None, None
+        if rank == 0:  # the others wait until rank 0 has tokenized the corpus, or failed to
+            try:
+                meta = data.prepare(data_paths, out / "data", val_fraction=settings.val_fraction, seed=settings.seed,
+                                    lines=lines)
+            except TrainingError as e:
+                problem = str(e)
+        meta, problem = distributed.gather((meta, problem), world)[0]
+        if problem:
+            raise TrainingError(problem)
         train_windows = data.Windows.open(out / "data", "train", settings.context)
         val_windows = data.Windows.open(out / "data", "val", settings.context)
         if len(train_windows) == 0:
