@@ -24,7 +24,7 @@ def add_report(commands: Subcommands) -> None:
     p.add_argument("text")
     p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")
     p.add_argument("--block", type=int, default=None,
-                   help="block the interventions edit (default: block 9, or the last block of a shallower model)")
+                   help="block the interventions edit (default: block 9, or one 3/4 of the way through a shallower model)")
     p.add_argument("--head", type=int, default=None,
                    help="head whose keys are zeroed (default: head 2, or the last head of a narrower model)")
     add_model_args(p)

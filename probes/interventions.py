@@ -72,10 +72,15 @@ def kl_rows(clean_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Te
 
 
 def site(model: GPT, block: int | None = None, head: int | None = None) -> tuple[int, int]:
-    """The block and head the edits act on: the notes' block 9 and head 2 on GPT-2 small, or the last
-    block (head) of a smaller model, by default; one the model does not have is refused."""
+    """The block and head the edits act on; one the model does not have is refused.
+
+    By default the notes' block 9 and head 2; a model without block 9 gets the block at the same
+    depth (9 of GPT-2 small's 12: three quarters of the way, so later blocks can answer), the last
+    one if it is shallower still, and its last head if it has fewer than 3.
+    """
     cfg = model.cfg
-    block = check_index("block", min(9, cfg.n_layer - 1) if block is None else block, cfg.n_layer)
+    default_block = min(9, cfg.n_layer - 1, round(0.75 * cfg.n_layer))
+    block = check_index("block", default_block if block is None else block, cfg.n_layer)
     return block, check_index("head", min(2, cfg.n_head - 1) if head is None else head, cfg.n_head)
 
 

@@ -22,17 +22,13 @@ def main() -> None:
     args = p.parse_args()
     names = args.names or [str(r) for r in args.reports]
     payloads = [json.loads((r / "report.json").read_text(encoding="utf-8")) for r in args.reports]
-    findings = [{f"{s['id']}.{x['key']}": (s["title"], x) for s in p["sections"] for x in s["findings"]}
-                for p in payloads]
-    print("| section | finding | needs trained weights | " + " | ".join(names) + " |")
+    findings = [{f"{s['id']}.{x['key']}": x for s in p["sections"] for x in s["findings"]} for p in payloads]
+    print("| finding (report.json key) | claim | needs trained weights | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
-    for key, (section, first) in findings[0].items():
-        cells = []
-        for found in findings:
-            x = found.get(key, (None, None))[1]
-            cells.append("-" if x is None else f"{MARK[x['holds']]}: {x['detail']}".replace("|", "\\|"))
-        print(f"| {section} | {first['claim']} | {'yes' if first['needs_trained_weights'] else ''} | "
-              + " | ".join(cells) + " |")
+    for key, first in findings[0].items():
+        cells = ["-" if key not in found else f"{MARK[found[key]['holds']]}: {found[key]['detail']}" for found in findings]
+        row = [f"`{key}`", first["claim"], "yes" if first["needs_trained_weights"] else "", *cells]
+        print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
 
 
 if __name__ == "__main__":

@@ -122,9 +122,8 @@ class Recorder:
             batch = shard.windows[i:i + batch_size]
             lengths = torch.tensor([len(w.tokens) for w in batch])
             B, S = len(batch), int(lengths.max())
-            tokens = torch.full((B, S), END_OF_TEXT_ID, dtype=torch.long)
-            for b, w in enumerate(batch):
-                tokens[b, :len(w.tokens)] = torch.tensor(w.tokens)
+            # One tensor from one list (a tensor per window costs more than it seems, batch after batch).
+            tokens = torch.tensor([w.tokens + [END_OF_TEXT_ID] * (S - len(w.tokens)) for w in batch], dtype=torch.long)
             ragged = bool((lengths != S).any())
             mask = torch.arange(S) < lengths[:, None] if ragged else None
             n = sum(rows_of(w, self.positions) for w in batch)
