@@ -65,7 +65,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     model = GPT.random("gpt2", seed=0) if args.random else GPT.from_pretrained(args.model)
-    name = "random GPT-2 small weights (seed 0)" if args.random else args.model
+    model_name = "random GPT-2 small weights (seed 0)" if args.random else args.model
     n = model.cfg.n_layer
     corpus = stdlib_docstrings(out / "corpus.jsonl")
     points = [f"blocks.{L}.resid_pre" for L in range(n)] + [f"blocks.{n - 1}.resid_post"]
@@ -90,10 +90,10 @@ def main() -> None:
         print(f"{point:>26} " + " ".join(f"{r.scores[i]:>26.3f}" for r in results.values()))
     print(f"majority-class accuracy of 'starts a word' on the held-out rows: "
           f"{results['starts a word (accuracy)'].probes[0].baseline:.3f}")
-    figure(results, points, name, manifest["tokens"], Path(args.figure))
+    figure(results, points, model_name, manifest["tokens"], Path(args.figure))
 
 
-def figure(results: dict, points: list[str], name: str, tokens: int, path: Path) -> None:
+def figure(results: dict, points: list[str], model_name: str, tokens: int, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,8 +108,8 @@ def figure(results: dict, points: list[str], name: str, tokens: int, path: Path)
     ax.set_xlabel("residual stream after block (emb = block 0's input)")
     ax.set_ylabel("held-out score")
     ax.set_ylim(0, 1.02)
-    ax.set_title(f"Linear probes per layer, {tokens:,} harvested tokens\n{name}", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"Linear probes per layer, {tokens:,} harvested tokens\n{model_name}", fontsize=9)
+    ax.legend(fontsize=8, loc="center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
