@@ -325,15 +325,18 @@ def save_pretrained(model, directory: str | Path, *, dtype: torch.dtype | None =
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype or v.dtype) for k, v in model.state_dict().items()}
-    _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(
+    write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(
         to_hf_state_dict(state, model.cfg.n_layer, official=False), path, metadata={"format": "pt"}))
     config = json.dumps({**model.cfg.to_hf(), "torch_dtype": str(dtype or model.unembedding.dtype)[6:]}, indent=2)
-    _write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config + "\n", encoding="utf-8"))
+    write_atomically(directory / CONFIG_FILE, lambda path: Path(path).write_text(config + "\n", encoding="utf-8"))
     return directory
 
 
-def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
-    """``write(temporary path)``, flushed to disk, then renamed to ``path``."""
+def write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    """``write(temporary path)``, flushed to disk, then renamed to ``path``: never seen half-written.
+
+    The temporary name holds the process id, so processes sharing a directory never write one file.
+    """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(str(temporary))
     with open(temporary, "rb") as f:

@@ -42,6 +42,7 @@ from minigpt.training import Settings, train  # noqa: E402
 
 PACKAGE, VERSION = "python3.11-doc", "3.11.2-6+deb12u9"
 PACKAGE_SHA256 = "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"
+CORPUS_SHA256 = "f7909160d7027431183799c3dec489ba5fd2c220cbabce991c401443383e1e75"  # the flattened sources pydoc-tiny was trained on
 SOURCES = "./usr/share/doc/python3.11/html/_sources/"
 CONFIG = GPTConfig(n_embd=64, n_layer=8, n_head=4, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 SETTINGS = Settings(steps=700, batch_size=8, grad_accum=1, context=256, lr=3e-3, min_lr=3e-4, warmup=50,
@@ -105,6 +106,16 @@ def corpus_sha256(files: list[Path], root: Path) -> str:
     return digest.hexdigest()
 
 
+def validation_loss_as_shipped(shipped: Path, run: Path, settings: Settings) -> float:
+    """The validation loss of the bf16 weights as they ship (loaded as float32, as by default), on the
+    windows the training run evaluated."""
+    from minigpt.training import evaluate
+    from minigpt.training.data import Windows
+
+    model = GPT.from_pretrained(shipped)
+    return evaluate(model, Windows.open(run / "data", "val", settings.context), settings, 0, 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deb", type=Path, default=None, help=f"a {PACKAGE} .deb (default: apt-get download it)")
@@ -121,6 +132,9 @@ def main() -> None:
         corpus = args.work / "corpus"
         files = extract_sources(deb, corpus)
     print(f"corpus: {len(files)} files from {deb.name} (sha256 {package_sha256[:12]}...)", file=sys.stderr)
+    if corpus_sha256(files, corpus) != CORPUS_SHA256:
+        print(f"warning: this corpus differs from the one the shipped model was trained on (package "
+              f"{PACKAGE}={VERSION}, sha256 {PACKAGE_SHA256[:12]}...): the model made will differ too", file=sys.stderr)
     settings = Settings(**{**asdict(SETTINGS), "steps": args.steps})
     started = time.perf_counter()
     state = train([corpus], CONFIG, args.work / "run", settings, save_every=100)
@@ -128,6 +142,7 @@ def main() -> None:
 
     model = GPT.from_pretrained(args.work / "run")
     model.save_pretrained(args.out, dtype=torch.bfloat16)
+    shipped_loss = validation_loss_as_shipped(args.out, args.work / "run", settings)
     data = json.loads((args.work / "run" / "data" / "data.json").read_text(encoding="utf-8"))
     validation = [(e["step"], round(e["val_loss"], 4)) for e in state["log"] if "val_loss" in e]
     record = {
@@ -145,6 +160,7 @@ def main() -> None:
         "settings": asdict(settings), "stored_dtype": "bfloat16",
         "tokens_seen": settings.steps * settings.global_batch(1) * settings.context,
         "validation_loss": validation, "final_validation_loss": validation[-1][1],
+        "final_validation_loss_as_shipped": round(shipped_loss, 4),
         "train_loss_last_50_steps": round(sum(e["loss"] for e in state["log"][-50:]) / 50, 4),
         "seconds": round(seconds, 1), "threads": args.threads,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",

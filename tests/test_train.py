@@ -4,6 +4,7 @@ shipped trained model, and refusals of what cannot work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -94,6 +95,33 @@ def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(corpus, tmp_path, 
     assert losses(train(corpus, CFG, tmp_path / "resumed", QUICK, save_every=2, quiet=True)) == losses(whole)
 
 
+def test_killed_while_writing_a_checkpoint_it_resumes_from_the_one_before(corpus, tmp_path, monkeypatch) -> None:
+    from minigpt.training import checkpoint
+
+    whole = train(corpus, CFG, tmp_path / "whole", QUICK, save_every=2, quiet=True)
+    real = checkpoint._optimizer_tensors
+    calls = {"n": 0}
+
+    def dies_on_the_second_save(optimizer):
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 4's weights are on disk, its optimizer state is not: not committed
+            raise KeyboardInterrupt
+        return real(optimizer)
+
+    monkeypatch.setattr(checkpoint, "_optimizer_tensors", dies_on_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(corpus, CFG, tmp_path / "run", QUICK, save_every=2, quiet=True)
+    monkeypatch.setattr(checkpoint, "_optimizer_tensors", real)
+    assert checkpoint.load_state(tmp_path / "run")["step"] == 2  # the checkpoint before is whole
+    assert GPT.from_pretrained(tmp_path / "run") is not None  # and DIR still loads as a model
+    resumed = train(corpus, CFG, tmp_path / "run", QUICK, save_every=2, quiet=True)
+    assert losses(resumed) == losses(whole)
+    names = sorted(p.name for p in (tmp_path / "run" / "training").iterdir())
+    assert names == ["model-6.safetensors", "optimizer-6.safetensors", "rng-6-rank0.safetensors", "state.json"]
+    exported = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert exported == (tmp_path / "run" / "training" / "model-6.safetensors").read_bytes()
+
+
 def run_cli(*args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)] if torchrun else []
@@ -120,7 +148,7 @@ def test_torchrun_two_cpu_processes_follow_one_with_the_same_global_batch(corpus
     wa, wb = GPT.from_pretrained(tmp_path / "one"), GPT.from_pretrained(tmp_path / "two")
     for (name, x), y in zip(wa.state_dict().items(), wb.state_dict().values()):
         assert torch.allclose(x, y, rtol=1e-4, atol=1e-6), name
-    assert (tmp_path / "two" / "training" / "rng-rank1.safetensors").is_file()
+    assert (tmp_path / "two" / "training" / "rng-5-rank1.safetensors").is_file()
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine() -> None:
@@ -186,10 +214,38 @@ def test_init_goes_on_from_a_checkpoint(corpus, tmp_path) -> None:
     ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"),
     ({"dropout": 2.0}, "dropout"),
     ({"context": 64}, "longer than the model's 32 positions"),
+    ({"val_fraction": 0.0}, "some text must be held out"),
+    ({"lr": "fast"}, "lr must be a number"),
 ])
 def test_bad_settings_are_training_errors(corpus, tmp_path, change, message) -> None:
     with pytest.raises(TrainingError, match=message):
         train(corpus, CFG, tmp_path / "run", replace(QUICK, **change), quiet=True)
+
+
+def test_configs_that_cannot_train_are_refused_before_any_work(corpus, tmp_path) -> None:
+    with pytest.raises(TrainingError, match="vocabulary has 1000"):
+        train(corpus, replace(CFG, vocab_size=1000), tmp_path / "a", QUICK, quiet=True)
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"n_layers": 2}))
+    with pytest.raises(TrainingError, match="n_layers"):
+        train(corpus, typo, tmp_path / "b", QUICK, quiet=True)
+    from minigpt import InputError
+    with pytest.raises(InputError, match="device"):
+        train(corpus, CFG, tmp_path / "c", QUICK, device="fpga", quiet=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_evaluate_leaves_the_model_in_its_mode(corpus, tmp_path) -> None:
+    from minigpt.training import evaluate
+    from minigpt.training.data import Windows
+
+    train(corpus, CFG, tmp_path / "run", replace(QUICK, steps=1), quiet=True)
+    model = GPT.from_pretrained(tmp_path / "run")
+    windows = Windows.open(tmp_path / "run" / "data", "val", QUICK.context)
+    assert math.isfinite(evaluate(model, windows, QUICK, 0, 1)) and not model.training
+    model.train()
+    evaluate(model, windows, QUICK, 0, 1)
+    assert model.training
 
 
 def test_a_corpus_too_small_or_missing_is_a_training_error(tmp_path) -> None:

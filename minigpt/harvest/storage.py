@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HarvestError
-from ..weights import SAFETENSORS_DTYPES
+from ..weights import SAFETENSORS_DTYPES, write_atomically
 
 _SAFETENSORS_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -37,21 +37,13 @@ def shard_path(directory: Path, index: int) -> Path:
     return directory / SHARDS / f"shard-{index:06d}.safetensors"
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """``data`` to ``path``, never visible half-written: a temporary file, fsync, then rename.
-
-    The temporary name holds the process id: processes sharing the directory never write one file.
-    """
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with temporary.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """``data`` to ``path``, never visible half-written (weights.write_atomically: temporary file, fsync, rename)."""
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def write_json(path: Path, value: object) -> None:
-    write_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
+    write_bytes_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
 def read_json(path: Path) -> dict:

@@ -1,14 +1,18 @@
-"""A training checkpoint: the model in HuggingFace's layout, plus what it takes to go on exactly.
+"""A training checkpoint: what it takes to go on exactly, and the model in HuggingFace's layout.
 
-    DIR/config.json, DIR/model.safetensors    the model, as save_pretrained writes it (transformers
-                                              and minigpt both load DIR as it is)
-    DIR/training/optimizer.safetensors        AdamW's moments and step counts, one tensor each
-    DIR/training/rng-rank{R}.safetensors      each process's random generator (dropout)
-    DIR/training/state.json                   the step, the settings, the loss log, and the sha256
-                                              of every file above: written last, it is the commit
+    DIR/training/model-{step}.safetensors        the weights at that step (save_pretrained's layout)
+    DIR/training/optimizer-{step}.safetensors    AdamW's moments and step counts, one tensor each
+    DIR/training/rng-{step}-rank{R}.safetensors  each process's random generator (dropout)
+    DIR/training/state.json                      the step, the settings, the loss log, and the sha256
+                                                 of the step's files: written last, it is the commit
+    DIR/config.json, DIR/model.safetensors       the committed weights where HF's save_pretrained puts
+                                                 them (a hard link to model-{step} where the filesystem
+                                                 allows), so transformers and minigpt load DIR as it is
 
-Nothing here is pickled. A run killed while writing leaves files whose hashes do not match
-state.json, and going on from them is refused rather than silently mixing two steps.
+A checkpoint is written beside the previous one under new names, each file flushed to disk, then
+committed by renaming state.json into place; only then are the previous step's files removed.
+Killed at any moment, DIR holds a whole committed checkpoint (the new one or the one before), never
+two steps mixed. Nothing here is pickled.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import TrainingError
-from ..weights import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from ..errors import CheckpointError, TrainingError
+from ..weights import (CONFIG_FILE, WEIGHTS_FILE, from_hf_state_dict, read_safetensors, save_pretrained,
+                       write_atomically)
 
-STATE_FORMAT = "minigpt-train/1"
+STATE_FORMAT = "minigpt-train/2"
 
 
 def state_path(out: Path) -> Path:
@@ -31,64 +36,89 @@ def state_path(out: Path) -> Path:
 
 
 def save(out: Path, model, optimizer: torch.optim.Optimizer, state: dict, rank: int, world: int) -> None:
-    """Write the checkpoint of ``state['step']`` (every rank calls this; rank 0 writes the shared files)."""
-    training = out / "training"
+    """Write and commit the checkpoint of ``state['step']`` (every rank calls this; rank 0 commits)."""
+    training, step = out / "training", state["step"]
     training.mkdir(parents=True, exist_ok=True)
-    _save_tensors(training / f"rng-rank{rank}.safetensors", _rng_state())
+    _save_tensors(training / f"rng-{step}-rank{rank}.safetensors", _rng_state(model.unembedding.device))
     if world > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every rank's generator is on disk
     if rank != 0:
         return
-    save_pretrained(model, out)
-    _save_tensors(training / "optimizer.safetensors", _optimizer_tensors(optimizer))
-    files = [CONFIG_FILE, WEIGHTS_FILE, "training/optimizer.safetensors",
-             *(f"training/rng-rank{r}.safetensors" for r in range(world))]
-    state = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": _param_groups(optimizer),
-             "sha256": {name: _sha256(out / name) for name in files}}
-    temporary = training / f".state.json.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, state_path(out))
+    staging = training / f"model-{step}"
+    save_pretrained(model, staging)  # config.json + model.safetensors, each written atomically
+    os.replace(staging / WEIGHTS_FILE, training / f"model-{step}.safetensors")
+    _save_tensors(training / f"optimizer-{step}.safetensors", _optimizer_tensors(optimizer))
+    files = [f"model-{step}.safetensors", f"optimizer-{step}.safetensors",
+             *(f"rng-{step}-rank{r}.safetensors" for r in range(world))]
+    committed = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": _param_groups(optimizer),
+                 "config_json": json.loads((staging / CONFIG_FILE).read_text(encoding="utf-8")),
+                 "files": {name: _sha256(training / name) for name in files}}
+    write_atomically(state_path(out), lambda path: Path(path).write_text(json.dumps(committed, indent=2) + "\n",
+                                                                          encoding="utf-8"))
+    _export(out, training / f"model-{step}.safetensors", staging / CONFIG_FILE)
+    staging.rmdir()
+    for stale in [*training.glob("*-*.safetensors"), *training.glob("model-*/*")]:  # older steps, a killed save's
+        if stale.name not in committed["files"]:
+            stale.unlink(missing_ok=True)
 
 
-def load_state(out: Path) -> dict | None:
-    """state.json of ``out``, checked against the files it names; None when there is no checkpoint yet."""
+def load_state(out: Path, check: bool = True) -> dict | None:
+    """The committed state.json of ``out``, its files checked; None when there is no checkpoint yet."""
     path = state_path(out)
     if not path.exists():
         return None
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainingError(f"{path} cannot be read ({e}); the checkpoint is damaged: train into a new --out") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise TrainingError(f"{path} is not a minigpt training state ({STATE_FORMAT}); train into a new --out")
-    for name, digest in state["sha256"].items():
-        if not (out / name).is_file() or _sha256(out / name) != digest:
-            raise TrainingError(f"{out / name} is missing or does not match {path} (a run stopped while writing "
-                                "its checkpoint?); the checkpoint cannot be trusted: train into a new --out")
+        if state.get("format") != STATE_FORMAT:
+            raise TrainingError(f"{path} is not a minigpt training state ({STATE_FORMAT}); train into a new --out")
+        files = dict(state["files"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: "
+                            "train into a new --out") from e
+    for name, digest in files.items() if check else ():
+        where = out / "training" / name
+        if not where.is_file() or _sha256(where) != digest:
+            raise TrainingError(f"{where} is missing or does not match {path}; the checkpoint was changed after it "
+                                "was written and cannot be trusted: train into a new --out")
     return state
 
 
 def restore(out: Path, state: dict, model, optimizer: torch.optim.Optimizer, rank: int) -> None:
     """Put the checkpoint's weights, optimizer state and this rank's random generator in place."""
-    from ..weights import read_safetensors, from_hf_state_dict
-
-    saved = read_safetensors(out / WEIGHTS_FILE)
-    weights = from_hf_state_dict(saved, model.cfg, type(model).parameter_shapes)
+    training, step = out / "training", state["step"]
+    try:
+        saved = read_safetensors(training / f"model-{step}.safetensors")
+        weights = from_hf_state_dict(saved, model.cfg, type(model).parameter_shapes)
+    except CheckpointError as e:
+        raise TrainingError(f"the checkpoint of step {step} in {out} does not fit this model: {e}") from e
     with torch.no_grad():
         for name, param in model.state_dict().items():
             param.copy_(weights[name])
-    tensors = load_file(out / "training" / "optimizer.safetensors")
+    tensors = load_file(training / f"optimizer-{step}.safetensors")
     optimizer.load_state_dict(_optimizer_state(tensors, state["param_groups"]))
-    rng = load_file(out / "training" / f"rng-rank{rank}.safetensors")
+    rng = load_file(training / f"rng-{step}-rank{rank}.safetensors")
     torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    device = model.unembedding.device
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def _export(out: Path, weights: Path, config: Path) -> None:
+    """The committed weights as DIR/model.safetensors (a hard link, else a copy) and DIR/config.json."""
+    def place(path: str) -> None:
+        try:
+            os.link(weights, path)
+        except OSError:  # a filesystem without hard links
+            Path(path).write_bytes(weights.read_bytes())
+
+    write_atomically(out / WEIGHTS_FILE, place)
+    os.replace(config, out / CONFIG_FILE)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -113,9 +143,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict])
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: save_file(tensors, temporary))
 
 
 def _sha256(path: Path) -> str:

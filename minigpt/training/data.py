@@ -45,10 +45,16 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
                     "tokenizer": "gpt2 (tiktoken)", "val_fraction": val_fraction, "seed": seed}
         meta_path = directory / "data.json"
         if meta_path.exists():
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if {k: meta.get(k) for k in identity} != identity:
-                raise TrainingError(f"{directory} holds the tokens of another corpus or split; train into a new "
-                                    "--out directory, or give the same --data, --lines and --val-fraction")
+            try:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise TrainingError(f"{meta_path} cannot be read ({e}); remove {directory} to tokenize again") from e
+            differing = [k for k in identity if not isinstance(meta, dict) or meta.get(k) != identity[k]]
+            if differing:
+                names = {"corpus": "corpus (--data, --lines)", "val_fraction": "--val-fraction", "seed": "--seed"}
+                raise TrainingError(f"{directory} holds the tokens of another corpus or split (other "
+                                    f"{', '.join(names.get(k, k) for k in differing)}); train into a new --out "
+                                    "directory, or give the same options")
             return meta
         return _tokenize(files, directory, identity, lines)
     except HarvestError as e:  # the corpus reader's own words

@@ -11,15 +11,16 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import distributed
-from ..config import OFFICIAL, GPTConfig, is_integer
+from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
 from ..errors import TrainingError
+from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data
 
@@ -38,7 +39,7 @@ class Settings:
     grad_accum: int = _knob(1, "forwards per optimizer step, in each process (gradient accumulation)")
     context: int = _knob(256, "tokens per window")
     lr: float = _knob(6e-4, "peak learning rate, reached at the end of the warm-up")
-    min_lr: float = _knob(6e-5, "learning rate at the last step, where the cosine ends")
+    min_lr: float = _knob(6e-5, "where the cosine ends (at step --steps, one past the last)")
     warmup: int = _knob(100, "steps of linear warm-up")
     weight_decay: float = _knob(0.1, "AdamW's weight decay, on matrices and embeddings only")
     beta1: float = _knob(0.9, "AdamW's beta1")
@@ -56,7 +57,8 @@ class Settings:
 
 
 def learning_rate(step: int, s: Settings) -> float:
-    """Linear warm-up to ``lr``, then a cosine down to ``min_lr`` at the last step."""
+    """Linear warm-up to ``lr`` (reached at step ``warmup - 1``), then a cosine towards ``min_lr``,
+    which it reaches at step ``steps``, one past the last (as nanoGPT's schedule)."""
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     progress = (step - s.warmup) / max(1, s.steps - s.warmup)
@@ -95,9 +97,13 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
         raise TrainingError("give a size (--size: train from scratch) or init (--init CHECKPOINT: go on from its "
                             "weights), one of them")
     _check(settings, save_every)
-    with distributed.process_group(torch.device(device)) as (rank, world):
+    device = check_placement(torch.float32, device)
+    with distributed.process_group(device) as (rank, world):
         torch.manual_seed(settings.seed + rank)  # each process's dropout
         model = _model(size, init, settings, device)
+        if model.cfg.vocab_size <= END_OF_TEXT_ID:
+            raise TrainingError(f"the corpus is tokenized with GPT-2's BPE (ids up to {END_OF_TEXT_ID}), but this "
+                                f"model's vocabulary has {model.cfg.vocab_size}; use vocab_size 50257")
         if settings.context > model.cfg.n_positions:
             raise TrainingError(f"--context {settings.context} is longer than the model's {model.cfg.n_positions} "
                                 "positions; lower it or use a config with more positions")
@@ -110,8 +116,8 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
             try:
                 meta = data.prepare(data_paths, out / "data", val_fraction=settings.val_fraction, seed=settings.seed,
                                     lines=lines)
-            except TrainingError as e:
-                problem = str(e)
+            except Exception as e:  # whatever it is, every rank must hear of it, not wait for rank 0
+                problem = str(e) if isinstance(e, TrainingError) else f"preparing the corpus failed: {type(e).__name__}: {e}"
         meta, problem = distributed.gather((meta, problem), world)[0]
         if problem:
             raise TrainingError(problem)
@@ -120,6 +126,9 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
         if len(train_windows) == 0:
             raise TrainingError(f"the corpus gives {meta['train_tokens']} training tokens, less than one window of "
                                 f"{settings.context + 1}; lower --context or give more text")
+        if len(val_windows) == 0:
+            raise TrainingError(f"the validation split gives {meta['val_tokens']} tokens, less than one window of "
+                                f"{settings.context + 1}; raise --val-fraction, lower --context or give more text")
         order = data.Order(len(train_windows), settings.seed)
 
         state = _resume(out, identity, model, optimizer, rank)
@@ -169,8 +178,9 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if ddp is not None:
-        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+    if ddp is not None:  # the mean over processes (SUM then divide: gloo has no AVG before torch 2.7)
+        torch.distributed.all_reduce(loss)
+        loss /= torch.distributed.get_world_size()
     return loss.item(), norm.item()
 
 
@@ -178,8 +188,7 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
 def evaluate(model: GPT, windows: data.Windows, s: Settings, rank: int, world: int) -> float:
     """Mean loss over the first ``eval_windows`` validation windows (all ranks together), in eval mode."""
     count = min(s.eval_windows, len(windows))
-    if count == 0:
-        return math.nan
+    was_training = model.training
     model.eval()
     mine = list(range(rank, count, world))
     total = torch.zeros(2, dtype=torch.float64, device=model.unembedding.device)  # loss sum, windows
@@ -189,7 +198,7 @@ def evaluate(model: GPT, windows: data.Windows, s: Settings, rank: int, world: i
                                len(chosen)], dtype=torch.float64, device=total.device)
     if world > 1:
         torch.distributed.all_reduce(total)
-    model.train()
+    model.train(was_training)
     return (total[0] / total[1]).item()
 
 
@@ -206,7 +215,13 @@ def config_of(size: str | GPTConfig | Path) -> GPTConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TrainingError(f"cannot read {path} as JSON ({e})") from e
-    return GPTConfig.from_hf({"model_type": "gpt2", **raw} if isinstance(raw, dict) else raw)
+    if isinstance(raw, dict) and "model_type" not in raw:  # a config of minigpt's own fields: no typo passes
+        unknown = sorted(set(raw) - {f.name for f in fields(GPTConfig)} - {"n_ctx"})
+        if unknown:
+            raise TrainingError(f"{path} has fields GPT-2's config does not know: {', '.join(unknown)} (known: "
+                                f"{', '.join(f.name for f in fields(GPTConfig))}); or give an HF config.json")
+        raw = {"model_type": "gpt2", **raw}
+    return GPTConfig.from_hf(raw)
 
 
 def _model(size, init, s: Settings, device: str) -> GPT:
@@ -236,6 +251,11 @@ def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict
 
 
 def _check(s: Settings, save_every: int) -> None:
+    numbers = [f"{f.name} must be a number, got {getattr(s, f.name)!r}" for f in fields(Settings)
+               if not (getattr(s, f.name) is None and f.name == "dropout") and (
+                   isinstance(getattr(s, f.name), bool) or not isinstance(getattr(s, f.name), (int, float)))]
+    if numbers:
+        raise TrainingError("bad training settings: " + "; ".join(numbers))
     positive = ["steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"]
     problems = [f"{name} must be a positive integer, got {getattr(s, name)!r}" for name in positive
                 if not (is_integer(getattr(s, name)) and getattr(s, name) >= 1)]
@@ -243,8 +263,10 @@ def _check(s: Settings, save_every: int) -> None:
                  for name in ("warmup", "lr", "min_lr", "weight_decay", "grad_clip") if not getattr(s, name) >= 0]
     problems += [f"{name} must be an integer, got {getattr(s, name)!r}" for name in ("warmup", "seed")
                  if not is_integer(getattr(s, name))]
-    problems += [f"{name} must be in [0, 1), got {getattr(s, name)!r}" for name in ("beta1", "beta2", "val_fraction")
+    problems += [f"{name} must be in [0, 1), got {getattr(s, name)!r}" for name in ("beta1", "beta2")
                  if not 0 <= getattr(s, name) < 1]
+    if not 0 < s.val_fraction < 1:
+        problems.append(f"val_fraction must be in (0, 1): some text must be held out, got {s.val_fraction!r}")
     if s.dropout is not None and not 0 <= s.dropout <= 1:
         problems.append(f"dropout must be in [0, 1], got {s.dropout!r}")
     if not (is_integer(save_every) and save_every >= 1):
