@@ -101,35 +101,11 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
     with distributed.process_group(device) as (rank, world):
         torch.manual_seed(settings.seed + rank)  # each process's dropout
         model = _model(size, init, settings, device)
-        if model.cfg.vocab_size <= END_OF_TEXT_ID:
-            raise TrainingError(f"the corpus is tokenized with GPT-2's BPE (ids up to {END_OF_TEXT_ID}), but this "
-                                f"model's vocabulary has {model.cfg.vocab_size}; use vocab_size 50257")
-        if settings.context > model.cfg.n_positions:
-            raise TrainingError(f"--context {settings.context} is longer than the model's {model.cfg.n_positions} "
-                                "positions; lower it or use a config with more positions")
         optimizer = make_optimizer(model, settings)
+        train_windows, val_windows = _data(data_paths, out / "data", settings, lines, rank, world)
+        order = data.Order(len(train_windows), settings.seed)
         identity = {"settings": asdict(settings), "config": asdict(model.cfg), "init": str(init) if init else None,
                     "global_batch": settings.global_batch(world)}
-
-        meta, problem = None, None
-        if rank == 0:  # the others wait until rank 0 has tokenized the corpus, or failed to
-            try:
-                meta = data.prepare(data_paths, out / "data", val_fraction=settings.val_fraction, seed=settings.seed,
-                                    lines=lines)
-            except Exception as e:  # whatever it is, every rank must hear of it, not wait for rank 0
-                problem = str(e) if isinstance(e, TrainingError) else f"preparing the corpus failed: {type(e).__name__}: {e}"
-        meta, problem = distributed.gather((meta, problem), world)[0]
-        if problem:
-            raise TrainingError(problem)
-        train_windows = data.Windows.open(out / "data", "train", settings.context)
-        val_windows = data.Windows.open(out / "data", "val", settings.context)
-        if len(train_windows) == 0:
-            raise TrainingError(f"the corpus gives {meta['train_tokens']} training tokens, less than one window of "
-                                f"{settings.context + 1}; lower --context or give more text")
-        if len(val_windows) == 0:
-            raise TrainingError(f"the validation split gives {meta['val_tokens']} tokens, less than one window of "
-                                f"{settings.context + 1}; raise --val-fraction, lower --context or give more text")
-        order = data.Order(len(train_windows), settings.seed)
 
         state = _resume(out, identity, model, optimizer, rank)
         model.train()
@@ -230,10 +206,35 @@ def _model(size, init, s: Settings, device: str) -> GPT:
     cfg = start.cfg if start is not None else config_of(size)
     if s.dropout is not None:
         cfg = GPTConfig(**{**asdict(cfg), "embd_pdrop": s.dropout, "attn_pdrop": s.dropout, "resid_pdrop": s.dropout})
+    if cfg.vocab_size <= END_OF_TEXT_ID:
+        raise TrainingError(f"the corpus is tokenized with GPT-2's BPE (ids up to {END_OF_TEXT_ID}), but this "
+                            f"model's vocabulary has {cfg.vocab_size}; use vocab_size 50257")
+    if s.context > cfg.n_positions:
+        raise TrainingError(f"--context {s.context} is longer than the model's {cfg.n_positions} positions; "
+                            "lower it or use a config with more positions")
     model = GPT.random(cfg, seed=s.seed, device=device)
     if start is not None:
         model.load_state_dict(start.state_dict())
     return model
+
+
+def _data(paths, directory: Path, s: Settings, lines: bool, rank: int, world: int) -> tuple[data.Windows, data.Windows]:
+    """The corpus tokenized into ``directory`` (by rank 0, once), as training and validation windows."""
+    meta, problem = None, None
+    if rank == 0:  # the others wait until rank 0 has tokenized the corpus, or failed to
+        try:
+            meta = data.prepare(paths, directory, val_fraction=s.val_fraction, seed=s.seed, lines=lines)
+        except Exception as e:  # whatever it is, every rank must hear of it rather than wait
+            problem = str(e) if isinstance(e, TrainingError) else f"preparing the corpus failed: {type(e).__name__}: {e}"
+    meta, problem = distributed.gather((meta, problem), world)[0]
+    if problem:
+        raise TrainingError(problem)
+    windows = {split: data.Windows.open(directory, split, s.context) for split in ("train", "val")}
+    for split, name in (("train", "training tokens"), ("val", "validation tokens")):
+        if len(windows[split]) == 0:
+            raise TrainingError(f"the corpus gives {meta[split + '_tokens']} {name}, less than one window of "
+                                f"{s.context + 1}; lower --context, raise --val-fraction or give more text")
+    return windows["train"], windows["val"]
 
 
 def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict:
