@@ -404,8 +404,9 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
         raise HubUnreachableError(
             f"cannot get {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) and the model "
             f"is not in the local cache. On a connected machine run `python scripts/download.py {repo_id} DIR` "
-            "and pass DIR instead of the name, or use random weights of the same shape "
-            "(`minigpt ... --random-if-offline`, or GPT.random(size))") from e
+            "and pass DIR instead of the name; or use the small model trained by minigpt that ships with it "
+            "(`--model pydoc-tiny`, `--trained-if-offline`, GPT.from_pretrained('pydoc-tiny')), or random weights of "
+            "the same shape (`--random-if-offline`, GPT.random(size))") from e
     except RepositoryNotFoundError as e:
         raise HubError(f"no model {repo_id!r} on the hub (or it is private); check the name, "
                        "e.g. 'gpt2', 'gpt2-medium', 'distilgpt2', or pass a local directory") from e
