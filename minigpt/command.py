@@ -43,7 +43,7 @@ def load_model(args: argparse.Namespace) -> GPT:
         try:
             model = GPT.from_pretrained(args.model, **kwargs)
         except HubUnreachableError as e:
-            if getattr(args, "trained_if_offline", False) and args.model in OFFICIAL:
+            if args.trained_if_offline and args.model in OFFICIAL:
                 print(f"note: {e}\nnote: falling back to {OFFLINE_MODEL}, the small model trained by minigpt "
                       "that ships with it (not OpenAI's GPT-2; --random for random weights)", file=sys.stderr)
                 model = GPT.from_pretrained(OFFLINE_MODEL, **kwargs)

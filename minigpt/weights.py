@@ -9,6 +9,7 @@ costs about the weights' bytes. Only config.json and safetensors are read: nothi
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import math
 import mmap
@@ -332,6 +333,15 @@ def save_pretrained(model, directory: str | Path, *, dtype: torch.dtype | None =
     return directory
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read 16 MiB at a time (OSError if it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """``write(temporary path)``, flushed to disk, then renamed to ``path``: never seen half-written.
 
@@ -426,6 +436,8 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
 
 # Trained models that come with minigpt (made by scripts/train_small.py), by the name that loads them.
 SHIPPED = {"pydoc-tiny": Path(__file__).parent / "assets" / "pydoc-tiny"}
+# Ends the ``source`` of every shipped model, so that whoever shows a model can tell (the report's banner).
+SHIPPED_MARK = "shipped with minigpt; NOT OpenAI's GPT-2"
 
 
 def shipped_description(name: str) -> str:
@@ -435,9 +447,9 @@ def shipped_description(name: str) -> str:
         cfg = record["config"]
         return (f"{name}: a small GPT-2 ({cfg['n_layer']} blocks, d_model {cfg['n_embd']}, "
                 f"{record['parameters'] / 1e6:.1f}M parameters) trained by minigpt on the Python 3.11 documentation "
-                f"(validation loss {record['final_validation_loss']:.2f}), shipped with minigpt; NOT OpenAI's GPT-2")
+                f"(validation loss {record['final_validation_loss']:.2f}), {SHIPPED_MARK}")
     except (OSError, ValueError, KeyError, TypeError):
-        return f"{name}: a small model trained by minigpt, shipped with it; NOT OpenAI's GPT-2"
+        return f"{name}: a small model trained by minigpt, {SHIPPED_MARK}"
 
 
 def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:

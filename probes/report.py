@@ -25,6 +25,7 @@ import torch
 
 from minigpt import GPT
 from minigpt.errors import InputError
+from minigpt.weights import SHIPPED_MARK
 
 from ._common import Finding, decode_text, single_sequence, verdict_of
 from .attribution import attribute
@@ -74,7 +75,7 @@ def is_random(model: GPT) -> bool:
 
 def is_shipped_small_model(source: str) -> bool:
     """Whether ``source`` (a model's) names a small model shipped with minigpt (weights.shipped_description)."""
-    return "shipped with minigpt; NOT OpenAI's GPT-2" in source
+    return SHIPPED_MARK in source
 
 
 def stderr_progress() -> Progress:

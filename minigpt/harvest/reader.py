@@ -1,7 +1,6 @@
 """Reading a finished harvest: ``read(DIR, tap)`` -> Rows, memory-mapped, with each row's index."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HarvestError
+from ..weights import file_sha256
 from .storage import MANIFEST, SETTINGS, read_json
 
 
@@ -107,14 +107,10 @@ def read(directory: str | Path, tap: str, *, verify: bool = False) -> Rows:
 
 
 def _verify(path: Path, record: dict) -> None:
-    digest = hashlib.sha256()
     try:
-        with path.open("rb") as f:
-            while chunk := f.read(2**24):
-                digest.update(chunk)
-        size = path.stat().st_size
+        sha256, size = file_sha256(path), path.stat().st_size
     except OSError as e:
         raise HarvestError(f"{path} cannot be read ({e})") from None
-    if size != record["bytes"] or digest.hexdigest() != record["sha256"]:
+    if size != record["bytes"] or sha256 != record["sha256"]:
         raise HarvestError(f"{path} is not the shard the manifest lists (size or sha256 differ); it was changed "
                            "or damaged after the harvest: harvest again into a new directory")

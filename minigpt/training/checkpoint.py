@@ -16,7 +16,6 @@ two steps mixed. Nothing here is pickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, TrainingError
-from ..weights import (CONFIG_FILE, WEIGHTS_FILE, from_hf_state_dict, read_safetensors, save_pretrained,
-                       write_atomically)
+from ..weights import (CONFIG_FILE, WEIGHTS_FILE, file_sha256, from_hf_state_dict, read_safetensors,
+                       save_pretrained, write_atomically)
 
 STATE_FORMAT = "minigpt-train/2"
 
@@ -52,7 +51,7 @@ def save(out: Path, model, optimizer: torch.optim.Optimizer, state: dict, rank: 
              *(f"rng-{step}-rank{r}.safetensors" for r in range(world))]
     committed = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": _param_groups(optimizer),
                  "config_json": json.loads((staging / CONFIG_FILE).read_text(encoding="utf-8")),
-                 "files": {name: _sha256(training / name) for name in files}}
+                 "files": {name: file_sha256(training / name) for name in files}}
     write_atomically(state_path(out), lambda path: Path(path).write_text(json.dumps(committed, indent=2) + "\n",
                                                                           encoding="utf-8"))
     _export(out, training / f"model-{step}.safetensors", staging / CONFIG_FILE)
@@ -77,7 +76,7 @@ def load_state(out: Path, check: bool = True) -> dict | None:
                             "train into a new --out") from e
     for name, digest in files.items() if check else ():
         where = out / "training" / name
-        if not where.is_file() or _sha256(where) != digest:
+        if not where.is_file() or file_sha256(where) != digest:
             raise TrainingError(f"{where} is missing or does not match {path}; the checkpoint was changed after it "
                                 "was written and cannot be trusted: train into a new --out")
     return state
@@ -145,10 +144,3 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict])
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     write_atomically(path, lambda temporary: save_file(tensors, temporary))
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
