@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from minigpt import GPT, GPTConfig, MemoryBudgetError
+from minigpt import GPT, GPTConfig, MemoryBudgetError, MiniGPTWarning
 from minigpt.config import END_OF_TEXT
 from minigpt.harvest import HarvestError, harvest, read
 from minigpt.taps import Taps
@@ -131,7 +133,7 @@ def test_positions_last_and_max_tokens(model, corpus, tmp_path) -> None:
 
 def test_shards_bounded_manifest_checksums_and_the_minibatch_iterator(model, corpus, tmp_path) -> None:
     limit = 12_000
-    manifest = harvest(model, corpus, FOUR, tmp_path / "h", context=8, shard_bytes=limit, quiet=True)
+    manifest = harvest(model, corpus, FOUR, tmp_path / "h", context=8, shard_bytes=limit, batch_size=4, quiet=True)
     assert len(manifest["shards"]) > 3
     for record in manifest["shards"]:
         size = (tmp_path / "h" / record["file"]).stat().st_size
@@ -154,6 +156,25 @@ def test_shards_bounded_manifest_checksums_and_the_minibatch_iterator(model, cor
     path.write_bytes(bytes(data))
     with pytest.raises(HarvestError, match="not the shard the manifest lists"):
         read(tmp_path / "h", "blocks.1.resid_pre", verify=True)
+
+
+def test_shards_smaller_than_a_batch_warn_and_name_a_size_that_is_enough(model, corpus, tmp_path) -> None:
+    """A batch never spans two shards, so shards of fewer windows than a batch mean smaller forwards: said."""
+    with pytest.warns(MiniGPTWarning, match=r"a shard holds 1 full window\(s\).*fewer than batch_size=4") as caught:
+        small = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "small", context=16, batch_size=4,
+                        shard_bytes=1_000, quiet=True)
+    needed = int(re.search(r"at least ([\d,]+) bytes", str(caught[0].message)).group(1).replace(",", ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MiniGPTWarning)
+        harvest(model, corpus, "blocks.0.resid_post", tmp_path / "enough", context=16, batch_size=4,
+                shard_bytes=needed, quiet=True)
+        with pytest.raises(MiniGPTWarning):
+            harvest(model, corpus, "blocks.0.resid_post", tmp_path / "short", context=16, batch_size=4,
+                    shard_bytes=needed - 1, quiet=True)
+    # The rows are the same either way (the batches differ: up to float rounding).
+    a, b = read(tmp_path / "small", "blocks.0.resid_post"), read(tmp_path / "enough", "blocks.0.resid_post")
+    assert len(a) == len(b) == small["rows"] and torch.equal(a.position, b.position)
+    torch.testing.assert_close(a[:], b[:])
 
 
 def test_the_sink_gets_what_the_trace_records(model) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import math
 import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from .. import distributed
 from ..config import DTYPES, END_OF_TEXT, END_OF_TEXT_ID, is_integer
-from ..errors import HarvestError, TapError
+from ..errors import HarvestError, MiniGPTWarning, TapError
 from ..memory import check_harvest_memory, fmt_bytes, row_shape
 from ..taps import QUERY_KEY_TAPS, StopForward, Taps, select
 from . import corpus, storage
@@ -67,6 +68,7 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
         raise HarvestError(f"a shard of {fmt_bytes(shard_bytes)} cannot hold one window ({context} rows of "
                            f"{fmt_bytes(row_bytes)}): raise the shard size or lower the context")
     check_harvest_memory(model, batch_size, context, 3 * rows_per_shard * row_bytes, logits=taps[-1] == "logits")
+    _warn_if_shards_cut_batches(batch_size, context if positions == "all" else 1, rows_per_shard, row_bytes)
 
     with distributed.process_group(model.unembedding.device) as (rank, world):
         settings = {"format": FORMAT, "model": _model_identity(model), "tokenizer": "gpt2 (tiktoken)",
@@ -214,6 +216,23 @@ def _check_options(model, context, max_tokens, positions, dtype, batch_size, sha
     if dtype not in DTYPES.values():
         raise HarvestError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return dtype
+
+
+def _warn_if_shards_cut_batches(batch_size: int, rows_per_window: int, rows_per_shard: int, row_bytes: int) -> None:
+    """MiniGPTWarning if a shard holds fewer full windows than a batch: the forwards then run smaller batches.
+
+    A batch never spans two shards, so that a shard's values depend on the settings alone, not on
+    the number of processes or on which shards a resumed run skips (different batches may round
+    differently).
+    """
+    fits = rows_per_shard // rows_per_window
+    if fits < batch_size:
+        needed = batch_size * rows_per_window * row_bytes
+        needed_mib = math.ceil(needed / 2**20 * 10) / 10  # rounded up, so that it is enough
+        warnings.warn(f"a shard holds {fits} full window(s) ({rows_per_shard} rows of {fmt_bytes(row_bytes)}), fewer "
+                      f"than batch_size={batch_size}; a batch never spans two shards, so each forward runs at most "
+                      f"{fits} window(s). For full batches raise the shard size to at least {needed:,} bytes "
+                      f"(shard_bytes, or --shard-mb {needed_mib:g}), or lower the batch size to silence this", MiniGPTWarning, stacklevel=3)
 
 
 def _model_identity(model) -> dict:

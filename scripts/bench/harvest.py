@@ -5,16 +5,17 @@ bf16, beside the plain forward on the same windows and a hand-written HF + hooks
     .venv/bin/python -m scripts.bench --quick --no-forward --harvest
 
 The corpus: JSONL documents of words that are one GPT-2 token each, so that every window is full
-(``--seq`` tokens; 4 windows per document). The contenders, timed in alternation (one call each
+(``--seq`` tokens; 4 windows per document), a shard of one batch each. The contenders, timed in alternation (one call each
 per round, shuffled), each over the whole corpus, ``--batch`` windows per forward:
 
   minigpt forward, plain      ``model(tokens)`` per batch, logits included: the reference of the target
   minigpt forward, stopped    ``model.run(tokens, stop_at=last block's resid_post)``: the forward harvest runs
   minigpt harvest             ``harvest(...)`` from the JSONL file to a finished directory (reading,
                               tokenizing, hashing the weights, writing shards, fsync, manifest: all of it)
-  HF + hooks harvester        GPT2Model (no LM head) with forward hooks on every block, its attention
-                              and its MLP, bf16 copies collected per batch and written with
-                              safetensors' save_file, the same rows and index, the same shard size
+  HF forward, GPT2Model       HF's forward without an LM head, no hooks: the forward the next one runs
+  HF + hooks harvester        GPT2Model with forward hooks on every block, its attention and its MLP,
+                              bf16 copies collected per batch and written with safetensors' save_file:
+                              the same rows and index in the same shards
 
 Peak memory of the harvest is measured in a fresh process (harness.peak_during) and set beside its
 bound: the forward of one batch plus three shard buffers (weights not counted).
@@ -40,6 +41,8 @@ from .report import mib, table
 
 # --quick's tiny model, with GPT-2's whole vocabulary: the corpus is tokenized with GPT-2's BPE.
 QUICK = dataclasses.replace(QUICK_CONFIG, vocab_size=50257)
+# Documents of 4 windows each: 48 windows, 6 shards of one batch each at the default --batch 8.
+DOCUMENTS = 12
 WORDS = "the of and to in is was for on with as by at from his her it that this city river house".split()
 
 
@@ -60,9 +63,13 @@ def windows_of(path: Path, model: GPT, seq: int) -> torch.Tensor:
     return torch.tensor(ids).view(-1, seq)
 
 
-def hf_hooks_harvester(hf, windows: torch.Tensor, out: Path, batch: int, rows_per_shard: int,
+def hf_hooks_harvester(hf, windows: torch.Tensor, out: Path, batch: int, windows_per_shard: int,
                        tokens_per_document: int) -> None:
-    """What one writes by hand today: hooks that keep bf16 copies, a list per tap, save_file per shard."""
+    """What one writes by hand today: hooks that keep bf16 copies, a list per tap, save_file per shard.
+
+    Its shards are minigpt's: ``windows_per_shard`` whole windows each (the last one what is left),
+    whatever the batch size, so both write the same files' worth of rows under the same size bound.
+    """
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
@@ -83,26 +90,31 @@ def hf_hooks_harvester(hf, windows: torch.Tensor, out: Path, batch: int, rows_pe
             block.mlp.register_forward_hook(lambda m, args, output, p=p: keep(p + "mlp_delta", output)),
             block.register_forward_hook(lambda m, args, output, p=p: keep(p + "resid_post", output))]
     tokens = windows.flatten()
+    seq = windows.shape[1]
     shard, start, end = 0, 0, 0  # rows [start, end) wait in ``kept``
 
-    def flush() -> None:
+    def flush(rows: int) -> None:
+        """The first ``rows`` rows kept -> the next shard file; the rest stay kept."""
         nonlocal shard, start
-        row = torch.arange(start, end)  # the index, as harvest stores it
-        tensors = {name: torch.cat(parts) for name, parts in kept.items()}
+        row = torch.arange(start, start + rows)  # the index, as harvest stores it
+        everything = {name: torch.cat(parts) for name, parts in kept.items()}
+        tensors = {name: t[:rows] for name, t in everything.items()}
         tensors |= {"index.document": row // tokens_per_document, "index.position": row % tokens_per_document,
-                    "index.token": tokens[start:end].to(torch.int32)}
+                    "index.token": tokens[start:start + rows].to(torch.int32)}
         save_file(tensors, str(out / f"shard-{shard:06d}.safetensors"))
         kept.clear()
-        shard, start = shard + 1, end
+        kept.update({name: [t[rows:]] for name, t in everything.items() if len(t) > rows})
+        shard, start = shard + 1, start + rows
 
     try:
         with torch.inference_mode():
             for i in range(0, len(windows), batch):
-                if end - start + windows[i:i + batch].numel() > rows_per_shard:
-                    flush()
                 hf(windows[i:i + batch])
                 end += windows[i:i + batch].numel()
-            flush()
+                while end - start >= windows_per_shard * seq:
+                    flush(windows_per_shard * seq)
+            if end > start:
+                flush(end - start)
     finally:
         for hook in hooks:
             hook.remove()
@@ -114,13 +126,16 @@ def measure(args: argparse.Namespace, log=print) -> dict:
     work = Path(args.out) / "harvest-work"
     shutil.rmtree(work, ignore_errors=True)
     per_document = 4 * args.seq
-    corpus = write_corpus(work / "corpus.jsonl", model, 2 if args.quick else 8, per_document)
+    corpus = write_corpus(work / "corpus.jsonl", model, 2 if args.quick else DOCUMENTS, per_document)
     windows = windows_of(corpus, model, args.seq)
-    # Shards much smaller than the output, so that buffers are reused as in a long harvest (default 256 MiB).
-    shard_bytes = (1 if args.quick else 16) * 2**20
+    row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
+    # A shard holds exactly one batch: a batch never spans two shards (runner.py) and a long harvest's
+    # shards (256 MiB by default) hold whole batches; several shards, so that the buffers are reused
+    # as in a long harvest and the last shard's write, which nothing overlaps, is a small part.
+    windows_per_shard = args.batch
+    shard_bytes = windows_per_shard * args.seq * row_bytes
     last = f"blocks.{model.cfg.n_layer - 1}.resid_post"
     hf = hf_twin(model).transformer  # GPT2Model: no LM head, as a harvester needs none
-    row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
     calls_made = {"n": 0}
 
     def fresh(name: str) -> Path:
@@ -136,16 +151,21 @@ def measure(args: argparse.Namespace, log=print) -> dict:
         for i in range(0, len(windows), args.batch):
             model.run(windows[i:i + args.batch], stop_at=last)
 
+    def hf_forward() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(windows), args.batch):
+                hf(windows[i:i + args.batch])
+
     def ours() -> None:
         from minigpt.harvest import harvest
         harvest(model, corpus, FOUR, fresh("minigpt"), context=args.seq, batch_size=args.batch,
                 dtype=torch.bfloat16, shard_bytes=shard_bytes, quiet=True)
 
     def theirs() -> None:
-        hf_hooks_harvester(hf, windows, fresh("hf"), args.batch, shard_bytes // row_bytes, per_document)
+        hf_hooks_harvester(hf, windows, fresh("hf"), args.batch, windows_per_shard, per_document)
 
     calls = {"minigpt forward, plain (logits)": plain, "minigpt forward, stopped after the last block": stopped,
-             "minigpt harvest, 4 residual taps, bf16, to disk": ours,
+             "minigpt harvest, 4 residual taps, bf16, to disk": ours, "HF GPT2Model forward, no hooks": hf_forward,
              "HF GPT2Model + hooks harvester, bf16, save_file": theirs}
     log(f"harvest: {windows.numel()} tokens ({len(windows)} windows of {args.seq}), batch {args.batch}")
     times = harness.time_round_robin(calls, "cpu", warmup=1, repeats=max(2, args.repeats // 3),
