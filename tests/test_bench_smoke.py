@@ -141,3 +141,43 @@ def test_train_row_steps_both_libraries_alike(tmp_path) -> None:
                                                          "HF GPT2LMHeadModel (eager)"]
     assert all(r["median_s"] > 0 and math.isfinite(r["x_best_hf_time"]) for r in section["rows"])
     assert math.isfinite(section["target_values"]["train.step_vs_hf"])
+
+
+def test_the_hf_harvester_writes_minigpts_shards_and_the_harvest_row_is_complete(tmp_path) -> None:
+    """The HF + hooks contender writes the same rows, index and shard boundaries as ``minigpt.harvest``
+    (bf16 of the same float32 values, so equal up to a rounding step), with a batch that does not
+    divide a shard; the harvest section has every contender and its peak stays under its stated bound."""
+    from safetensors.torch import load_file
+
+    from minigpt.harvest import harvest
+    from scripts.bench import harvest as bench_harvest
+    from scripts.bench.contenders import FOUR, hf_twin
+
+    model = GPT.random(bench_harvest.QUICK, seed=0)
+    corpus = bench_harvest.write_corpus(tmp_path / "corpus.jsonl", model, 3, 4 * 16)
+    windows = bench_harvest.windows_of(corpus, model, 16)  # 12 windows of 16
+    row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
+    harvest(model, corpus, FOUR, tmp_path / "ours", context=16, batch_size=3, shard_bytes=5 * 16 * row_bytes,
+            quiet=True)
+    bench_harvest.hf_hooks_harvester(hf_twin(model).transformer, windows, tmp_path / "theirs", 3, 5, 4 * 16)
+    ours = sorted((tmp_path / "ours" / "shards").glob("*.safetensors"))
+    theirs = sorted((tmp_path / "theirs").glob("*.safetensors"))
+    assert len(ours) == len(theirs) == 3  # 5 + 5 + 2 windows
+    for a, b in zip(ours, theirs):
+        a, b = load_file(a), load_file(b)
+        assert a.keys() == b.keys() and len(a) == 4 * model.cfg.n_layer + 3
+        for name in a:
+            if name.startswith("index."):
+                assert torch.equal(a[name], b[name]), name
+            else:
+                torch.testing.assert_close(a[name].float(), b[name].float(), rtol=1e-2, atol=1e-2)
+
+    args = cli.parse_args(["--quick", "--threads", "1", "--out", str(tmp_path / "bench"), "--no-forward",
+                           "--no-load", "--harvest"])
+    section = bench_harvest.measure(args, log=lambda _: None)
+    assert [r["contender"] for r in section["rows"]][2:4] == ["minigpt harvest, 4 residual taps, bf16, to disk",
+                                                              "HF GPT2Model forward, no hooks"]
+    assert all(r["median_s"] > 0 and r["calls"] >= 2 for r in section["rows"])
+    assert all(math.isfinite(v) and v > 0 for v in section["target_values"].values())
+    assert section["written_bytes_per_call"] > section["tokens"] * row_bytes
+    assert 0 < section["peak"]["peak_extra_bytes"] <= section["peak_bound_bytes"]

@@ -141,6 +141,9 @@ class Recorder:
                 progress.update(int(lengths.sum()))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the last copies into pinned memory have landed
+        # The buffers belong to the writer now; the Taps object refers back to this recorder (its sink),
+        # a cycle that only the garbage collector would break, so let go of them here.
+        self.buffers = self.mask = self.last = None
 
     def _index(self, buffers: Buffers, row: int, batch, tokens: torch.Tensor, mask: torch.Tensor | None,
                lengths: torch.Tensor) -> None:
