@@ -173,7 +173,8 @@ def measure(args: argparse.Namespace, log=print) -> dict:
     tokens = windows.numel()
     plain_s = times["minigpt forward, plain (logits)"].headline()
     rows = [{"contender": name, "median_s": round(t.headline(), 3), "tokens_per_s": round(tokens / t.headline(), 1),
-             "x_plain_tokens_per_s": round(plain_s / t.headline(), 3), "calls": len(t.seconds)}
+             "x_plain_tokens_per_s": round(plain_s / t.headline(), 3), "quiet_median_s": round(t.quiet_median(), 3),
+             "calls": len(t.seconds), "quiet_calls": len(t.quiet())}
             for name, t in times.items()]
     memory = harness.in_fresh_process("harvest", {"quick": args.quick, "seq": args.seq, "batch": args.batch,
                                                   "corpus": str(corpus), "shard_bytes": shard_bytes,
@@ -211,7 +212,8 @@ def child(request: dict) -> dict:
 def markdown(section: dict) -> str:
     peak = section["peak"]
     return (f"{section['tokens']:,} tokens ({section['model']}), windows of {section['seq']}, batch {section['batch']}, "
-            f"shards of at most {mib(section['shard_bytes'])} MiB; contenders in shuffled order, medians over all calls. "
+            f"shards of at most {mib(section['shard_bytes'])} MiB; contenders in shuffled order, medians over all calls "
+            "(the targets use them); quiet_median_s: over the calls no other process disturbed (harness.Timings). "
             f"Harvest peak memory above the loaded model, in a fresh process: {mib(peak.get('peak_extra_bytes'))} MiB "
             f"(bound: forward of one batch + 3 shard buffers + bookkeeping = {mib(section['peak_bound_bytes'])} MiB).\n\n"
             + table(section["rows"]))
