@@ -72,14 +72,16 @@ class Timings:
 
 
 def time_round_robin(calls: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
-                     threads: int, log=print, seed: int = 0) -> dict[str, Timings]:
+                     threads: int, log=print, seed: int = 0,
+                     before_each: Callable[[], None] | None = None) -> dict[str, Timings]:
     """Time each entry: every round calls each once, in a shuffled order; warm-up rounds are dropped.
 
     On a shared machine other processes take cores away in bursts. On CPU each call's process time
     over (wall time x threads) says how much of the call our threads actually ran (about 1 for a
     quiet call whose work is spread over all threads); a call whose share is below QUIET_SHARE times
     the best share among that entry's calls was disturbed. Up to ``repeats // 2`` extra rounds run
-    while some entry has fewer than ``repeats // 2`` (at least 3) quiet calls.
+    while some entry has fewer than ``repeats // 2`` (at least 3) quiet calls. ``before_each()`` runs
+    before every call, untimed (e.g. ``os.sync``: no call pays for the disk writes another left behind).
     """
     timings = {name: Timings([], []) for name in calls}
     cpu = not str(device).startswith("cuda")
@@ -89,6 +91,8 @@ def time_round_robin(calls: dict[str, Callable[[], object]], device: str, warmup
         if round_ >= warmup + repeats and min(len(t.quiet()) for t in timings.values()) >= enough:
             break
         for name in order:
+            if before_each is not None:
+                before_each()
             sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
             result = calls[name]()

@@ -17,14 +17,18 @@ per round, shuffled), each over the whole corpus, ``--batch`` windows per forwar
                               bf16 copies collected per batch and written with safetensors' save_file:
                               the same rows and index in the same shards
 
-Peak memory of the harvest is measured in a fresh process (harness.peak_during) and set beside its
-bound: the forward of one batch, three shard buffers and the harvest's bookkeeping (weights not counted).
+Every call starts with ``os.sync()`` (untimed), so that none pays for the disk writes another left:
+the HF harvester leaves its shards to the kernel's write-back, minigpt's harvest flushes its own
+(fsync) inside its time. Peak memory of the harvest is measured in a fresh process
+(harness.peak_during) and set beside its bound: the forward of one batch, three shard buffers and
+the harvest's bookkeeping (weights not counted).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -168,8 +172,10 @@ def measure(args: argparse.Namespace, log=print) -> dict:
              "minigpt harvest, 4 residual taps, bf16, to disk": ours, "HF GPT2Model forward, no hooks": hf_forward,
              "HF GPT2Model + hooks harvester, bf16, save_file": theirs}
     log(f"harvest: {windows.numel()} tokens ({len(windows)} windows of {args.seq}), batch {args.batch}")
+    # os.sync before every call: the HF harvester leaves its shards to the kernel's write-back (minigpt's
+    # harvest flushes its own), which would otherwise land in whichever call runs next.
     times = harness.time_round_robin(calls, "cpu", warmup=1, repeats=max(2, args.repeats // 3),
-                                     threads=torch.get_num_threads(), log=log)
+                                     threads=torch.get_num_threads(), log=log, before_each=os.sync)
     tokens = windows.numel()
     plain_s = times["minigpt forward, plain (logits)"].headline()
     rows = [{"contender": name, "median_s": round(t.headline(), 3), "tokens_per_s": round(tokens / t.headline(), 1),
