@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ACTIVATIONS, GPTConfig
-from .generate import KVCache, generate, stream
+from .generate import generate, stream
 from .inputs import as_tokens, check_tokens, str_tokens, token_id, tokens
+from .kv_cache import KVCache
 from .memory import check_budget, estimate_trace_bytes
 from .taps import NO_TAPS, Edit, Positions, StopForward, Taps, tap_names
 from .trace import Trace

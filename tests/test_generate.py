@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig, InputError, MiniGPTError, edits
 from minigpt.cli import main
-from minigpt.generate import KVCache, sample
+from minigpt.fast_decode import StaticKVCache
+from minigpt.generate import sample
+from minigpt.kv_cache import KVCache
 
 
 def model_and_prompt(case: Case, dtype: torch.dtype = torch.float64) -> tuple[GPT, torch.Tensor]:
@@ -41,8 +43,8 @@ def test_cached_logits_equal_a_full_forward_at_every_step(case: Case, data, stat
     equal those of a full forward over everything so far."""
     model, tokens = model_and_prompt(case)
     B, T = tokens.shape
-    cache = KVCache(model.cfg, B, T if not static else model.cfg.n_positions, dtype=torch.float64,
-                    device="cpu", static=static)
+    kind, capacity = (StaticKVCache, model.cfg.n_positions) if static else (KVCache, T)
+    cache = kind(model.cfg, B, capacity, dtype=torch.float64, device="cpu")
     done = 0
     with torch.no_grad():
         while done < T:
@@ -304,7 +306,7 @@ def test_static_cache_decoding_equals_dynamic(case: Case, data) -> None:
     n = room(data, case)
     B, S = tokens.shape
     expected = model.generate(tokens, n, temperature=0)
-    cache = KVCache(model.cfg, B, model.cfg.n_positions, dtype=torch.float64, device="cpu", static=True)
+    cache = StaticKVCache(model.cfg, B, model.cfg.n_positions, dtype=torch.float64, device="cpu")
     ids = tokens
     with torch.no_grad():
         logits = model(tokens, cache=cache)[:, -1]
