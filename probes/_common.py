@@ -61,13 +61,14 @@ def single_sequence(model: GPT, inputs: str | list | torch.Tensor) -> torch.Tens
 
 
 def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str, Edit] | None = None,
-           positions: list[int] | None = None) -> tuple[torch.Tensor, Trace]:
-    """Run once: logits [S, V] and a trace of tensors [1, ...], on the CPU in ``work_dtype(model)``.
+           positions: list[int] | None = None, store_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Trace]:
+    """Run once: logits [S, V] in ``work_dtype(model)`` and a trace of tensors [1, ...], on the CPU.
 
-    ``positions`` keeps only those sequence positions in the trace (the logits keep all).
+    ``positions`` keeps only those sequence positions in the trace (the logits keep all);
+    ``store_dtype``: the trace's dtype (default ``work_dtype(model)``).
     """
     dtype = work_dtype(model)
-    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=dtype, positions=positions)
+    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=store_dtype or dtype, positions=positions)
     return logits[0].detach().to("cpu", dtype), trace
 
 
@@ -99,10 +100,11 @@ def hidden_labels(n_layer: int) -> list[str]:
     return ["emb"] + [f"b{i}" for i in range(n_layer - 1)] + ["ln_f"]
 
 
-def apply_ln_f(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """The model's own final LayerNorm on x [..., D], run in the model's dtype and device -> CPU, work_dtype.
+def ln_f_own_stats(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The model's own final LayerNorm on x [..., D], each vector with its own statistics (the logit lens).
 
-    Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
+    Runs in the model's dtype and device, returns [..., D] on the CPU in work_dtype. Unlike the trace's
+    ``ln_f_frozen`` (the run's recorded scale, linear), this is ln_f as the model would apply it. Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
     """
     w = model.unembedding
     return model.ln_f(x.to(w.device, w.dtype)).detach().to("cpu", work_dtype(model))

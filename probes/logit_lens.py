@@ -12,7 +12,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_index, check_within, decode_text, float_eps,
+from ._common import (RESIDUAL_TAPS, Finding, Result, check_index, check_within, decode_text, float_eps, ln_f_own_stats,
                       record, residual_labels, residual_states, single_sequence, token_text, unembedding)
 
 
@@ -42,7 +42,7 @@ def lens(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1, k
     k = check_within("k", k, 1, model.cfg.vocab_size, integer=True)
     logits, trace = record(model, tokens, RESIDUAL_TAPS)
     states = residual_states(trace)[:, position]            # [L, D]
-    lens_logits = apply_ln_f(model, states) @ unembedding(model).T  # [L, V]
+    lens_logits = ln_f_own_stats(model, states) @ unembedding(model).T  # [L, V]
     logprobs = lens_logits.double().log_softmax(-1)
     final = logits[position]
     target = int(final.argmax())

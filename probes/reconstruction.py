@@ -15,7 +15,7 @@ from minigpt import GPT
 from minigpt.config import is_integer
 from minigpt.errors import InputError
 
-from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_within, float_eps, hidden_stack, max_abs,
+from ._common import (RESIDUAL_TAPS, Finding, Result, check_within, float_eps, hidden_stack, ln_f_own_stats, max_abs,
                       pearson, record, residual_labels, residual_states, single_sequence)
 
 OUTLIER_RULES = ("none", "first_token", "top")
@@ -92,7 +92,7 @@ def reconstruct(model: GPT, inputs: str | list | torch.Tensor, *, pair: tuple[in
         rebuilt = pre + attn + mlp  # the same order of additions as the block itself
         last = layer == n - 1
         target = trace[f"blocks.{layer}.resid_post"][0] if last else trace[f"blocks.{layer + 1}.resid_pre"][0]
-        vs_hidden = apply_ln_f(model, rebuilt) if last else rebuilt
+        vs_hidden = ln_f_own_stats(model, rebuilt) if last else rebuilt
         for key, got, want in (("next", rebuilt, target), ("hidden", vs_hidden, hidden[layer + 1])):
             diff = (got - want).double()
             errors[key].append(max_abs(diff))
