@@ -16,7 +16,7 @@ from minigpt.taps import Edit
 
 @dataclass(frozen=True)
 class Finding:
-    """One claim of the lecture notes, checked on this model and text.
+    """One claim of the lecture notes (docs/NOTES.md), checked on this model and text.
 
     ``holds`` is None when the claim cannot be checked here (e.g. a 1-block model has no
     penultimate block). ``needs_trained`` marks claims about what training produced: random
@@ -104,7 +104,8 @@ def ln_f_own_stats(model: GPT, x: torch.Tensor) -> torch.Tensor:
     """The model's own final LayerNorm on x [..., D], each vector with its own statistics (the logit lens).
 
     Runs in the model's dtype and device, returns [..., D] on the CPU in work_dtype. Unlike the trace's
-    ``ln_f_frozen`` (the run's recorded scale, linear), this is ln_f as the model would apply it. Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
+    ``ln_f_frozen`` (the run's recorded scale, linear), this is ln_f as the model would apply it.
+    Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
     """
     w = model.unembedding
     return model.ln_f(x.to(w.device, w.dtype)).detach().to("cpu", work_dtype(model))

@@ -1,4 +1,4 @@
-"""Direct logit attribution (beyond the notes): who writes the predicted token's logit.
+"""Direct logit attribution (beyond the notes, docs/NOTES.md section 5): who writes the predicted token's logit.
 
 The residual before ln_f is a sum of parts: token and position embeddings, and per block each
 head's write (``attn.heads``), the attention output bias, and the MLP's delta. ln_f is affine
@@ -56,7 +56,8 @@ def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = 
     tokens = single_sequence(model, inputs)
     position = check_index("position", position, tokens.shape[1])
     last = f"blocks.{n - 1}.resid_post"
-    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last, "ln_f.scale"]
+    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last,
+            "ln_f.scale"]
     # Stored in float64 (exact for any model dtype), so the trace's algebra below runs in float64.
     logits, trace = record(model, tokens, taps, positions=[position], store_dtype=torch.float64)
     target = int(logits[position].argmax()) if target is None else check_index("target", target, cfg.vocab_size)

@@ -1,4 +1,4 @@
-"""The last layer is different: HF's ``hidden_states[-1]`` has been through ``ln_f`` (notes, section 2).
+"""The last layer is different: HF's ``hidden_states[-1]`` has been through ``ln_f`` (docs/NOTES.md, section 2).
 
 For every block i but the last, ``hidden_states[i + 1]`` is the block's output ``resid_post[i]``
 (difference exactly 0). For the last block they differ, and ``ln_f(resid_post[last])`` gives

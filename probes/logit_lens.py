@@ -1,4 +1,4 @@
-"""The logit lens (beyond the notes): read every residual state with ln_f and the unembedding.
+"""The logit lens (beyond the notes, docs/NOTES.md section 5): read every residual state with ln_f and the unembedding.
 
 At one position, each state (embeddings, then every block's raw output) is passed through the
 model's own ``ln_f`` and multiplied by W_U, as if the model stopped there. At the last block

@@ -1,4 +1,4 @@
-"""Rebuilding each block's output from its input and its two deltas (notes, section 1).
+"""Rebuilding each block's output from its input and its two deltas (docs/NOTES.md, section 1).
 
 The law: ``resid_pre[L] + attn_delta[L] + mlp_delta[L] = resid_pre[L + 1]`` (the next block's input,
 HF's ``hidden_states[L + 1]``); for the last block the output goes through ``ln_f`` before HF

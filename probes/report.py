@@ -242,8 +242,8 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
     """Run every probe on ``text`` and write the report into ``out_dir``; returns the JSON payload.
 
     block, head: where the interventions act (``probes.interventions.site``: by default the notes'
-    block 9 and head 2, or the same depth in a shallower model). random_weights: whether to flag the weights
-    as random on the page (default: read from model.source).
+    block 9 and head 2 (docs/NOTES.md, section 3), or the same depth in a shallower model).
+    random_weights: whether to flag the weights as random on the page (default: read from model.source).
     """
     from . import plots  # matplotlib only when figures are made
 
