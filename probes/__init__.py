@@ -1,4 +1,4 @@
-"""Probes: every experiment of the lecture notes as one call on top of minigpt's taps.
+"""Probes: every experiment of the lecture notes (docs/NOTES.md) as one call on top of minigpt's taps.
 
 Each probe takes a model and one text (or token ids), returns a dataclass of tensors, floats and
 strings, with ``findings`` (the notes' claims, checked) and a one-paragraph ``verdict``; none

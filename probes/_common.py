@@ -16,7 +16,7 @@ from minigpt.taps import Edit
 
 @dataclass(frozen=True)
 class Finding:
-    """One claim of the lecture notes, checked on this model and text.
+    """One claim of the lecture notes (docs/NOTES.md), checked on this model and text.
 
     ``holds`` is None when the claim cannot be checked here (e.g. a 1-block model has no
     penultimate block). ``needs_trained`` marks claims about what training produced: random
@@ -61,13 +61,14 @@ def single_sequence(model: GPT, inputs: str | list | torch.Tensor) -> torch.Tens
 
 
 def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str, Edit] | None = None,
-           positions: list[int] | None = None) -> tuple[torch.Tensor, Trace]:
-    """Run once: logits [S, V] and a trace of tensors [1, ...], on the CPU in ``work_dtype(model)``.
+           positions: list[int] | None = None, store_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Trace]:
+    """Run once: logits [S, V] in ``work_dtype(model)`` and a trace of tensors [1, ...], on the CPU.
 
-    ``positions`` keeps only those sequence positions in the trace (the logits keep all).
+    ``positions`` keeps only those sequence positions in the trace (the logits keep all);
+    ``store_dtype``: the trace's dtype (default ``work_dtype(model)``).
     """
     dtype = work_dtype(model)
-    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=dtype, positions=positions)
+    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=store_dtype or dtype, positions=positions)
     return logits[0].detach().to("cpu", dtype), trace
 
 
@@ -99,9 +100,11 @@ def hidden_labels(n_layer: int) -> list[str]:
     return ["emb"] + [f"b{i}" for i in range(n_layer - 1)] + ["ln_f"]
 
 
-def apply_ln_f(model: GPT, x: torch.Tensor) -> torch.Tensor:
-    """The model's own final LayerNorm on x [..., D], run in the model's dtype and device -> CPU, work_dtype.
+def ln_f_own_stats(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    """The model's own final LayerNorm on x [..., D], each vector with its own statistics (the logit lens).
 
+    Runs in the model's dtype and device, returns [..., D] on the CPU in work_dtype. Unlike the trace's
+    ``ln_f_frozen`` (the run's recorded scale, linear), this is ln_f as the model would apply it.
     Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
     """
     w = model.unembedding

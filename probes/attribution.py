@@ -1,4 +1,4 @@
-"""Direct logit attribution (beyond the notes): who writes the predicted token's logit.
+"""Direct logit attribution (beyond the notes, docs/NOTES.md section 5): who writes the predicted token's logit.
 
 The residual before ln_f is a sum of parts: token and position embeddings, and per block each
 head's write (``attn.heads``), the attention output bias, and the MLP's delta. ln_f is affine
@@ -9,6 +9,8 @@ once its scale is frozen at the value it had in this run:
 so the logit of token t is exactly  sum_i (p_i - mean(p_i)) / sigma . (gamma * W_U[t])  +  beta . W_U[t].
 Each term is one part's direct contribution; they sum to the logit up to float rounding. Only
 the scale sigma is shared (taken from the whole residual); state it when quoting the parts.
+The algebra is the trace's (``Trace.decomposed_residual``, ``logit_attribution``,
+``ln_f_bias_attribution``); this probe names the parts and checks the sum.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text, unembedding
+from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text
 
 
 @dataclass
@@ -54,22 +56,21 @@ def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = 
     tokens = single_sequence(model, inputs)
     position = check_index("position", position, tokens.shape[1])
     last = f"blocks.{n - 1}.resid_post"
-    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last]
-    logits, trace = record(model, tokens, taps, positions=[position])
+    taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last,
+            "ln_f.scale"]
+    # Stored in float64 (exact for any model dtype), so the trace's algebra below runs in float64.
+    logits, trace = record(model, tokens, taps, positions=[position], store_dtype=torch.float64)
     target = int(logits[position].argmax()) if target is None else check_index("target", target, cfg.vocab_size)
 
     # embed, pos_embed, then per block each head's write, attention's output bias (no head's), the MLP.
-    parts = trace.decomposed_residual(heads=True)[0][:, 0, 0].double()  # [2 + n (H + 2), D]
+    parts = trace.decomposed_residual(heads=True)[0]  # [2 + n (H + 2), 1, 1, D]
     names = ["embed", "pos_embed"] + [f"b{i}.{p}" for i in range(n)
                                       for p in [*(f"h{h}" for h in range(cfg.n_head)), "attn_bias", "mlp"]]
-    # ln_f made linear: its scale frozen at this position's 1/sigma, in float64 from the recorded residual.
-    resid = trace[last][0, 0].double()
-    sigma = (resid.var(unbiased=False) + model.ln_f.eps).sqrt()
-    gamma = model.ln_f.weight.detach().to("cpu", torch.float64)
-    beta = model.ln_f.bias.detach().to("cpu", torch.float64)
-    w_u = unembedding(model)[target].double()
-    contributions = (parts - parts.mean(dim=1, keepdim=True)) @ (gamma * w_u / sigma)
-    ln_f_bias = (beta @ w_u).item()
+    # ln_f made linear, its scale frozen at this run's (the trace's direct logit attribution).
+    contributions = trace.logit_attribution(parts, model, target)[:, 0, 0]  # [parts]
+    ln_f_bias = trace.ln_f_bias_attribution(model, target)[0, 0].item()
+    # sigma as quoted beside the parts, in float64 from the recorded residual.
+    sigma = (trace[last][0, 0].var(unbiased=False) + model.ln_f.eps).sqrt()
     logit = logits[position, target].item()
     total = contributions.sum().item() + ln_f_bias
     per_block = contributions[2:].view(n, cfg.n_head + 2)

@@ -1,4 +1,4 @@
-"""Distributions of hidden-state activations across layers (notes, section 4).
+"""Distributions of hidden-state activations across layers (docs/NOTES.md, section 4).
 
 Works on HF's hidden states (embeddings, the block outputs, and ln_f's output last), with the
 first token left out by default (it has no context and carries abnormal values): the values by

@@ -1,4 +1,4 @@
-"""The last layer is different: HF's ``hidden_states[-1]`` has been through ``ln_f`` (notes, section 2).
+"""The last layer is different: HF's ``hidden_states[-1]`` has been through ``ln_f`` (docs/NOTES.md, section 2).
 
 For every block i but the last, ``hidden_states[i + 1]`` is the block's output ``resid_post[i]``
 (difference exactly 0). For the last block they differ, and ``ln_f(resid_post[last])`` gives
@@ -12,7 +12,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import Finding, Result, apply_ln_f, float_eps, hidden_stack, max_abs, record, single_sequence
+from ._common import Finding, Result, float_eps, hidden_stack, ln_f_own_stats, max_abs, record, single_sequence
 
 
 @dataclass
@@ -42,7 +42,7 @@ def check_final_norm(model: GPT, inputs: str | list | torch.Tensor) -> FinalNorm
     result = FinalNorm(
         labels=[f"b{i}" for i in range(n)], block_diff=block_diff,
         penultimate_diff=block_diff[-2].item() if n > 1 else None, last_diff=block_diff[-1].item(),
-        ln_f_diff=max_abs(apply_ln_f(model, raw) - normalised), raw_last_std=raw.std().item(),
+        ln_f_diff=max_abs(ln_f_own_stats(model, raw) - normalised), raw_last_std=raw.std().item(),
         normalised_last_std=normalised.std().item(), raw_last_max=max_abs(raw), normalised_last_max=max_abs(normalised))
     result.findings = _findings(result, float_eps(model))
     return result

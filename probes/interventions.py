@@ -1,4 +1,4 @@
-"""The notes' four interventions and their downstream impact (notes, section 3).
+"""The notes' four interventions and their downstream impact (docs/NOTES.md, section 3).
 
 1. zero the keys of one head (head 2 by default) of a block;
 2. replace the even MLP neurons (after GELU) of a block by Gaussian noise of mean 10;

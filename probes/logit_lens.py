@@ -1,4 +1,4 @@
-"""The logit lens (beyond the notes): read every residual state with ln_f and the unembedding.
+"""The logit lens (beyond the notes, docs/NOTES.md section 5): read every residual state with ln_f and the unembedding.
 
 At one position, each state (embeddings, then every block's raw output) is passed through the
 model's own ``ln_f`` and multiplied by W_U, as if the model stopped there. At the last block
@@ -12,7 +12,7 @@ import torch
 
 from minigpt import GPT
 
-from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_index, check_within, decode_text, float_eps,
+from ._common import (RESIDUAL_TAPS, Finding, Result, check_index, check_within, decode_text, float_eps, ln_f_own_stats,
                       record, residual_labels, residual_states, single_sequence, token_text, unembedding)
 
 
@@ -42,7 +42,7 @@ def lens(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1, k
     k = check_within("k", k, 1, model.cfg.vocab_size, integer=True)
     logits, trace = record(model, tokens, RESIDUAL_TAPS)
     states = residual_states(trace)[:, position]            # [L, D]
-    lens_logits = apply_ln_f(model, states) @ unembedding(model).T  # [L, V]
+    lens_logits = ln_f_own_stats(model, states) @ unembedding(model).T  # [L, V]
     logprobs = lens_logits.double().log_softmax(-1)
     final = logits[position]
     target = int(final.argmax())

@@ -1,4 +1,4 @@
-"""Rebuilding each block's output from its input and its two deltas (notes, section 1).
+"""Rebuilding each block's output from its input and its two deltas (docs/NOTES.md, section 1).
 
 The law: ``resid_pre[L] + attn_delta[L] + mlp_delta[L] = resid_pre[L + 1]`` (the next block's input,
 HF's ``hidden_states[L + 1]``); for the last block the output goes through ``ln_f`` before HF
@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt import GPT
+from minigpt import GPT, Trace
 from minigpt.config import is_integer
 from minigpt.errors import InputError
 
-from ._common import (RESIDUAL_TAPS, Finding, Result, apply_ln_f, check_within, float_eps, hidden_stack, max_abs,
+from ._common import (RESIDUAL_TAPS, Finding, Result, check_within, float_eps, hidden_stack, ln_f_own_stats, max_abs,
                       pearson, record, residual_labels, residual_states, single_sequence)
 
 OUTLIER_RULES = ("none", "first_token", "top")
@@ -86,17 +86,7 @@ def reconstruct(model: GPT, inputs: str | list | torch.Tensor, *, pair: tuple[in
     hidden = hidden_stack(trace)         # [n + 1, S, D]
     states = residual_states(trace)      # [n + 1, S, D]
 
-    errors = {k: [] for k in ("next", "rel_next", "hidden", "rel_hidden")}
-    for layer in range(n):
-        pre, attn, mlp = (trace[f"blocks.{layer}.{t}"][0] for t in ("resid_pre", "attn_delta", "mlp_delta"))
-        rebuilt = pre + attn + mlp  # the same order of additions as the block itself
-        last = layer == n - 1
-        target = trace[f"blocks.{layer}.resid_post"][0] if last else trace[f"blocks.{layer + 1}.resid_pre"][0]
-        vs_hidden = apply_ln_f(model, rebuilt) if last else rebuilt
-        for key, got, want in (("next", rebuilt, target), ("hidden", vs_hidden, hidden[layer + 1])):
-            diff = (got - want).double()
-            errors[key].append(max_abs(diff))
-            errors["rel_" + key].append((diff.norm() / want.double().norm().clamp_min(1e-30)).item())
+    errors = _law_errors(model, trace, hidden)
 
     r_all, r_kept = [], []
     for layer in range(n):
@@ -121,6 +111,26 @@ def reconstruct(model: GPT, inputs: str | list | torch.Tensor, *, pair: tuple[in
         range_kept=max(max_abs(a[keep]), max_abs(b[keep])), outliers=outliers, top_fraction=top_fraction)
     result.findings = _findings(result, float_eps(model))
     return result
+
+
+def _law_errors(model: GPT, trace: Trace, hidden: torch.Tensor) -> dict[str, list[float]]:
+    """Per block, input + attn_delta + mlp_delta against the next input and HF's hidden state [n + 1, S, D].
+
+    Keys 'next', 'hidden' (max abs error) and 'rel_next', 'rel_hidden' (relative, in norm), one value per block.
+    """
+    n = trace.n_layer
+    errors: dict[str, list[float]] = {k: [] for k in ("next", "rel_next", "hidden", "rel_hidden")}
+    for layer in range(n):
+        pre, attn, mlp = (trace[f"blocks.{layer}.{t}"][0] for t in ("resid_pre", "attn_delta", "mlp_delta"))
+        rebuilt = pre + attn + mlp  # the same order of additions as the block itself
+        last = layer == n - 1
+        target = trace[f"blocks.{layer}.resid_post"][0] if last else trace[f"blocks.{layer + 1}.resid_pre"][0]
+        vs_hidden = ln_f_own_stats(model, rebuilt) if last else rebuilt
+        for key, got, want in (("next", rebuilt, target), ("hidden", vs_hidden, hidden[layer + 1])):
+            diff = (got - want).double()
+            errors[key].append(max_abs(diff))
+            errors["rel_" + key].append((diff.norm() / want.double().norm().clamp_min(1e-30)).item())
+    return errors
 
 
 def _findings(r: Reconstruction, eps: float) -> list[Finding]:

@@ -4,7 +4,8 @@
     .venv/bin/python scripts/compare_findings.py report-random/ report-trained/ --names random trained
 
 Reads each directory's report.json (written by ``minigpt report``) and prints one row per claim:
-whether it holds in each report, with the measured numbers the report gave for it.
+whether it holds in each report, with the measured numbers the report gave for it. The findings are
+the lecture notes' claims, described in docs/NOTES.md.
 """
 from __future__ import annotations
 

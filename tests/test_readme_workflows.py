@@ -1,4 +1,4 @@
-"""The README's workflows run as written and give what HF's GPT-2 with torch hooks gives (issue 10, item 8).
+"""The README's workflows run as written and give what HF's GPT-2 with torch hooks gives.
 
 The README's "## Workflows" section holds a first ```python block (the model, the prompts, the
 metric) and one block per "### " heading. Each workflow block runs after the first block, in a fresh

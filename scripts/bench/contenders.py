@@ -169,7 +169,8 @@ def hf_plain(attention: str) -> Callable[[Models], Call]:
 
 
 def hf_hidden_and_hooks(attention: str) -> Callable[[Models], Call]:
-    """The notes' way: output_hidden_states, plus forward hooks on both c_proj of every block."""
+    """The notes' way (docs/NOTES.md, section 1): output_hidden_states, plus forward hooks on both c_proj of
+    every block."""
     def make(models: Models) -> Call:
         model = models.hf(attention)
         projections = [m for block in model.transformer.h for m in (block.attn.c_proj, block.mlp.c_proj)]

@@ -13,7 +13,7 @@ The memory floor: one decode step reads every weight once (the whole unembedding
 position table), so a step cannot take less than weight bytes / memory bandwidth. The bandwidth is that
 of copying a 1 GiB tensor, measured in the same run and counted as STREAM does (bytes read + written).
 The KV cache is read too (at batch 8 it adds up to ~20% of the weight bytes at these lengths); the floor
-leaves it out, as the issue defines it. Contenders are timed in alternation, one call each per round
+leaves it out: the floor is the weights' bytes alone. Contenders are timed in alternation, one call each per round
 in a shuffled order (harness.time_round_robin); the figures are medians over all calls.
 """
 from __future__ import annotations

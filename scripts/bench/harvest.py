@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,20 +125,10 @@ def hf_hooks_harvester(hf, windows: torch.Tensor, out: Path, batch: int, windows
             hook.remove()
 
 
-def measure(args: argparse.Namespace, log=print) -> dict:
-    cfg = QUICK if args.quick else "gpt2"
-    model = GPT.random(cfg, seed=0)
-    work = Path(args.out) / "harvest-work"
-    shutil.rmtree(work, ignore_errors=True)
-    per_document = 4 * args.seq
-    corpus = write_corpus(work / "corpus.jsonl", model, 2 if args.quick else DOCUMENTS, per_document)
-    windows = windows_of(corpus, model, args.seq)
-    row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
-    # A shard holds exactly one batch: a batch never spans two shards (runner.py) and a long harvest's
-    # shards (256 MiB by default) hold whole batches; several shards, so that the buffers are reused
-    # as in a long harvest and the last shard's write, which nothing overlaps, is a small part.
-    windows_per_shard = args.batch
-    shard_bytes = windows_per_shard * args.seq * row_bytes
+def contenders(args: argparse.Namespace, model: GPT, corpus: Path, windows: torch.Tensor, work: Path,
+               shard_bytes: int, per_document: int) -> dict[str, Callable[[], None]]:
+    """The five timed calls by name, each over all ``windows`` [N, seq] (harvests write under ``work``)."""
+    windows_per_shard = args.batch  # one batch per shard, as measure() sized ``shard_bytes``
     last = f"blocks.{model.cfg.n_layer - 1}.resid_post"
     hf = hf_twin(model).transformer  # GPT2Model: no LM head, as a harvester needs none
     calls_made = {"n": 0}
@@ -168,9 +159,26 @@ def measure(args: argparse.Namespace, log=print) -> dict:
     def theirs() -> None:
         hf_hooks_harvester(hf, windows, fresh("hf"), args.batch, windows_per_shard, per_document)
 
-    calls = {"minigpt forward, plain (logits)": plain, "minigpt forward, stopped after the last block": stopped,
-             "minigpt harvest, 4 residual taps, bf16, to disk": ours, "HF GPT2Model forward, no hooks": hf_forward,
-             "HF GPT2Model + hooks harvester, bf16, save_file": theirs}
+    return {"minigpt forward, plain (logits)": plain, "minigpt forward, stopped after the last block": stopped,
+            "minigpt harvest, 4 residual taps, bf16, to disk": ours, "HF GPT2Model forward, no hooks": hf_forward,
+            "HF GPT2Model + hooks harvester, bf16, save_file": theirs}
+
+
+def measure(args: argparse.Namespace, log=print) -> dict:
+    """Time the contenders in alternation and measure the harvest's peak memory: the section's JSON."""
+    cfg = QUICK if args.quick else "gpt2"
+    model = GPT.random(cfg, seed=0)
+    work = Path(args.out) / "harvest-work"
+    shutil.rmtree(work, ignore_errors=True)
+    per_document = 4 * args.seq
+    corpus = write_corpus(work / "corpus.jsonl", model, 2 if args.quick else DOCUMENTS, per_document)
+    windows = windows_of(corpus, model, args.seq)
+    row_bytes = 4 * model.cfg.n_layer * model.cfg.n_embd * 2 + 20
+    # A shard holds exactly one batch: a batch never spans two shards (runner.py) and a long harvest's
+    # shards (256 MiB by default) hold whole batches; several shards, so that the buffers are reused
+    # as in a long harvest and the last shard's write, which nothing overlaps, is a small part.
+    shard_bytes = args.batch * args.seq * row_bytes
+    calls = contenders(args, model, corpus, windows, work, shard_bytes, per_document)
     log(f"harvest: {windows.numel()} tokens ({len(windows)} windows of {args.seq}), batch {args.batch}")
     # os.sync before every call: the HF harvester leaves its shards to the kernel's write-back (minigpt's
     # harvest flushes its own), which would otherwise land in whichever call runs next.

@@ -7,19 +7,22 @@ beside the same step on HuggingFace's GPT2LMHeadModel with the same optimizer.
 Every contender starts from the same random weights (GPT-2 small's shape, the config's dropout
 0.1, train mode) and is built with ``minigpt.training.make_optimizer`` (AdamW, decay on matrices
 and embeddings, the loop's settings), and a call is one whole optimizer step on the same batch of
-``--train-batch`` x ``--seq`` tokens, the loss being ``minigpt.training.loss_of``'s: mean
-cross-entropy of the logits, bf16 autocast on a GPU. Contenders alternate call by call in an order
+``--train-batch`` x ``--seq`` tokens: the training loop's own step (``minigpt.training.loop.train_step``:
+the loss of ``loss_of``, mean cross-entropy of the logits with bf16 autocast on a GPU, backward,
+clipping, AdamW), HF's model wrapped to be called as minigpt's is. Contenders alternate call by call in an order
 shuffled each round; medians over all calls. On a GPU the fused AdamW is used, and ``--compile``
 adds compiled rows.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
 from minigpt import GPT
-from minigpt.training import Settings, loss_of, make_optimizer
+from minigpt.training import Settings, make_optimizer
+from minigpt.training.loop import train_step
 
 from . import harness
 from .concern import Concern
@@ -28,19 +31,18 @@ from .report import table
 
 
 def stepper(model: torch.nn.Module, params_of: GPT, inputs: torch.Tensor, targets: torch.Tensor,
-            compiled: bool = False):
-    """One optimizer step of ``model`` (minigpt's loop, as a call); ``params_of`` gives the optimizer's groups."""
-    optimizer = make_optimizer(params_of, Settings())
+            compiled: bool = False) -> Callable[[], float]:
+    """One optimizer step of ``model`` on inputs, targets [B, S] as a call returning the loss: the training
+    loop's own ``train_step`` (one micro-batch, no DDP, the default Settings' learning rate and clipping).
+    ``params_of`` gives the optimizer's groups."""
+    settings = Settings()
+    optimizer = make_optimizer(params_of, settings)
     forward = torch.compile(model) if compiled else model
     model.train()
 
     def step() -> float:
-        loss = loss_of(forward, inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        loss, _norm = train_step(model, None, forward, optimizer, settings.lr, [(inputs, targets)], settings.grad_clip)
+        return loss
 
     return step
 
