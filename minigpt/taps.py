@@ -182,7 +182,7 @@ class Keep:
             raise InputError(f"keep_positions={positions!r} keeps no position of a {seq}-token input; "
                              "leave keep_positions=None to keep them all")
 
-    def index(self, mask: torch.Tensor | None) -> slice | list[int] | torch.Tensor | None:
+    def position_index(self, mask: torch.Tensor | None) -> slice | list[int] | torch.Tensor | None:
         """``keep_positions`` as an index of the sequence axis: ``"last"`` becomes each row's last real token
         (the last True of ``mask`` [B, S]: an index [B], one position per row; [-1] without a mask)."""
         if self.keep_positions != "last":
@@ -210,7 +210,10 @@ class TapCall:
     def __init__(self, keep: Keep | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
                  mask: torch.Tensor | None = None, sink: Callable[[str, torch.Tensor], None] | None = None,
                  **fields: object):
-        keep = keep if isinstance(keep, Keep) and not fields else Keep(tuple(keep), **fields)
+        if isinstance(keep, Keep) and fields:
+            raise TypeError(f"TapCall takes a Keep or tap names with Keep's fields, not both: put {list(fields)} "
+                            "in the Keep")
+        keep = keep if isinstance(keep, Keep) else Keep(tuple(keep), **fields)
         self.keep = keep
         self.to_record = dict.fromkeys(keep.names)  # ordered, for the memory guard's message
         self.edits = dict(edits or {})
@@ -218,7 +221,7 @@ class TapCall:
         self.wanted = self.to_record.keys() | self.edits.keys() | ({keep.stop_at} if keep.stop_at else set())
         # Read once here, not from ``keep`` at each tap: the forward calls this object at every tap.
         self.grad, self.device, self.store_dtype = keep.grad, keep.device, keep.store_dtype
-        self.positions, self.sink = keep.index(mask), sink
+        self.positions, self.sink = keep.position_index(mask), sink
         self.trace: dict[str, torch.Tensor] = {}
 
     @classmethod

@@ -67,7 +67,7 @@ def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str
     ``positions`` keeps only those sequence positions in the trace (the logits keep all).
     """
     dtype = work_dtype(model)
-    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=dtype, positions=positions)
+    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", store_dtype=dtype, keep_positions=positions)
     return logits[0].detach().to("cpu", dtype), trace
 
 
