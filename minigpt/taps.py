@@ -149,8 +149,8 @@ class Keep:
         if self.store_dtype is not None:
             check_floating_dtype(self.store_dtype, "store_dtype", "recorded activations are kept in a floating "
                                  "dtype, e.g. torch.float16 or torch.bfloat16 (None keeps the model's)")
-        copies = {"keep_positions": self.keep_positions, "store_dtype": self.store_dtype, "to": self.device}
-        copies = [f"{name}={value!r}" for name, value in copies.items() if value is not None]
+        copying = {"keep_positions": self.keep_positions, "store_dtype": self.store_dtype, "to": self.device}
+        copies = [f"{name}={value!r}" for name, value in copying.items() if value is not None]
         if self.grad and copies:
             # The trace must hold the very tensors the forward goes on with, or no gradient reaches them.
             raise InputError(f"grad=True with {', '.join(copies)}: these keep a copy that the rest of the forward "
