@@ -237,7 +237,8 @@ class GPT(nn.Module):
         keep_positions = renamed_keyword(keep_positions, positions, ("keep_positions", "positions"))
         tokens, mask = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer,
                                  attention_mask=attention_mask)  # the ids' values are checked in forward
-        keep = Keep(select_until(taps, self.tap_names, stop_at), keep_positions, store_dtype, to, grad, stop_at)
+        keep = Keep(select_until(taps, self.tap_names, stop_at), keep_positions=keep_positions,
+                    store_dtype=store_dtype, device=to, grad=grad, stop_at=stop_at)
         call = TapCall.build(self.tap_names, keep, edits, seq=tokens.shape[1], mask=mask)
         check_budget(self, call, *tokens.shape)
         logits = None
