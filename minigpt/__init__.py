@@ -4,7 +4,7 @@ from .config import OFFICIAL, GPTConfig
 from .errors import (CheckpointError, EditError, HarvestError, HubError, HubUnreachableError, InputError, MemoryBudgetError, MiniGPTError,
                      MiniGPTWarning, TapError, TokenizerError, TrainingError)
 from .model import GPT
-from .taps import describe, tap_names
+from .tap_table import describe, tap_names
 from .trace import Trace
 
 __all__ = ["GPT", "GPTConfig", "OFFICIAL", "Trace", "tap_names", "describe", "edits", "MiniGPTError",

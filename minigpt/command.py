@@ -53,7 +53,7 @@ def load_model(args: argparse.Namespace) -> GPT:
                 model = GPT.random(args.model, seed=args.seed, **kwargs)
             else:
                 raise
-    print(f"model: {model.source}", file=sys.stderr)
+    print(f"model: {model.provenance}", file=sys.stderr)
     return model
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from .checks import is_integer
 from .errors import CheckpointError
 
 # HF activation_function name -> the function. gelu_new is GPT-2's (tanh approximation).
@@ -21,11 +22,6 @@ ACTIVATIONS = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # GPT-2's end-of-text token: it ends every document, and generation may stop at it.
 END_OF_TEXT, END_OF_TEXT_ID = "<|endoftext|>", 50256
-
-
-def is_integer(value: object) -> bool:
-    """A Python int that is not a bool (``True`` is an int to Python, never a size or an index to us)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -328,7 +328,7 @@ def _mean(x: torch.Tensor, mask: torch.Tensor | None, name: str, per_position: b
         return x.mean(dim=axes, keepdim=True)
     if mask.shape != x.shape[:1] + x.shape[sequence:sequence + 1]:
         raise EditError(f"mean_ablate at tap {name!r}: the source trace holds {tuple(x.shape)} but its mask is "
-                        f"{tuple(mask.shape)} (recorded with positions=?), so its padding cannot be told apart; "
+                        f"{tuple(mask.shape)} (recorded with keep_positions=?), so its padding cannot be told apart; "
                         "record the source at every position")
     real = mask.to(x.device).view([x.shape[a] if a in (0, sequence) else 1 for a in range(x.dim())])
     # where(), not a product: a padded position may hold -inf (scores), and -inf * 0 is NaN.

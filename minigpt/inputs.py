@@ -1,11 +1,15 @@
-"""Checking what callers pass to the model: token ids and run()'s recording options."""
+"""Checking what callers pass to the model: token ids, masks, seeds and where weights go.
+
+run()'s recording options are checked where they live, beside ``taps.Keep``.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import END_OF_TEXT, END_OF_TEXT_ID, GPTConfig, is_integer
+from .checks import check_bool, check_device, check_floating_dtype, check_int, is_integer
+from .config import END_OF_TEXT, END_OF_TEXT_ID, GPTConfig
 from .errors import InputError
 
 
@@ -22,8 +26,7 @@ def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: tor
     vocabulary; ``check_values`` (run by the forward pass) checks the ids themselves.
     ``tokenizer()`` gives the encoding, asked for only when ``inputs`` is text.
     """
-    if not isinstance(prepend_bos, bool):
-        raise InputError(f"prepend_bos must be True or False, got {prepend_bos!r}")
+    check_bool(prepend_bos, "prepend_bos")
     rows, from_text = _rows(inputs, tokenizer, prepend_bos)
     mask = None
     if rows is not None:
@@ -153,48 +156,6 @@ def check_values(tokens: torch.Tensor, cfg: GPTConfig) -> None:
                              f"[0, {cfg.vocab_size}) of this model; were these ids made by another tokenizer?")
 
 
-def check_keep_options(grad: bool, to: torch.device | str | None, dtype: torch.dtype | None,
-                       positions: slice | list[int] | str | None, seq: int) -> None:
-    """Raise InputError unless run()'s grad/to/dtype/positions are usable for a ``seq``-token run."""
-    if not isinstance(grad, bool):
-        raise InputError(f"grad must be True or False, got {grad!r}")
-    if to is not None:
-        try:
-            torch.device(to)
-        except (RuntimeError, TypeError) as e:
-            raise InputError(f"to={to!r} is not a device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise InputError(f"dtype={dtype!r}: recorded activations are kept in a floating dtype, e.g. "
-                         "torch.float16 or torch.bfloat16 (None keeps the model's)")
-    if grad:
-        # The trace must hold the very tensors the forward goes on with, or no gradient reaches them.
-        copies = [f"{name}={value!r}" for name, value in (("to", to), ("dtype", dtype), ("positions", positions))
-                  if value is not None]
-        if copies:
-            raise InputError(f"grad=True with {', '.join(copies)}: these keep a copy that the rest of the forward "
-                             "does not use, so no gradient would reach it; drop them and slice, move or cast "
-                             "the trace's tensors after computing the gradients")
-    if positions is None or positions == "last":
-        return
-    if isinstance(positions, slice):
-        try:
-            kept = range(seq)[positions]
-        except (TypeError, ValueError) as e:
-            raise InputError(f"positions={positions!r} is not a usable slice ({e})") from None
-    elif isinstance(positions, (list, tuple, range)) and all(is_integer(p) for p in positions):
-        kept = positions
-        wrong = [p for p in positions if not -seq <= p < seq]
-        if wrong:
-            raise InputError(f"positions {wrong[:5]} do not exist in a {seq}-token input; give positions in "
-                             f"[{-seq}, {seq}) (negative ones count from the end)")
-    else:
-        raise InputError(f"positions must be a slice or a list of ints (e.g. [-1] for the last token), or 'last' "
-                         f"(each row's last real token), got {positions!r}")
-    if len(kept) == 0:
-        raise InputError(f"positions={positions!r} keeps no position of a {seq}-token input; "
-                         "leave positions=None to keep them all")
-
-
 def tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False,
            return_mask: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``model.tokens(...)``: text, ids, a batch of either (any lengths) or a tensor -> checked int64 ids
@@ -203,8 +164,7 @@ def tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = 
     Rows of different lengths are padded on the right; ``return_mask=True`` also returns the mask
     [B, S] (True = real token). ``prepend_bos`` puts ``<|endoftext|>`` before each text (off by default).
     """
-    if not isinstance(return_mask, bool):
-        raise InputError(f"return_mask must be True or False, got {return_mask!r}")
+    check_bool(return_mask, "return_mask")
     ids, mask = as_tokens(inputs, model.cfg, model.unembedding.device, lambda: model.tokenizer,
                           prepend_bos=prepend_bos)
     check_values(ids, model.cfg)
@@ -215,8 +175,7 @@ def tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = 
 
 def check_seed(seed: object, what: str = "seed") -> None:
     """Raise InputError unless ``seed`` is an integer a torch.Generator takes."""
-    if not is_integer(seed) or not 0 <= seed < 2**63:
-        raise InputError(f"{what} must be an integer in [0, 2**63), got {seed!r}")
+    check_int(seed, what, 0, 2**63 - 1)
 
 
 def str_tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False) -> list[str] | list[list[str]]:
@@ -248,13 +207,9 @@ def token_id(model, text: str) -> int:
 
 def check_placement(dtype: object, device: object) -> torch.device:
     """Raise InputError unless ``dtype`` is a floating torch dtype and ``device`` one this machine has."""
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2):
-        raise InputError(f"dtype={dtype!r}: weights are kept in a floating dtype: torch.float32, torch.bfloat16, "
-                         "torch.float16 or torch.float64")
-    try:
-        where = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"device={device!r} is not a device ({e}); use e.g. 'cpu' or 'cuda:0'") from None
+    check_floating_dtype(dtype, "dtype", "weights are kept in torch.float32, torch.bfloat16, torch.float16 or "
+                         "torch.float64", min_bytes=2)
+    where = check_device(device)
     if where.type == "meta":
         raise InputError("device='meta' holds no values; load onto 'cpu' or a GPU")
     if where.type == "cuda" and not (torch.cuda.is_available() and (where.index or 0) < torch.cuda.device_count()):

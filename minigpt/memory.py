@@ -10,7 +10,7 @@ import torch
 
 from .config import GPTConfig, is_integer
 from .errors import InputError, MemoryBudgetError
-from .taps import QUERY_KEY_TAPS, Positions, Taps, describe, tap_shape
+from .taps import QUERY_KEY_TAPS, Positions, TapCall, describe, tap_shape
 
 if TYPE_CHECKING:
     from .model import GPT
@@ -56,9 +56,9 @@ def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq:
     for name, value in (("batch", batch), ("seq", seq)):
         if not is_integer(value) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
-    call = Taps.request(model.tap_names, taps, seq=seq, dtype=dtype, positions=positions)
+    call = TapCall.request(model.tap_names, taps, seq=seq, store_dtype=dtype, keep_positions=positions)
     itemsize = (dtype or model.unembedding.dtype).itemsize
-    return sum(nbytes_estimate(call.record, batch, seq, model.cfg, itemsize, positions).values())
+    return sum(nbytes_estimate(call.to_record, batch, seq, model.cfg, itemsize, positions).values())
 
 
 def forward_bytes(cfg: GPTConfig, batch: int, seq: int, itemsize: int, *, grad: bool = False,
@@ -79,12 +79,12 @@ def forward_bytes(cfg: GPTConfig, batch: int, seq: int, itemsize: int, *, grad: 
     return itemsize * (batch * seq * cfg.vocab_size * logits + blocks_held * block)
 
 
-def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | None = None) -> None:
+def check_budget(model: GPT, call: TapCall, batch: int, seq: int, *, prompt: int | None = None) -> None:
     """Refuse, before allocating, a call that would not fit: a trace over ``trace_budget_bytes``, or
     (budget "auto") a whole call over the memory free now.
 
     ``trace_budget_bytes``: a number of bytes the recorded taps may hold, None (no guard), or "auto"
-    (the default): the trace may take half of the memory free right now where it goes (``call.to``,
+    (the default): the trace may take half of the memory free right now where it goes (``call.keep.device``,
     else the model's device), and the whole call (trace, the forward's own activations and logits,
     and for generation the KV cache and the per-step traces) 90% of it, so that a call asking for
     more than the machine can hold fails here with a message instead of being killed by the
@@ -96,11 +96,11 @@ def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | 
         raise InputError(f"model.trace_budget_bytes must be a number of bytes, 'auto' or None, got {budget!r}")
     if budget is None:
         return
-    cfg, itemsize = model.cfg, model.unembedding.dtype.itemsize
-    sizes = nbytes_estimate(call.record, batch, seq, cfg, (call.dtype or model.unembedding.dtype).itemsize,
-                            call.positions)
+    cfg, itemsize, keep = model.cfg, model.unembedding.dtype.itemsize, call.keep
+    sizes = nbytes_estimate(keep.names, batch, seq, cfg, (keep.store_dtype or model.unembedding.dtype).itemsize,
+                            keep.keep_positions)
     trace = sum(sizes.values())
-    where = torch.device(call.to) if call.to is not None else model.unembedding.device
+    where = torch.device(keep.device) if keep.device is not None else model.unembedding.device
     free = available_memory(where) if budget == "auto" else None
     if budget == "auto":
         if free is None:
@@ -111,7 +111,7 @@ def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | 
     if trace > budget:
         worst = sorted(sizes, key=sizes.get, reverse=True)[:3]
         raise MemoryBudgetError(
-            f"recording {len(call.record)} taps for {batch}x{seq} tokens would hold {fmt_bytes(trace)}, over the "
+            f"recording {len(keep.names)} taps for {batch}x{seq} tokens would hold {fmt_bytes(trace)}, over the "
             f"budget of {fmt_bytes(budget)} ({why}); the largest are "
             f"{', '.join(f'{n} ({fmt_bytes(sizes[n])})' for n in worst)}. {_WAY_OUT}")
     if free is None:
@@ -119,7 +119,7 @@ def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | 
     explicit = any(call.wants(n) for n in call.wanted if n.endswith(QUERY_KEY_TAPS))
     parts = {"the trace": trace}
     if prompt is None:
-        parts["the forward's activations and logits"] = forward_bytes(cfg, batch, seq, itemsize, grad=call.grad,
+        parts["the forward's activations and logits"] = forward_bytes(cfg, batch, seq, itemsize, grad=keep.grad,
                                                                      explicit_attention=explicit)
     else:  # generation: the prefill, the cache, and the per-step traces joined into one (a second copy)
         parts["the trace"] = 2 * trace
@@ -161,8 +161,8 @@ def check_harvest_memory(model: GPT, batch: int, seq: int, buffer_bytes: int, *,
                 f"{fmt_bytes(free)} free there now; use a smaller --batch-size, --context or --shard-mb")
 
 
-_WAY_OUT = ("Record fewer taps, fewer positions (positions=[-1]) or a smaller batch, record in a lower dtype "
-            "(dtype=torch.bfloat16), or set model.trace_budget_bytes (None turns the guard off)")
+_WAY_OUT = ("Record fewer taps, fewer positions (keep_positions=[-1]) or a smaller batch, record in a lower "
+            "dtype (store_dtype=torch.bfloat16), or set model.trace_budget_bytes (None turns the guard off)")
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -1,13 +1,15 @@
 """GPT-2, the whole forward pass, with every tap where its quantity is born.
 
-Read top to bottom: Attention, MLP, Block, GPT. Each ``taps(name, x)`` call is a named point
-that a caller may record or replace (see ``taps.py``); with nothing asked it returns ``x``.
+Read top to bottom: Attention, MLP, Block, GPT. Each ``tap(name, x)`` call is a named point
+that a caller may record or replace (``tap`` is the call's ``TapCall``, see ``taps.py``); with
+nothing asked it returns ``x``.
 Shapes: B batch, S sequence, D d_model, H heads, d d_head, M d_mlp, V vocabulary.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -19,7 +21,8 @@ from .generate import generate, stream
 from .inputs import as_tokens, check_tokens, str_tokens, token_id, tokens
 from .kv_cache import KVCache
 from .memory import check_budget, estimate_trace_bytes
-from .taps import NO_TAPS, Edit, Positions, StopForward, Taps, tap_names
+from .checks import UNSET, renamed_keyword
+from .taps import NO_TAPS, Edit, Keep, Positions, StopForward, TapCall, select_until, tap_names
 from .trace import Trace
 from .weights import load_model, parameter_shapes, random_model, save_pretrained
 
@@ -39,7 +42,7 @@ class Attention(nn.Module):
         self.scale = 1 / (math.sqrt(self.d_head) * layer_divisor)
         self.layer, self.prefix = layer, f"blocks.{layer}.attn."
 
-    def forward(self, x: torch.Tensor, taps: Taps, visible: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, tap: TapCall, visible: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """[B, S, D] (the ln1 output) -> [B, S, D], attention's write to the residual.
 
@@ -51,30 +54,30 @@ class Attention(nn.Module):
         p = self.prefix
         # c_attn's output columns are [Q | K | V], each split head by head.
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.d_head).unbind(2)
-        q = taps(p + "q", q)  # [B, S, H, d]
-        k = taps(p + "k", k)
-        v = taps(p + "v", v)
+        q = tap(p + "q", q)  # [B, S, H, d]
+        k = tap(p + "k", k)
+        v = tap(p + "v", v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, d]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # [B, H, K, d]: every position so far
-        if taps.wants(p + "scores") or taps.wants(p + "pattern"):
-            z = self.attend_in_the_open(q, k, v, visible, taps)
+        if tap.wants(p + "scores") or tap.wants(p + "pattern"):
+            z = self.attend_in_the_open(q, k, v, visible, tap)
         else:
             z = self.attend_fused(q, k, v, visible)
-        z = taps(p + "z", z.transpose(1, 2))  # [B, S, H, d]
+        z = tap(p + "z", z.transpose(1, 2))  # [B, S, H, d]
         delta = self.out(z.flatten(2))
-        if taps.wants(p + "heads"):
-            delta = self.split_by_head(z, delta, taps)
+        if tap.wants(p + "heads"):
+            delta = self.split_by_head(z, delta, tap)
         return self.resid_dropout(delta)
 
     def attend_in_the_open(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None,
-                           taps: Taps) -> torch.Tensor:
+                           tap: TapCall) -> torch.Tensor:
         """q [B, H, Q, d], k and v [B, H, K, d] -> z [B, H, Q, d], with scores and pattern as tensors."""
         if visible is None:
             visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         scores = (q @ k.transpose(-2, -1)) * self.scale
-        scores = taps(self.prefix + "scores", scores.masked_fill(~visible, float("-inf")))  # [B, H, Q, K]
-        pattern = taps(self.prefix + "pattern", scores.softmax(dim=-1))
+        scores = tap(self.prefix + "scores", scores.masked_fill(~visible, float("-inf")))  # [B, H, Q, K]
+        pattern = tap(self.prefix + "pattern", scores.softmax(dim=-1))
         return self.attn_dropout(pattern) @ v
 
     def attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -84,14 +87,14 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=visible is None,
                                               scale=self.scale, dropout_p=dropout)
 
-    def split_by_head(self, z: torch.Tensor, delta: torch.Tensor, taps: Taps) -> torch.Tensor:
+    def split_by_head(self, z: torch.Tensor, delta: torch.Tensor, tap: TapCall) -> torch.Tensor:
         """Each head's write z[..., h, :] @ W_O[h] -> tap ``attn.heads`` [B, S, H, D]; the bias belongs to no head.
 
         Returns the attention output: ``delta`` unless the heads were edited, then their sum + bias.
         """
         w_o = self.out.weight.T.view(self.n_head, self.d_head, -1)  # [H, d, D]
-        heads = taps(self.prefix + "heads", torch.einsum("bshd,hdm->bshm", z, w_o))
-        if taps.edited(self.prefix + "heads"):
+        heads = tap(self.prefix + "heads", torch.einsum("bshd,hdm->bshm", z, w_o))
+        if tap.edited(self.prefix + "heads"):
             return heads.sum(dim=2) + self.out.bias
         return delta  # only recorded: c_proj's own sum, so that recording changes no bit
 
@@ -104,12 +107,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.scale_tap = name + ".scale"
 
-    def forward(self, x: torch.Tensor, taps: Taps = NO_TAPS) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tap: TapCall = NO_TAPS) -> torch.Tensor:
         """[B, S, D] -> [B, S, D], each position normalised over D."""
-        if not taps.wants(self.scale_tap):
+        if not tap.wants(self.scale_tap):
             return super().forward(x)
         centred = x - x.mean(dim=-1, keepdim=True)
-        scale = taps(self.scale_tap, (centred.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt())
+        scale = tap(self.scale_tap, (centred.pow(2).mean(dim=-1, keepdim=True) + self.eps).rsqrt())
         return centred * scale * self.weight + self.bias
 
 
@@ -124,10 +127,10 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_pdrop)
         self.prefix = f"blocks.{layer}.mlp."
 
-    def forward(self, x: torch.Tensor, taps: Taps) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tap: TapCall) -> torch.Tensor:
         """[B, S, D] (the ln2 output) -> [B, S, D], through M neurons."""
-        pre = taps(self.prefix + "pre", self.fc(x))  # [B, S, M]
-        post = taps(self.prefix + "post", self.act(pre))
+        pre = tap(self.prefix + "pre", self.fc(x))  # [B, S, M]
+        post = tap(self.prefix + "post", self.act(pre))
         return self.dropout(self.proj(post))
 
 
@@ -142,24 +145,24 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, layer)
         self.prefix = f"blocks.{layer}."
 
-    def forward(self, x: torch.Tensor, taps: Taps, visible: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, tap: TapCall, visible: torch.Tensor | None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """[B, S, D] -> [B, S, D]: resid_post = resid_pre + attn_delta + mlp_delta."""
         p = self.prefix
-        x = taps(p + "resid_pre", x)
-        attn_in = taps(p + "ln1", self.ln1(x, taps))
-        attn_delta = taps(p + "attn_delta", self.attn(attn_in, taps, visible, cache))
+        x = tap(p + "resid_pre", x)
+        attn_in = tap(p + "ln1", self.ln1(x, tap))
+        attn_delta = tap(p + "attn_delta", self.attn(attn_in, tap, visible, cache))
         x = x + attn_delta
-        x = taps(p + "resid_mid", x)
-        mlp_in = taps(p + "ln2", self.ln2(x, taps))
-        mlp_delta = taps(p + "mlp_delta", self.mlp(mlp_in, taps))
+        x = tap(p + "resid_mid", x)
+        mlp_in = tap(p + "ln2", self.ln2(x, tap))
+        mlp_delta = tap(p + "mlp_delta", self.mlp(mlp_in, tap))
         x = x + mlp_delta
-        x = taps(p + "resid_post", x)
+        x = tap(p + "resid_post", x)
         return x
 
 
 def padded_layout(S: int, mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each token's position ([S], or [B, S] with a mask) and what it may see (None = plain causal).
+    """Each token's position id ([S], or [B, S] with a mask) and what it may see (None = plain causal).
 
     With padding (mask [B, S], True = real token), a real token takes the position it would have
     alone (HF's cumsum - 1) and sees the real tokens up to itself: visible [B, 1, S, S]. A padding
@@ -167,10 +170,10 @@ def padded_layout(S: int, mask: torch.Tensor | None, device: torch.device) -> tu
     """
     if mask is None:
         return torch.arange(S, device=device), None
-    positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+    position_ids = (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
     causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
     itself = torch.eye(S, dtype=torch.bool, device=device)
-    return positions, (causal & mask[:, None, None, :]) | itself
+    return position_ids, (causal & mask[:, None, None, :]) | itself
 
 
 class GPT(nn.Module):
@@ -185,12 +188,12 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.ln_f = LayerNorm(cfg, "ln_f")
         self.tap_names = tap_names(cfg.n_layer)
-        self.source = "untrained (initialised) weights"
+        self.provenance = "untrained (initialised) weights"  # what the weights are and where they came from
         # Memory guard for run(): "auto" = half the memory free where the trace goes, bytes, or None (off).
         self.trace_budget_bytes: int | str | None = "auto"
         self.eval()  # dropout only when asked for with .train()
 
-    def forward(self, tokens: torch.Tensor, taps: Taps = NO_TAPS, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, tap: TapCall = NO_TAPS, cache: KVCache | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] (int) -> logits [B, S, V].
 
@@ -199,14 +202,14 @@ class GPT(nn.Module):
         """
         check_tokens(tokens, self.cfg)
         B, S = tokens.shape
-        positions, visible = cache.extend(S, mask) if cache is not None else padded_layout(S, mask, tokens.device)
-        embed = taps("embed", self.embed(tokens))  # [B, S, D]
-        pos_embed = taps("pos_embed", self.pos_embed(positions).expand(B, S, -1))
+        position_ids, visible = cache.extend(S, mask) if cache is not None else padded_layout(S, mask, tokens.device)
+        embed = tap("embed", self.embed(tokens))  # [B, S, D]
+        pos_embed = tap("pos_embed", self.pos_embed(position_ids).expand(B, S, -1))
         x = self.dropout(embed + pos_embed)
         for block in self.blocks:
-            x = block(x, taps, visible, cache)
-        x = taps("ln_f", self.ln_f(x, taps))
-        logits = taps("logits", F.linear(x, self.unembedding))  # [B, S, V]
+            x = block(x, tap, visible, cache)
+        x = tap("ln_f", self.ln_f(x, tap))
+        logits = tap("logits", F.linear(x, self.unembedding))  # [B, S, V]
         return logits
 
     @property
@@ -218,21 +221,26 @@ class GPT(nn.Module):
 
     def run(self, inputs: str | Sequence | torch.Tensor, taps: str | Iterable[str] = (),
             edits: Mapping[str, Edit] | None = None, *, attention_mask: torch.Tensor | None = None,
-            grad: bool = False, to: torch.device | str | None = None, dtype: torch.dtype | None = None,
-            positions: Positions = None, stop_at: str | None = None) -> tuple[torch.Tensor | None, Trace]:
+            grad: bool = False, to: torch.device | str | None = None, store_dtype: torch.dtype | None = None,
+            keep_positions: Positions = None, stop_at: str | None = None,
+            dtype: torch.dtype | None = UNSET, positions: Positions = UNSET) -> tuple[torch.Tensor | None, Trace]:
         """Run once, recording ``taps`` (names or glob patterns) and applying ``edits`` -> (logits [B, S, V], trace).
 
         inputs: text, ids, a list of texts or of id lists (any lengths: padded on the right, see
         trace.mask), or an int tensor [S] or [B, S] (with an HF-style ``attention_mask`` [B, S] if padded).
         edits: tap name or pattern -> function (tensor -> same-shaped tensor) or replacement tensor, for
-        this call only. The trace's tensors are detached unless ``grad=True``; ``to``, ``dtype`` and
-        ``positions`` (``"last"``: each row's last real token) shape what it keeps (see Taps).
-        ``stop_at``: end the forward after that tap; the logits are then None.
+        this call only. The trace's tensors are detached unless ``grad=True``; ``to`` (a device),
+        ``store_dtype`` and ``keep_positions`` (``"last"``: each row's last real token) shape what it
+        keeps (see Keep). ``stop_at``: end the forward after that tap; the logits are then None.
+        ``dtype`` and ``positions`` are the old names of ``store_dtype`` and ``keep_positions`` (deprecated).
         """
+        store_dtype = renamed_keyword(store_dtype, dtype, ("store_dtype", "dtype"))
+        keep_positions = renamed_keyword(keep_positions, positions, ("keep_positions", "positions"))
         tokens, mask = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer,
                                  attention_mask=attention_mask)  # the ids' values are checked in forward
-        call = Taps.request(self.tap_names, taps, edits, seq=tokens.shape[1], mask=mask, grad=grad, to=to,
-                            dtype=dtype, positions=positions, stop_at=stop_at)
+        keep = Keep(select_until(taps, self.tap_names, stop_at), keep_positions=keep_positions,
+                    store_dtype=store_dtype, device=to, grad=grad, stop_at=stop_at)
+        call = TapCall.build(self.tap_names, keep, edits, seq=tokens.shape[1], mask=mask)
         check_budget(self, call, *tokens.shape)
         logits = None
         with torch.set_grad_enabled(grad), contextlib.suppress(StopForward):
@@ -244,6 +252,18 @@ class GPT(nn.Module):
     # tokenizer's conveniences live in their own modules; these are their functions as methods.
     generate, stream, estimate_trace_bytes = generate, stream, estimate_trace_bytes
     tokens, str_tokens, token_id = tokens, str_tokens, token_id
+
+    @property
+    def source(self) -> str:
+        """The old name of ``provenance`` (deprecated; reading or setting it warns)."""
+        warnings.warn("model.source is renamed model.provenance", DeprecationWarning, stacklevel=2)
+        return self.provenance
+
+    @source.setter
+    def source(self, text: str) -> None:
+        # 3: past nn.Module.__setattr__, which hands a plain attribute to this setter.
+        warnings.warn("model.source is renamed model.provenance", DeprecationWarning, stacklevel=3)
+        self.provenance = text
 
     @property
     def tokenizer(self):

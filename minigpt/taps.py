@@ -1,7 +1,7 @@
-"""The tap vocabulary, and what one call records and edits.
+"""Choosing taps, and what one call keeps, records and edits.
 
-A tap is a named point of the forward pass. ``model.py`` passes every intermediate tensor
-through ``taps(name, x)``; the ``Taps`` object of that call decides whether the tensor is
+A tap is a named point of the forward pass (``tap_table.py`` lists them). ``model.py`` passes every intermediate tensor
+through ``tap(name, x)``; the ``TapCall`` object of that call decides whether the tensor is
 replaced by an edit and whether it is kept. With nothing asked, a tap is one set lookup.
 """
 from __future__ import annotations
@@ -10,94 +10,20 @@ import fnmatch
 import inspect
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .errors import EditError, MiniGPTWarning, TapError, closest
-from .inputs import check_keep_options
+from .checks import check_bool, check_device, check_floating_dtype, is_integer
+from .errors import EditError, InputError, MiniGPTWarning, TapError, closest
+from .tap_table import (  # noqa: F401 (the table lived here: importers of these names from taps keep working)
+    BLOCK_TAPS, MODEL_TAPS_AFTER, MODEL_TAPS_BEFORE, ON_DEMAND, QUERY_KEY_TAPS, TapInfo, describe, tap_axes,
+    tap_names, tap_shape)
 
 Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
 # Sequence positions a run keeps: a slice, a list, "last" (each row's last real token), or None (all).
 Positions = slice | list[int] | str | None
-
-
-@dataclass(frozen=True)
-class TapInfo:
-    """One tap: its name, shape (B batch, S seq, Q/K query/key positions, H heads, D d_model,
-    d d_head, M d_mlp, V vocab), what it holds, and whether it is computed only when asked for
-    (it costs extra work, or takes attention off its fused path)."""
-
-    name: str
-    shape: str
-    meaning: str
-    on_demand: bool = False
-
-
-# The vocabulary, in the order the forward pass meets the taps. Block taps are named blocks.{L}.{name}.
-MODEL_TAPS_BEFORE = [
-    TapInfo("embed", "B S D", "token embedding"),
-    TapInfo("pos_embed", "B S D", "position embedding"),
-]
-BLOCK_TAPS = [
-    TapInfo("resid_pre", "B S D", "residual stream entering the block (= embed + pos_embed for block 0)"),
-    TapInfo("ln1.scale", "B S 1", "LayerNorm 1's scale 1/sqrt(var + eps) per position", on_demand=True),
-    TapInfo("ln1", "B S D", "LayerNorm 1 output, the input of attention"),
-    TapInfo("attn.q", "B S H d", "queries"),
-    TapInfo("attn.k", "B S H d", "keys"),
-    TapInfo("attn.v", "B S H d", "values"),
-    TapInfo("attn.scores", "B H Q K", "q.k / sqrt(d), causally masked with -inf, before softmax", on_demand=True),
-    TapInfo("attn.pattern", "B H Q K", "softmax of the scores", on_demand=True),
-    TapInfo("attn.z", "B S H d", "each head's pattern-weighted sum of values"),
-    TapInfo("attn.heads", "B S H D", "each head's own write to the residual (z @ W_O per head, no bias)",
-            on_demand=True),
-    TapInfo("attn_delta", "B S D", "what attention adds to the residual (output projection + bias)"),
-    TapInfo("resid_mid", "B S D", "resid_pre + attn_delta"),
-    TapInfo("ln2.scale", "B S 1", "LayerNorm 2's scale 1/sqrt(var + eps) per position", on_demand=True),
-    TapInfo("ln2", "B S D", "LayerNorm 2 output, the input of the MLP"),
-    TapInfo("mlp.pre", "B S M", "MLP neurons before GELU"),
-    TapInfo("mlp.post", "B S M", "MLP neurons after GELU"),
-    TapInfo("mlp_delta", "B S D", "what the MLP adds to the residual (output projection + bias)"),
-    TapInfo("resid_post", "B S D", "resid_mid + mlp_delta, the block's output"),
-]
-MODEL_TAPS_AFTER = [
-    TapInfo("ln_f.scale", "B S 1", "the final LayerNorm's scale 1/sqrt(var + eps) per position", on_demand=True),
-    TapInfo("ln_f", "B S D", "final LayerNorm output (HuggingFace's last hidden state)"),
-    TapInfo("logits", "B S V", "ln_f @ embed.weight.T"),
-]
-_ALL = MODEL_TAPS_BEFORE + BLOCK_TAPS + MODEL_TAPS_AFTER
-# Suffixes of the on-demand taps (a block tap's full name ends with one of them).
-ON_DEMAND = tuple(info.name for info in _ALL if info.on_demand)
-# Taps shaped [B, H, Q, K]: their second axis is not the sequence, so ``positions`` keeps them whole.
-QUERY_KEY_TAPS = tuple(info.name for info in _ALL if info.shape == "B H Q K")
-_SHAPES = {info.name: info.shape.split() for info in _ALL}
-
-
-def tap_shape(name: str) -> list[str]:
-    """A tap's axes by letter, from the table: ``tap_shape('blocks.3.attn.z')`` -> ['B', 'S', 'H', 'd']."""
-    return _SHAPES[re.sub(r"^blocks\.\d+\.", "", name)]
-
-
-def tap_axes(name: str) -> tuple[int, int | None]:
-    """A tap's sequence axis (S, or Q for scores and patterns) and head axis (H, or None if it has none)."""
-    shape = tap_shape(name)
-    sequence = shape.index("S") if "S" in shape else shape.index("Q")
-    return sequence, shape.index("H") if "H" in shape else None
-
-
-def describe(n_layer: int) -> Iterator[TapInfo]:
-    """Every tap of a model with ``n_layer`` blocks, in forward order, with its shape and meaning."""
-    yield from MODEL_TAPS_BEFORE
-    for layer in range(n_layer):
-        for info in BLOCK_TAPS:
-            yield TapInfo(f"blocks.{layer}.{info.name}", info.shape, info.meaning, info.on_demand)
-    yield from MODEL_TAPS_AFTER
-
-
-def tap_names(n_layer: int) -> list[str]:
-    """Every tap name of a model with ``n_layer`` blocks, in forward order."""
-    return [info.name for info in describe(n_layer)]
 
 
 def select(patterns: str | Iterable[str], names: list[str]) -> list[str]:
@@ -191,53 +117,141 @@ class StopForward(Exception):
     """Raised by a tap to end the forward pass early (``run(..., stop_at=tap)``)."""
 
 
-class Taps:
-    """What one forward call records and edits; called at every tap by the model.
+@dataclass(frozen=True)
+class Keep:
+    """What a run keeps, checked once when built; ``run`` builds one from its keywords.
 
-    ``record``: exact tap names to keep. ``edits``: exact tap name -> edit, where an edit is a
-    function (tensor -> tensor of the same shape, dtype and device) or a tensor to put in place.
-    A function gets a copy of the tensor, which it may change in place. The value recorded at a
-    tap is the value the rest of the forward uses (after its edit). Recorded tensors are detached
-    unless ``grad`` is true; ``to``/``dtype`` move or cast them (e.g. to the CPU from a GPU run, or
-    to bfloat16) and ``positions`` keeps only those sequence positions of taps whose second axis is
-    the sequence (an index tensor [B]: one position per row). ``stop_at``: the forward ends after
-    this tap. ``Taps.request`` builds one from patterns and checks everything first.
-
-    ``sink``: instead of keeping recorded tensors in ``trace``, call ``sink(name, x)`` with each one
-    (the value the forward goes on with, whole: ``to``/``dtype``/``positions`` do not apply). The sink
-    must not change ``x``; it copies what it wants into memory of its own, e.g. buffers it reuses
-    from batch to batch (``minigpt.harvest`` does), so that recording allocates nothing.
+    ``names``: the exact tap names to record, in forward order (``select_until`` resolves patterns).
+    ``keep_positions``: the sequence positions kept of taps whose second axis is the sequence (a slice,
+    a list of ints, ``"last"``: each row's last real token, or None: all). ``store_dtype``: the
+    floating dtype the kept tensors are cast to (None: the model's). ``device``: where they are moved
+    (run's ``to=``; None: where the forward ran). ``grad``: keep them on the autograd graph (then none
+    of the three copying options may be set). ``stop_at``: the tap after which the forward ends.
+    Raises InputError (TapError for names) naming the option, its valid values and what to do.
     """
 
-    def __init__(self, record: Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
-                 grad: bool = False, to: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 positions: slice | list[int] | torch.Tensor | None = None, stop_at: str | None = None,
-                 sink: Callable[[str, torch.Tensor], None] | None = None):
-        self.record = dict.fromkeys(record)  # ordered, for the memory guard's message
+    names: tuple[str, ...] = ()
+    keep_positions: Positions = None
+    store_dtype: torch.dtype | None = None
+    device: torch.device | str | None = None
+    grad: bool = False
+    stop_at: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))  # frozen: the one normalisation, at birth
+        bad = [n for n in self.names if not isinstance(n, str)]
+        if bad or not (self.stop_at is None or isinstance(self.stop_at, str)):
+            raise TapError(f"tap names are strings, got {(bad or [self.stop_at])[0]!r}; write e.g. "
+                           f"'blocks.0.resid_post' {_LIST_HINT}")
+        check_bool(self.grad, "grad")
+        if self.device is not None:
+            check_device(self.device, "to")
+        if self.store_dtype is not None:
+            check_floating_dtype(self.store_dtype, "store_dtype", "recorded activations are kept in a floating "
+                                 "dtype, e.g. torch.float16 or torch.bfloat16 (None keeps the model's)")
+        copying = {"keep_positions": self.keep_positions, "store_dtype": self.store_dtype, "to": self.device}
+        copies = [f"{name}={value!r}" for name, value in copying.items() if value is not None]
+        if self.grad and copies:
+            # The trace must hold the very tensors the forward goes on with, or no gradient reaches them.
+            raise InputError(f"grad=True with {', '.join(copies)}: these keep a copy that the rest of the forward "
+                             "does not use, so no gradient would reach it; drop them and slice, move or cast "
+                             "the trace's tensors after computing the gradients")
+        positions = self.keep_positions
+        if not (positions is None or positions == "last" or isinstance(positions, slice) or (
+                isinstance(positions, (list, tuple, range)) and all(is_integer(p) for p in positions))):
+            raise InputError(f"keep_positions must be a slice or a list of ints (e.g. [-1] for the last token), or "
+                             f"'last' (each row's last real token), got {positions!r}")
+
+    def check_fits(self, seq: int) -> None:
+        """Raise InputError unless ``keep_positions`` keeps at least one position, all of them in a ``seq``-token input."""
+        positions = self.keep_positions
+        if positions is None or positions == "last":
+            return
+        if isinstance(positions, slice):
+            try:
+                kept = range(seq)[positions]
+            except (TypeError, ValueError) as e:
+                raise InputError(f"keep_positions={positions!r} is not a usable slice ({e})") from None
+        else:
+            kept = positions
+            wrong = [p for p in positions if not -seq <= p < seq]
+            if wrong:
+                raise InputError(f"keep_positions {wrong[:5]} do not exist in a {seq}-token input; give positions "
+                                 f"in [{-seq}, {seq}) (negative ones count from the end)")
+        if len(kept) == 0:
+            raise InputError(f"keep_positions={positions!r} keeps no position of a {seq}-token input; "
+                             "leave keep_positions=None to keep them all")
+
+    def position_index(self, mask: torch.Tensor | None) -> slice | list[int] | torch.Tensor | None:
+        """``keep_positions`` as an index of the sequence axis: ``"last"`` becomes each row's last real token
+        (the last True of ``mask`` [B, S]: an index [B], one position per row; [-1] without a mask)."""
+        if self.keep_positions != "last":
+            return self.keep_positions
+        return [-1] if mask is None else mask.shape[-1] - 1 - mask.flip(-1).int().argmax(dim=-1)
+
+
+class TapCall:
+    """What one forward call records and edits; called at every tap by the model (``tap(name, x)``).
+
+    ``keep``: what it keeps (a ``Keep``; or tap names, with Keep's other fields by keyword:
+    ``TapCall(names, stop_at=...)``). ``edits``: exact tap name -> edit, where an edit is a function
+    (tensor -> tensor of the same shape, dtype and device) or a tensor to put in place. A function
+    gets a copy of the tensor, which it may change in place. The value recorded at a tap is the
+    value the rest of the forward uses (after its edit). ``mask`` [B, S]: a padded batch's real
+    tokens, for ``keep_positions="last"``. ``TapCall.build`` makes one for a model and an input, every
+    argument checked; ``TapCall.request`` also resolves the tap patterns.
+
+    ``sink``: instead of keeping recorded tensors in ``trace``, call ``sink(name, x)`` with each one
+    (the value the forward goes on with, whole: keep_positions/store_dtype/device do not apply). The
+    sink must not change ``x``; it copies what it wants into memory of its own, e.g. buffers it
+    reuses from batch to batch (``minigpt.harvest`` does), so that recording allocates nothing.
+    """
+
+    def __init__(self, keep: Keep | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
+                 mask: torch.Tensor | None = None, sink: Callable[[str, torch.Tensor], None] | None = None,
+                 **fields: object):
+        if isinstance(keep, Keep) and fields:
+            raise TypeError(f"TapCall takes a Keep or tap names with Keep's fields, not both: put {list(fields)} "
+                            "in the Keep")
+        keep = keep if isinstance(keep, Keep) else Keep(tuple(keep), **fields)
+        self.keep = keep
+        self.to_record = dict.fromkeys(keep.names)  # ordered, for the memory guard's message
         self.edits = dict(edits or {})
-        self.stop_at = stop_at
-        self.wanted = self.record.keys() | self.edits.keys() | ({stop_at} if stop_at else set())
-        self.grad, self.to, self.dtype, self.positions, self.sink = grad, to, dtype, positions, sink
+        self.stop_at = keep.stop_at
+        self.wanted = self.to_record.keys() | self.edits.keys() | ({keep.stop_at} if keep.stop_at else set())
+        # Read once here, not from ``keep`` at each tap: the forward calls this object at every tap.
+        self.grad, self.device, self.store_dtype = keep.grad, keep.device, keep.store_dtype
+        self.positions, self.sink = keep.position_index(mask), sink
         self.trace: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def request(cls, names: list[str], taps: str | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
-                seq: int, mask: torch.Tensor | None = None, grad: bool = False,
-                to: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                positions: Positions = None, stop_at: str | None = None,
-                sink: Callable[[str, torch.Tensor], None] | None = None) -> Taps:
-        """What ``run`` asks for, checked: tap patterns and edits resolved against ``names``, the keep
-        options valid for a ``seq``-token input (``mask`` [B, seq] for a padded batch), and the taps
-        after ``stop_at`` left out. Raises TapError, EditError or InputError."""
-        record = select(taps, names) if taps else []
-        resolved = resolve_edits(edits, names)
-        check_keep_options(grad, to, dtype, positions, seq)
-        if stop_at is not None:
-            record = _until(stop_at, names, record, taps, resolved)
-        if positions == "last":
-            # Each row's last real token (the last True of its mask), as an index [B].
-            positions = [-1] if mask is None else seq - 1 - mask.flip(-1).int().argmax(dim=-1)
-        return cls(record, resolved, grad=grad, to=to, dtype=dtype, positions=positions, stop_at=stop_at, sink=sink)
+    def build(cls, tap_names: list[str], keep: Keep, edits: Mapping[str, Edit] | None = None, *,
+              seq: int, mask: torch.Tensor | None = None) -> TapCall:
+        """What ``run`` asks for, checked: the edits resolved against the model's ``tap_names`` and
+        none after ``keep.stop_at``, and ``keep`` usable on a ``seq``-token input (``mask`` [B, seq]
+        for a padded batch). Raises TapError, EditError or InputError."""
+        resolved = resolve_edits(edits, tap_names)
+        if keep.stop_at is not None:
+            late = [n for n in resolved if tap_names.index(n) > tap_names.index(keep.stop_at)]
+            if late:
+                raise EditError(f"edits at {late[:3]} come after stop_at={keep.stop_at!r}, where the forward ends, "
+                                "so they would never run; stop later, or leave them out")
+        keep.check_fits(seq)
+        return cls(keep, resolved, mask=mask)
+
+    @classmethod
+    def request(cls, tap_names: list[str], taps: str | Iterable[str] = (), edits: Mapping[str, Edit] | None = None,
+                *, seq: int, mask: torch.Tensor | None = None, **fields: object) -> TapCall:
+        """``build`` from tap patterns: ``taps`` resolved (``select_until``) into a ``Keep`` with ``fields``
+        (keep_positions, store_dtype, device, grad, stop_at)."""
+        keep = Keep(select_until(taps, tap_names, fields.get("stop_at")), **fields)
+        return cls.build(tap_names, keep, edits, seq=seq, mask=mask)
+
+    @property
+    def record(self) -> dict[str, None]:
+        """Deprecated name of ``to_record`` (kept one release)."""
+        warnings.warn("TapCall.record is renamed TapCall.to_record", DeprecationWarning, stacklevel=2)
+        return self.to_record
 
     def wants(self, name: str) -> bool:
         """Whether the tap ``name`` is recorded or edited in this call (or is where it stops)."""
@@ -252,7 +266,7 @@ class Taps:
             return x
         if name in self.edits:
             x = apply_edit(name, self.edits[name], x)
-        if name in self.record:
+        if name in self.to_record:
             if self.grad and not x.requires_grad:
                 # Nothing before this tap needs a gradient (a frozen model): start the graph here.
                 x = x.detach().requires_grad_()
@@ -270,8 +284,8 @@ class Taps:
             kept = kept[torch.arange(kept.shape[0], device=kept.device), self.positions.to(kept.device)][:, None]
         elif self.positions is not None and not name.endswith(QUERY_KEY_TAPS):
             kept = kept[:, self.positions]
-        if self.to is not None or self.dtype is not None:
-            kept = kept.to(device=self.to, dtype=self.dtype)
+        if self.device is not None or self.store_dtype is not None:
+            kept = kept.to(device=self.device, dtype=self.store_dtype)
         if not self.grad and kept.untyped_storage().size() > kept.numel() * kept.element_size():
             # A view would keep its whole parent alive (q is a third of qkv, a slice of positions a
             # sliver of the tap): copy, so the trace holds what the memory guard's estimate says.
@@ -280,25 +294,31 @@ class Taps:
         return kept
 
 
-def _until(stop_at: str, names: list[str], record: list[str], asked: str | Iterable[str],
-           edits: Mapping[str, Edit]) -> list[str]:
-    """The recorded taps up to ``stop_at``; refuse taps asked for by name, and edits, that would never run."""
+Taps = TapCall  # the old name, kept one release
+
+
+def select_until(patterns: str | Iterable[str], names: list[str], stop_at: str | None) -> list[str]:
+    """``select(patterns, names)`` (nothing for no patterns), cut after ``stop_at``: the taps to record.
+
+    Raises TapError for a ``stop_at`` that is not a tap, and for taps asked for by exact name after
+    it (they would never run); taps a glob matches after it are left out.
+    """
+    record = select(patterns, names) if patterns else []
+    if stop_at is None:
+        return record
     if not isinstance(stop_at, str) or stop_at not in names:
         raise TapError(f"stop_at={stop_at!r} is not a tap name{closest(str(stop_at), names)}; give one exact "
                        f"name, e.g. stop_at='blocks.3.resid_post' {_LIST_HINT}")
     last = names.index(stop_at)
-    exact = {asked} if isinstance(asked, str) else set(asked)
+    exact = {patterns} if isinstance(patterns, str) else set(patterns)
     late = [n for n in record if n in exact and names.index(n) > last]
-    late_edits = [n for n in edits if names.index(n) > last]
-    if late or late_edits:
-        what = f"taps {late[:3]}" if late else f"edits at {late_edits[:3]}"
-        raise (TapError if late else EditError)(
-            f"{what} come after stop_at={stop_at!r}, where the forward ends, so they would never run; "
-            "stop later, or leave them out")
+    if late:
+        raise TapError(f"taps {late[:3]} come after stop_at={stop_at!r}, where the forward ends, so they would "
+                       "never run; stop later, or leave them out")
     return [n for n in record if names.index(n) <= last]
 
 
-NO_TAPS = Taps()
+NO_TAPS = TapCall()
 
 
 def apply_edit(name: str, edit: Edit, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ Shapes: P parts, B batch, S sequence, D d_model, H heads.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,7 @@ class Trace(Mapping[str, torch.Tensor]):
             labels.append(p + "mlp_delta")
         return torch.stack(parts), labels
 
-    def apply_ln_f(self, stack: torch.Tensor, model: GPT | LayerNorm, *, bias: bool = False) -> torch.Tensor:
+    def ln_f_frozen(self, stack: torch.Tensor, model: GPT | LayerNorm, *, bias: bool = False) -> torch.Tensor:
         """ln_f on residual-stream vectors, its scale frozen at this run's: [..., B, S, D] -> [..., B, S, D].
 
         Each vector is centred, then multiplied by the recorded ``ln_f.scale`` [B, S, 1] (1/sqrt(var + eps)
@@ -114,25 +115,31 @@ class Trace(Mapping[str, torch.Tensor]):
         minus ln_f's bias, to float rounding. ``bias=True`` adds the bias (for a whole residual, not
         parts). ``model``: the model or its ``ln_f``. Needs the tap ``ln_f.scale``.
         """
-        self._require(["ln_f.scale"], "ln_f.scale", "apply_ln_f")
+        self._require(["ln_f.scale"], "ln_f.scale", "ln_f_frozen")
         scale = self["ln_f.scale"]
         if stack.dim() < 3 or stack.shape[-3:-1] != scale.shape[:2]:
-            raise InputError(f"apply_ln_f takes residual vectors [..., B, S, D] with (B, S) = {tuple(scale.shape[:2])} "
+            raise InputError(f"ln_f_frozen takes residual vectors [..., B, S, D] with (B, S) = {tuple(scale.shape[:2])} "
                              f"as this trace recorded them, got shape {tuple(stack.shape)}")
         ln = getattr(model, "ln_f", model)
         centred = stack - stack.mean(dim=-1, keepdim=True)
         normed = centred * scale.to(stack) * _parameter(ln.weight, stack)
         return normed + _parameter(ln.bias, stack) if bias else normed
 
+    def apply_ln_f(self, stack: torch.Tensor, model: GPT | LayerNorm, *, bias: bool = False) -> torch.Tensor:
+        """The old name of ``ln_f_frozen`` (deprecated)."""
+        warnings.warn("Trace.apply_ln_f is renamed Trace.ln_f_frozen (ln_f with this run's recorded scale)",
+                      DeprecationWarning, stacklevel=2)
+        return self.ln_f_frozen(stack, model, bias=bias)
+
     def logit_attribution(self, stack: torch.Tensor, model: GPT, tokens: Tokens) -> torch.Tensor:
         """Each vector's direct contribution to a logit: [..., B, S, D] -> [..., B, S].
 
-        ``apply_ln_f(stack)`` dotted with the unembedding row of ``tokens``: one id, ids [B] (one per
+        ``ln_f_frozen(stack)`` dotted with the unembedding row of ``tokens``: one id, ids [B] (one per
         row) or [B, S], or a pair ``(a, b)`` of those for the logit difference a - b. On the parts of
         ``decomposed_residual``, the contributions plus ``ln_f_bias_attribution(model, tokens)`` sum
         to the logit (or the difference) to float rounding: direct logit attribution. Needs ``ln_f.scale``.
         """
-        normed = self.apply_ln_f(stack, model)
+        normed = self.ln_f_frozen(stack, model)
         return (normed * self._unembedding_of(model, tokens, normed)).sum(dim=-1)
 
     def ln_f_bias_attribution(self, model: GPT, tokens: Tokens) -> torch.Tensor:

@@ -68,7 +68,8 @@ def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str
     ``store_dtype``: the trace's dtype (default ``work_dtype(model)``).
     """
     dtype = work_dtype(model)
-    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", dtype=store_dtype or dtype, positions=positions)
+    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", store_dtype=store_dtype or dtype,
+                              keep_positions=positions)
     return logits[0].detach().to("cpu", dtype), trace
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig, edits
-from minigpt.taps import Taps
+from minigpt.taps import TapCall
 
 CFG = GPTConfig(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 RECORD = ["blocks.*.resid_pre", "blocks.*.attn_delta", "blocks.*.mlp_delta", "blocks.*.resid_post",
@@ -37,12 +37,12 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def taps_for(model: GPT, record=(), edit=None, **options) -> Taps:
-    """The Taps object model.run would build (names resolved outside the compiled region)."""
-    return Taps.request(model.tap_names, record, edit, seq=12, **options)
+def taps_for(model: GPT, record=(), edit=None, **options) -> TapCall:
+    """The TapCall model.run would build (names resolved outside the compiled region)."""
+    return TapCall.request(model.tap_names, record, edit, seq=12, **options)
 
 
-def explain(model: GPT, tokens: torch.Tensor, taps: Taps):
+def explain(model: GPT, tokens: torch.Tensor, taps: TapCall):
     torch._dynamo.reset()
     return torch._dynamo.explain(model.forward)(tokens, taps)
 
@@ -52,8 +52,8 @@ def explain(model: GPT, tokens: torch.Tensor, taps: Taps):
     (RECORD, False, {}),
     (RECORD, True, {}),
     ("*", True, {}),
-    (RECORD, True, {"positions": slice(-3, None), "dtype": torch.bfloat16}),
-    (RECORD, False, {"positions": [0, 5]}),
+    (RECORD, True, {"keep_positions": slice(-3, None), "store_dtype": torch.bfloat16}),
+    (RECORD, False, {"keep_positions": [0, 5]}),
 ], ids=["plain", "record", "record+edits", "every-tap+edits", "positions-slice+dtype", "positions-list"])
 def test_forward_with_taps_and_edits_has_no_graph_break(model, tokens, record, with_edits, options) -> None:
     taps = taps_for(model, record, some_edits() if with_edits else None, **options)
@@ -90,7 +90,7 @@ def test_compiled_run_equals_eager(model, tokens) -> None:
     assert not torch.allclose(compiled(tokens), eager_logits, atol=1e-3)
     torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-5)
     # Keep options hold under compile too.
-    _, small = compiled.run(tokens, taps="blocks.*.resid_post", positions=slice(-2, None), dtype=torch.bfloat16)
+    _, small = compiled.run(tokens, taps="blocks.*.resid_post", keep_positions=slice(-2, None), store_dtype=torch.bfloat16)
     _, full = model.run(tokens, taps="blocks.*.resid_post")
     for name in small:
         assert small[name].dtype == torch.bfloat16 and small[name].shape == (2, 2, CFG.n_embd)

@@ -302,7 +302,7 @@ def test_errors_name_the_tap_and_the_way_out(model) -> None:
 
 def test_the_helpers_compile_without_a_graph_break(model) -> None:
     """Patching and ablation inside a compiled forward (a source trace's means are taken beforehand)."""
-    from minigpt.taps import Taps
+    from minigpt.taps import TapCall
 
     _, ragged = model.run([[1, 7, 3, 9, 4, 2], [5, 5, 6]], taps=["blocks.*.resid_pre", "blocks.*.mlp.post",
                                                                   "blocks.0.attn.pattern"])
@@ -312,5 +312,5 @@ def test_the_helpers_compile_without_a_graph_break(model) -> None:
               | edits.mean_ablate("blocks.0.attn.pattern", ragged, heads=2)
               | edits.zero_head_keys(2, 0) | edits.zero_head_keys(2, 3))
     torch._dynamo.reset()
-    report = torch._dynamo.explain(model.forward)(CORRUPT, Taps.request(model.tap_names, (), chosen, seq=6))
+    report = torch._dynamo.explain(model.forward)(CORRUPT, TapCall.request(model.tap_names, (), chosen, seq=6))
     assert report.graph_break_count == 0, [b.reason.splitlines()[0] for b in report.break_reasons]

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig, tap_names
-from minigpt.taps import ON_DEMAND, Taps
+from minigpt.taps import ON_DEMAND, TapCall
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -150,8 +150,8 @@ def test_heads_z_scores_pattern_rebuild_attention(case: Case) -> None:
 # The forward visits every tap once, in order; recording changes nothing
 
 
-class LoggingTaps(Taps):
-    """Taps that log every name the forward passes through."""
+class LoggingTaps(TapCall):
+    """A TapCall that logs every name the forward passes through."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

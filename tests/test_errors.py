@@ -51,7 +51,7 @@ def assert_untouched(model: GPT, clean: dict) -> None:
     for module in model.modules():
         assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks), \
             "a hook stayed attached"
-    assert not NO_TAPS.record and not NO_TAPS.edits and not NO_TAPS.trace, "the shared empty Taps was changed"
+    assert not NO_TAPS.to_record and not NO_TAPS.edits and not NO_TAPS.trace, "the shared empty TapCall was changed"
     assert not model.training and torch.is_grad_enabled()
     logits, trace = model.run(TOKENS)
     assert len(trace) == 0
@@ -186,10 +186,10 @@ BAD_RUNS = {
                              EditError, ["edited twice", "'blocks.0.resid_post'", "'blocks.*.resid_post'"]),
     "a later edit fails after others ran": (dict(taps="*", edits={"blocks.0.resid_post": lambda x: x.mul_(3),
                                                                   "logits": lambda x: x[:, :1]}), EditError, ["logits"]),
-    "positions out of range": (dict(taps="embed", positions=[0, 8]), InputError, ["positions [8]", "[-8, 8)"]),
-    "positions selecting nothing": (dict(taps="embed", positions=slice(20, None)), InputError, ["keeps no position"]),
-    "positions as an int": (dict(taps="embed", positions=3), InputError, ["slice or a list of ints", "[-1]"]),
-    "trace dtype not floating": (dict(taps="embed", dtype=torch.int64), InputError, ["floating dtype"]),
+    "positions out of range": (dict(taps="embed", keep_positions=[0, 8]), InputError, ["keep_positions [8]", "[-8, 8)"]),
+    "positions selecting nothing": (dict(taps="embed", keep_positions=slice(20, None)), InputError, ["keeps no position"]),
+    "positions as an int": (dict(taps="embed", keep_positions=3), InputError, ["slice or a list of ints", "[-1]"]),
+    "trace dtype not floating": (dict(taps="embed", store_dtype=torch.int64), InputError, ["floating dtype"]),
     "trace device unknown": (dict(taps="embed", to="gpu0"), InputError, ["'gpu0' is not a device"]),
     "grad not a bool": (dict(grad="yes"), InputError, ["grad must be True or False"]),
 }
@@ -299,7 +299,7 @@ def test_estimate_equals_the_bytes_recorded(model, seed):
     tokens = torch.randint(CFG.vocab_size, (batch, seq), generator=g)
     positions = [None, [-1], slice(0, None, 2), [0, 0]][seed % 4]
     dtype = [None, torch.bfloat16, torch.float64][seed % 3]
-    _, trace = model.run(tokens, taps=chosen, positions=positions, dtype=dtype)
+    _, trace = model.run(tokens, taps=chosen, keep_positions=positions, store_dtype=dtype)
     itemsize = (dtype or torch.float32).itemsize
     assert _bytes_held(trace) == nbytes_estimate(chosen, batch, seq, CFG, itemsize, positions)
     estimate = model.estimate_trace_bytes(chosen, batch, seq, dtype=dtype, positions=positions)
@@ -312,7 +312,7 @@ def test_estimate_covers_every_tap(model):
     _, trace = model.run(tokens, taps="*")
     assert _bytes_held(trace) == nbytes_estimate(model.tap_names, 2, 5, CFG, 4)
     for taps, positions in [("blocks.*.attn.q", None), ("blocks.0.attn.[kv]", None), ("*", slice(-1, None))]:
-        _, trace = model.run(tokens, taps=taps, positions=positions)
+        _, trace = model.run(tokens, taps=taps, keep_positions=positions)
         assert _bytes_in_memory(trace) <= model.estimate_trace_bytes(taps, 2, 5, positions=positions)
 
 
@@ -398,7 +398,7 @@ def _edit_tensors(directory: Path, change) -> None:
 
 def test_the_good_checkpoint_loads(ckpt):
     model = GPT.from_pretrained(ckpt)
-    assert model.cfg.n_layer == 2 and str(ckpt) in model.source
+    assert model.cfg.n_layer == 2 and str(ckpt) in model.provenance
 
 
 def _drop_add_reshape(t):

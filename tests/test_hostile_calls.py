@@ -106,7 +106,7 @@ def test_grad_counts_every_block_and_open_attention_its_pattern() -> None:
     (lambda: GPT.random("gpt5"), "unknown GPT-2 size"),
     (lambda: GPT.from_pretrained("/nonexistent", dtype=torch.bool), "floating dtype"),
     (lambda: MODEL.run(TOKENS, taps="embed", to="gpu0"), "is not a device"),
-    (lambda: MODEL.run(TOKENS, taps="embed", dtype=torch.int8), "floating dtype"),
+    (lambda: MODEL.run(TOKENS, taps="embed", store_dtype=torch.int8), "floating dtype"),
     (lambda: MODEL.tokens([1, 2], return_mask="yes"), "return_mask"),
     (lambda: MODEL.generate([1, 2], 3, temperature=float("nan")), "temperature"),
     (lambda: MODEL.generate([1, 2], 3, temperature=True), "temperature"),

@@ -67,7 +67,7 @@ def test_padded_batches_equal_hf_with_its_attention_mask(case, left: bool) -> No
     tokens = torch.tensor([p + r if left else r + p for r, p in zip(rows, pad)])
     mask = torch.tensor([[False] * len(p) + [True] * len(r) if left else [True] * len(r) + [False] * len(p)
                          for r, p in zip(rows, pad)])
-    logits, trace = model.run(tokens, attention_mask=mask.int(), taps="ln_f", positions="last")
+    logits, trace = model.run(tokens, attention_mask=mask.int(), taps="ln_f", keep_positions="last")
     expected = hf_with_mask(hf, tokens, mask)
     assert_close(logits[mask], expected[mask], msg="real positions vs HF with attention_mask")
     last = torch.tensor([S - 1 if left else len(r) - 1 for r in rows])
@@ -86,7 +86,7 @@ def test_texts_of_different_lengths_and_the_tokens_helper() -> None:
     assert mask.sum(1).tolist() == lengths and ids.shape == (2, max(lengths))
     assert (ids[~mask] == END_OF_TEXT_ID).all()  # padding ids are <|endoftext|>, never looked at
     assert torch.equal(model.tokens(texts), ids)
-    logits, trace = model.run(texts, taps="blocks.0.resid_post", positions="last")
+    logits, trace = model.run(texts, taps="blocks.0.resid_post", keep_positions="last")
     alone, _ = model.run("Hello")
     torch.testing.assert_close(logits[1, :lengths[1]], alone[0], rtol=1e-5, atol=1e-5)
     assert trace["blocks.0.resid_post"].shape == (2, 1, model.cfg.n_embd)

@@ -93,8 +93,8 @@ def test_stop_at_refuses_what_would_never_run(model, kwargs, error, message) -> 
 # Gradients
 
 
-@pytest.mark.parametrize("option", [dict(positions=[-1]), dict(positions="last"), dict(dtype=torch.float32),
-                                    dict(to="cpu")])
+@pytest.mark.parametrize("option", [dict(keep_positions=[-1]), dict(keep_positions="last"),
+                                    dict(store_dtype=torch.float32), dict(to="cpu")])
 def test_grad_with_a_copying_keep_option_is_refused_by_name(model, option) -> None:
     (name, _), = option.items()
     with pytest.raises(InputError, match=f"grad=True with {name}="):

@@ -387,14 +387,14 @@ def test_recording_options_to_dtype_positions() -> None:
     model = small_model()
     plain = model(TOKENS)
     logits, trace = model.run(TOKENS, taps=["blocks.0.ln1", "blocks.0.attn.pattern", "blocks.0.attn.q"],
-                              dtype=torch.float16, to="cpu", positions=[0, 5])
+                              store_dtype=torch.float16, to="cpu", keep_positions=[0, 5])
     assert_close(logits, plain)  # the options shape what is kept, not the run
     _, full = model.run(TOKENS, taps=["blocks.0.ln1", "blocks.0.attn.pattern", "blocks.0.attn.q"])
     assert trace["blocks.0.ln1"].dtype == torch.float16 and trace["blocks.0.ln1"].shape == (2, 2, 16)
     assert torch.equal(trace["blocks.0.ln1"], full["blocks.0.ln1"][:, [0, 5]].half())
     assert trace["blocks.0.attn.q"].shape == (2, 2, 4, 4)
     assert trace["blocks.0.attn.pattern"].shape == (2, 4, 8, 8)  # query x key: kept whole
-    _, sliced = model.run(TOKENS, taps="blocks.*.resid_post", positions=slice(-1, None))
+    _, sliced = model.run(TOKENS, taps="blocks.*.resid_post", keep_positions=slice(-1, None))
     assert sliced.stack("resid_post").shape == (4, 2, 1, 16)
     assert torch.equal(sliced["blocks.3.resid_post"], full_resid(model)[:, -1:])
 

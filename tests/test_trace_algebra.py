@@ -101,11 +101,11 @@ def test_parts_through_the_frozen_ln_f_and_the_unembedding_sum_to_hfs_logits(cas
     hf_logits, reads = hf_forward(hf, tokens)
     tol = dict(dtype=dtype)
     # ln_f with its scale frozen is linear on the parts: they sum to ln_f's output minus its bias.
-    normed = trace.apply_ln_f(parts, model)
+    normed = trace.ln_f_frozen(parts, model)
     assert normed.shape == parts.shape
     assert_close(normed.sum(0) + model.ln_f.bias.detach(), reads["hidden_states"][-1], **tol)
     last = trace[f"blocks.{model.cfg.n_layer - 1}.resid_post"]
-    assert_close(trace.apply_ln_f(last, model.ln_f, bias=True), reads["hidden_states"][-1], **tol)
+    assert_close(trace.ln_f_frozen(last, model.ln_f, bias=True), reads["hidden_states"][-1], **tol)
     # One token, one per row, one per position, or a difference of two such.
     a = data.draw(st.integers(0, V - 1), label="a")
     per_row = torch.randint(V, (case.batch,), generator=torch.Generator().manual_seed(case.seed))
@@ -126,11 +126,11 @@ def test_parts_through_the_frozen_ln_f_and_the_unembedding_sum_to_hfs_logits(cas
 
 
 def test_attribution_of_the_last_position_of_a_padded_batch() -> None:
-    """positions='last' keeps each row's last real token; the attributions follow those rows' logits."""
+    """keep_positions='last' keeps each row's last real token; the attributions follow those rows' logits."""
     model = GPT.random(GPTConfig(vocab_size=60, n_positions=12, n_embd=24, n_layer=2, n_head=3), seed=2,
                        dtype=torch.float64)
     rows = [[3, 9, 14, 15, 2, 6], [7, 1, 8]]
-    logits, trace = model.run(rows, taps=DECOMPOSE, positions="last")
+    logits, trace = model.run(rows, taps=DECOMPOSE, keep_positions="last")
     parts, _ = trace.decomposed_residual()
     assert parts.shape == (6, 2, 1, 24)
     target = torch.tensor([5, 40])
@@ -180,8 +180,8 @@ def test_missing_taps_are_named_with_what_to_record(small) -> None:
         trace.accumulated_residual()
     with pytest.raises(TapError, match=r"stack\('mlp.post'\) needs.*taps='blocks\.\*\.mlp\.post'"):
         trace.stack("mlp.post")
-    with pytest.raises(TapError, match="apply_ln_f needs taps \\['ln_f.scale'\\]"):
-        trace.apply_ln_f(trace["embed"], small)
+    with pytest.raises(TapError, match="ln_f_frozen needs taps \\['ln_f.scale'\\]"):
+        trace.ln_f_frozen(trace["embed"], small)
     with pytest.raises(TapError, match="ln_f.scale"):
         trace.logit_attribution(trace["embed"], small, 3)
 
@@ -190,7 +190,7 @@ def test_wrong_shapes_and_tokens_are_refused(small) -> None:
     _, trace = small.run(TOKENS, taps=DECOMPOSE)
     parts, _ = trace.decomposed_residual()
     with pytest.raises(InputError, match=r"\[\.\.\., B, S, D\] with \(B, S\) = \(2, 4\).*\(2, 3, 24\)"):
-        trace.apply_ln_f(parts[0, :, :3], small)
+        trace.ln_f_frozen(parts[0, :, :3], small)
     with pytest.raises(InputError, match=r"integer ids in \[0, 60\)"):
         trace.logit_attribution(parts, small, 60)
     with pytest.raises(InputError, match="integer ids"):
