@@ -32,7 +32,7 @@ from .fast_decode import CompiledStep, one_at_a_time
 from .inputs import as_tokens, check_tokens
 from .kv_cache import KVCache
 from .memory import check_budget
-from .taps import NO_TAPS, QUERY_KEY_TAPS, Edit, Taps
+from .taps import NO_TAPS, QUERY_KEY_TAPS, Edit, TapCall
 from .trace import Trace
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ class Plan:
     mask: torch.Tensor | None  # [B, S], True = real token; None when every token is real
     max_new_tokens: int
     decoding: Decoding
-    request: Taps  # what each forward call records and edits
+    request: TapCall  # what each forward call records and edits
     compile: bool = False
 
     def check(self, model: GPT) -> None:
@@ -195,20 +195,20 @@ def generate(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: 
     """
     decoding = Decoding(temperature, top_k, top_p, seed, stop_at_eos, eos_id)
     tokens, mask = checked_prompt(model, prompt, attention_mask, max_new_tokens, decoding)
-    request = Taps.request(model.tap_names, taps, edits, seq=tokens.shape[1])
+    request = TapCall.request(model.tap_names, taps, edits, seq=tokens.shape[1])
     plan = Plan(tokens, mask, max_new_tokens, decoding, request, compile)
     plan.check(model)
     steps: list[dict[str, torch.Tensor]] = []
     new = list(_decode(model, plan, steps))
     ids = torch.cat([tokens, torch.stack(new, dim=1)], dim=1) if new else tokens
     real = torch.ones_like(ids, dtype=torch.bool)
-    trace = join_steps(steps) if plan.request.record else {}
+    trace = join_steps(steps) if plan.request.to_record else {}
     if mask is not None:  # real tokens first, as run() lays out a batch of different lengths
         real[:, :tokens.shape[1]] = mask
         order = (~real).int().argsort(dim=-1, stable=True)  # [B, T]: real slots first, in order
         ids, real = ids.gather(1, order).masked_fill(~real.gather(1, order), eos_id), real.gather(1, order)
         trace = {name: _reorder(name, t, order) for name, t in trace.items()}
-    if not plan.request.record:
+    if not plan.request.to_record:
         return ids
     return ids, Trace(trace, model.cfg.n_layer, real)
 
@@ -221,7 +221,7 @@ def stream(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: in
     iterator over the new ids [B] of each step, as each is chosen (for taps, use ``generate``)."""
     decoding = Decoding(temperature, top_k, top_p, seed, stop_at_eos, eos_id)
     tokens, mask = checked_prompt(model, prompt, attention_mask, max_new_tokens, decoding)
-    request = Taps.request(model.tap_names, (), edits, seq=tokens.shape[1])
+    request = TapCall.request(model.tap_names, (), edits, seq=tokens.shape[1])
     plan = Plan(tokens, mask, max_new_tokens, decoding, request, compile)
     plan.check(model)
     return _decode(model, plan, None)
@@ -242,7 +242,7 @@ def _decode_steps(model: GPT, plan: Plan, steps: list | None) -> Iterator[torch.
     """``_decode``'s loop: the forward chosen once (eager over a ``KVCache``, or compiled), then the steps."""
     B, S = plan.tokens.shape
     device, decoding = model.unembedding.device, plan.decoding
-    record = steps is not None and bool(plan.request.record)
+    record = steps is not None and bool(plan.request.to_record)
     if plan.compile:
         forward = CompiledStep(model, B, S + plan.max_new_tokens)
     else:
@@ -270,14 +270,14 @@ class EagerStep:
     """The loop's forward: the next positions [B, n] through the model over the cache, with the call's
     taps and edits -> logits [B, n, V]. With ``steps`` (a list), each call's trace is appended to it."""
 
-    def __init__(self, model: GPT, cache: KVCache, request: Taps, steps: list | None):
+    def __init__(self, model: GPT, cache: KVCache, request: TapCall, steps: list | None):
         self.model, self.cache, self.request, self.steps = model, cache, request, steps
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # Only around the call: a generator's suspended state must not leak into the caller's.
         with torch.inference_mode():
-            # A fresh Taps per call: each holds the trace of the positions it ran.
-            taps = Taps(self.request.record, self.request.edits) if self.request.wanted else NO_TAPS
+            # A fresh TapCall per call: each holds the trace of the positions it ran.
+            taps = TapCall(self.request.to_record, self.request.edits) if self.request.wanted else NO_TAPS
             logits = self.model(tokens, taps, self.cache, mask=mask)
         if self.steps is not None:
             self.steps.append(taps.trace)

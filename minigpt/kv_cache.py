@@ -35,10 +35,10 @@ class KVCache:
         self.length = 0  # positions held
         self.slots = torch.arange(capacity, device=device)
         self.real: torch.Tensor | None = None  # [B, capacity]: slots holding real tokens (padded batches)
-        self.next_position: torch.Tensor | None = None  # [B]: position of each row's next token (padded batches)
+        self.next_position_id: torch.Tensor | None = None  # [B]: position of each row's next token (padded batches)
 
     def extend(self, n: int, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions of the n tokens about to run ([n], or [B, n] for a padded batch) and what they
+        """Position ids of the n tokens about to run ([n], or [B, n] for a padded batch) and what they
         may see: bool [n, K], or [B, 1, n, K] for a padded batch. ``mask`` [B, n]: True = real token."""
         if self.length + n > self.capacity:
             raise InputError(f"the cache holds {self.capacity} positions and {self.length} are used; "
@@ -50,15 +50,15 @@ class KVCache:
             return slots, slots[:, None] >= keys
         if self.real is None:
             self.real = torch.zeros(mask.shape[0], self.capacity, dtype=torch.bool, device=mask.device)
-            self.next_position = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+            self.next_position_id = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
         if mask is None:
             mask = torch.ones(self.real.shape[0], n, dtype=torch.bool, device=self.real.device)
         self.real[:, slots] = mask
-        positions = (self.next_position[:, None] + mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-        self.next_position += mask.sum(dim=-1)
+        position_ids = (self.next_position_id[:, None] + mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        self.next_position_id += mask.sum(dim=-1)
         # As padded_layout in model.py: real keys up to the query; a padding query sees itself.
         visible = (slots[:, None] >= keys) & self.real[:, None, None, :self.length] | (slots[:, None] == keys)
-        return positions, visible
+        return position_ids, visible
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys and values [B, H, n, d] of the new positions; return those of all positions [B, H, K, d]."""

@@ -68,9 +68,9 @@ class Section:
 
 
 def is_random(model: GPT) -> bool:
-    """Whether the model carries random (untrained) weights, as its ``source`` says."""
-    source = getattr(model, "source", "")
-    return "RANDOM" in source or "untrained" in source
+    """Whether the model carries random (untrained) weights, as its ``provenance`` says."""
+    provenance = getattr(model, "provenance", "")
+    return "RANDOM" in provenance or "untrained" in provenance
 
 
 def stderr_progress() -> Progress:
@@ -243,7 +243,7 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
 
     block, head: where the interventions act (``probes.interventions.site``: by default the notes'
     block 9 and head 2 (docs/NOTES.md, section 3), or the same depth in a shallower model).
-    random_weights: whether to flag the weights as random on the page (default: read from model.source).
+    random_weights: whether to flag the weights as random on the page (default: read from model.provenance).
     """
     from . import plots  # matplotlib only when figures are made
 
@@ -256,7 +256,7 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     page = Page(model, tokens, out, block, head, top_fraction, dpi)
     started = time.perf_counter()
-    say(f"report on {tokens.shape[1]} tokens with {getattr(model, 'source', 'a model')}; writing to {out}/")
+    say(f"report on {tokens.shape[1]} tokens with {getattr(model, 'provenance', 'a model')}; writing to {out}/")
     sections = []
     for step, (id, build) in enumerate(BUILDERS.items(), 1):
         say(f"[{step}/{len(BUILDERS)}] {PROSE[id].step}")
@@ -274,7 +274,7 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
 def _payload(model: GPT, tokens: torch.Tensor, sections: list[Section], random_weights: bool) -> dict:
     """Everything the page shows, as one JSON-able dict (the page is rendered from it alone)."""
     return {
-        "model": {"source": getattr(model, "source", ""), "random_weights": random_weights,
+        "model": {"source": getattr(model, "provenance", ""), "random_weights": random_weights,
                   "dtype": str(model.unembedding.dtype).removeprefix("torch."),
                   "config": {k: getattr(model.cfg, k) for k in ("n_layer", "n_head", "n_embd", "vocab_size")}},
         "text": decode_text(model, tokens[0].tolist()), "n_tokens": tokens.shape[1],

@@ -93,7 +93,7 @@ def test_random_weights_are_flagged(written):
 
 def test_trained_weights_get_no_banner(tmp_path):
     model = GPT.random(GPTConfig(n_embd=16, n_layer=1, n_head=2, n_positions=64), seed=0)
-    model.source = "weights from a trained checkpoint"
+    model.provenance = "weights from a trained checkpoint"
     payload = build_report(model, TEXT, tmp_path, progress=lambda _: None)
     assert payload["model"]["random_weights"] is False
     assert "RANDOM weights" not in (tmp_path / "index.html").read_text(encoding="utf-8")

@@ -210,11 +210,11 @@ def forward_contenders(device: str, compile: bool, skip_tl: bool) -> list[Conten
         # this row records what its full cache holds, for a like-for-like comparison.
         Contender("minigpt_all_but_heads", "minigpt, every tap but attn.heads (TL's full cache's set)", "minigpt",
                   minigpt_taps(lambda model: [n for n in model.tap_names if not n.endswith("attn.heads")])),
-        # The memory-saving options of Taps: a lower dtype, and only some positions.
-        Contender("minigpt_all_bf16", "minigpt, every tap, kept in bf16 (dtype=)", "minigpt",
-                  minigpt_taps("*", dtype=torch.bfloat16)),
-        Contender("minigpt_resid4_last", "minigpt, 4 residual taps, last position (positions=)", "minigpt",
-                  minigpt_taps(FOUR, positions=slice(-1, None))),
+        # The memory-saving options of a run: a lower storage dtype, and only some positions.
+        Contender("minigpt_all_bf16", "minigpt, every tap, kept in bf16 (store_dtype=)", "minigpt",
+                  minigpt_taps("*", store_dtype=torch.bfloat16)),
+        Contender("minigpt_resid4_last", "minigpt, 4 residual taps, last position (keep_positions=)", "minigpt",
+                  minigpt_taps(FOUR, keep_positions=slice(-1, None))),
     ]
     if device.startswith("cuda"):
         rows.append(Contender("minigpt_resid4_to_cpu", "minigpt, 4 residual taps, kept on CPU (to=)", "minigpt",
