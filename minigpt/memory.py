@@ -135,30 +135,9 @@ def check_budget(model: GPT, call: Taps, batch: int, seq: int, *, prompt: int | 
 
 
 # A harvest's own bookkeeping beside the forward and the shard buffers (the writer thread, the
-# document being tokenized, the open file): about 4 MiB measured with GPT-2 small, counted as 8.
+# document being tokenized, the open file): about 4 MiB measured with GPT-2 small, counted as 8
+# (by minigpt.harvest.guard, and by the harvest bench's bound).
 HARVEST_BOOKKEEPING_BYTES = 8 * 2**20
-
-
-def check_harvest_memory(model: GPT, batch: int, seq: int, buffer_bytes: int, *, logits: bool) -> None:
-    """Refuse a harvest whose peak would not fit in the memory free now (``minigpt.harvest``).
-
-    Its peak does not grow with the corpus: the forward of one batch (``forward_bytes``) on the
-    model's device, plus ``buffer_bytes`` of shard buffers (one being filled, two waiting for the
-    disk) and ``HARVEST_BOOKKEEPING_BYTES`` in CPU memory. The weights are already loaded, so they
-    are not counted.
-    """
-    itemsize = model.unembedding.dtype.itemsize
-    device = model.unembedding.device
-    forward = forward_bytes(model.cfg, batch, seq, itemsize, logits=logits)
-    needs = {device: forward} if device.type != "cpu" else {}
-    needs[torch.device("cpu")] = buffer_bytes + HARVEST_BOOKKEEPING_BYTES + (forward if device.type == "cpu" else 0)
-    for where, total in needs.items():
-        free = available_memory(where)
-        if free is not None and total > 0.9 * free:
-            raise MemoryBudgetError(
-                f"this harvest needs about {fmt_bytes(total)} on {where} (the forward of {batch}x{seq} tokens "
-                f"{fmt_bytes(forward)}, shard buffers {fmt_bytes(buffer_bytes)}), more than 90% of the "
-                f"{fmt_bytes(free)} free there now; use a smaller --batch-size, --context or --shard-mb")
 
 
 _WAY_OUT = ("Record fewer taps, fewer positions (positions=[-1]) or a smaller batch, record in a lower dtype "

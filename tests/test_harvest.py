@@ -75,7 +75,7 @@ def keyed(directory: Path, tap: str) -> dict[tuple[int, int], tuple[int, torch.T
 
 def test_rows_equal_model_run_on_each_window_float32_exact(model, corpus, tmp_path) -> None:
     context = 16
-    harvest(model, corpus, FOUR + ["blocks.1.attn.q"], tmp_path / "h", context=context, dtype=torch.float32,
+    harvest(model, corpus, FOUR + ["blocks.1.attn.q"], tmp_path / "h", context=context, store_dtype=torch.float32,
             batch_size=1, shard_bytes=40_000, quiet=True)
     docs = reference_documents(model, corpus)
     taps = [f"blocks.{L}.{t}" for L in range(2) for t in ("resid_pre", "attn_delta", "mlp_delta", "resid_post")]
@@ -97,7 +97,7 @@ def test_rows_equal_model_run_on_each_window_float32_exact(model, corpus, tmp_pa
 
 def test_ragged_batches_float64_and_bf16_is_the_rounding_of_float32(corpus, tmp_path) -> None:
     model64 = GPT.random(CFG, seed=1, dtype=torch.float64)
-    harvest(model64, corpus, "blocks.1.resid_post", tmp_path / "f64", context=16, dtype=torch.float64,
+    harvest(model64, corpus, "blocks.1.resid_post", tmp_path / "f64", context=16, store_dtype=torch.float64,
             batch_size=3, shard_bytes=20_000, quiet=True)
     got = keyed(tmp_path / "f64", "blocks.1.resid_post")
     for d, ids in enumerate(reference_documents(model64, corpus)):
@@ -107,17 +107,51 @@ def test_ragged_batches_float64_and_bf16_is_the_rounding_of_float32(corpus, tmp_
             torch.testing.assert_close(rows, trace["blocks.1.resid_post"][0], rtol=1e-12, atol=1e-12)
     model = GPT.random(CFG, seed=1)
     for dtype in (torch.float32, torch.bfloat16):
-        harvest(model, corpus, FOUR, tmp_path / str(dtype), context=16, dtype=dtype, batch_size=3, quiet=True)
+        harvest(model, corpus, FOUR, tmp_path / str(dtype), context=16, store_dtype=dtype, batch_size=3, quiet=True)
     full = read(tmp_path / str(torch.float32), "blocks.0.mlp_delta")
     half = read(tmp_path / str(torch.bfloat16), "blocks.0.mlp_delta")
     assert half.dtype == torch.bfloat16 and torch.equal(half[:], full[:].to(torch.bfloat16))
     assert torch.equal(half.document, full.document) and torch.equal(half.position, full.position)
 
 
+def test_the_old_keywords_positions_and_dtype_still_work_with_a_deprecation_warning(model, corpus, tmp_path) -> None:
+    new = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "new", context=16, keep_positions="last",
+                  store_dtype=torch.float32, quiet=True)
+    with pytest.warns(DeprecationWarning) as caught:
+        old = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "old", context=16, positions="last",
+                      dtype=torch.float32, quiet=True)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "positions= is deprecated" in messages and "keep_positions=" in messages
+    assert "dtype= is deprecated" in messages and "store_dtype=" in messages
+    assert all(w.filename == __file__ for w in caught), "the warnings point at the caller's line"
+    assert old["settings"] == new["settings"] and old["rows"] == new["rows"] == len(read(tmp_path / "new",
+                                                                                         "blocks.0.resid_post"))
+    assert torch.equal(read(tmp_path / "old", "blocks.0.resid_post")[:], read(tmp_path / "new", "blocks.0.resid_post")[:])
+    with pytest.warns(DeprecationWarning), pytest.raises(HarvestError, match="give keep_positions= alone"):
+        harvest(model, corpus, "blocks.0.resid_post", tmp_path / "both", positions="all", keep_positions="last",
+                quiet=True)
+
+
+def test_the_command_line_old_spellings_are_deprecated_aliases() -> None:
+    from minigpt.cli import build_parser
+
+    base = ["harvest", "--data", "c.txt", "--taps", "blocks.0.resid_post", "--out", "o"]
+    args = build_parser().parse_args(base + ["--dtype", "float64", "--store-dtype", "float32", "--keep-positions", "last"])
+    assert (args.dtype, args.store_dtype, args.keep_positions) == ("float64", "float32", "last")
+    args = build_parser().parse_args(base)
+    assert (args.dtype, args.store_dtype, args.keep_positions) == ("float32", "bfloat16", "all")
+    with pytest.warns(DeprecationWarning) as caught:
+        args = build_parser().parse_args(base + ["--positions", "last", "--model-dtype", "float64"])
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "--positions is deprecated" in messages and "use --keep-positions" in messages
+    assert "--model-dtype is deprecated" in messages and "use --dtype" in messages
+    assert (args.dtype, args.store_dtype, args.keep_positions) == ("float64", "bfloat16", "last")
+
+
 def test_positions_last_and_max_tokens(model, corpus, tmp_path) -> None:
     docs = reference_documents(model, corpus)
-    manifest = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "last", context=16, positions="last",
-                       dtype=torch.float32, batch_size=2, quiet=True)
+    manifest = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "last", context=16, keep_positions="last",
+                       store_dtype=torch.float32, batch_size=2, quiet=True)
     rows = read(tmp_path / "last", "blocks.0.resid_post")
     windows = [(d, s, ids[s:s + 16]) for d, ids in enumerate(docs) for s in range(0, len(ids), 16)]
     assert len(rows) == len(windows) and manifest["tokens"] == sum(len(ids) for ids in docs)
@@ -332,7 +366,7 @@ def test_bad_inputs_are_harvest_errors(model, corpus, tmp_path, case, message) -
     elif case == "context":
         options = {"context": CFG.n_positions + 1}
     elif case == "positions":
-        options = {"positions": "first"}
+        options = {"keep_positions": "first"}
     elif case == "tiny_shard":
         options = {"shard_bytes": 100, "context": 16}
     elif case == "not_utf8":

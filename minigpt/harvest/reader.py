@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HarvestError
-from ..weights import file_sha256
+from ..files import file_sha256
 from .storage import MANIFEST, SETTINGS, read_json
 
 
