@@ -27,7 +27,7 @@ def parameter_shapes(model_class: type, cfg: GPTConfig) -> dict[str, tuple[int, 
 
 
 def random_model(model_class: type, size: str | GPTConfig = "gpt2", *, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.nn.Module:
     """``GPT.random``: a GPT-2 of an official size (or any config) with seeded random weights, as HF
     initialises them (and as ``minigpt train`` starts)."""
     check_placement(dtype, device)
@@ -49,7 +49,7 @@ def random_model(model_class: type, size: str | GPTConfig = "gpt2", *, seed: int
     return model.to(dtype=dtype, device=device)
 
 
-def build_on_meta(model_class: type, cfg: GPTConfig):
+def build_on_meta(model_class: type, cfg: GPTConfig) -> torch.nn.Module:
     """``model_class(cfg)`` on the meta device (shapes, no memory), its initialisation skipped.
 
     There are no values to initialise; and the first ``normal_`` on a meta tensor in a process

@@ -58,7 +58,7 @@ def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:
 
 
 def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu"):
+               device: torch.device | str = "cpu") -> torch.nn.Module:
     """``GPT.from_pretrained``: ``model_class`` (GPT) with the weights of a checkpoint (hub name or local
     directory with config.json + safetensors), at about their bytes.
 
