@@ -50,16 +50,20 @@ def corpus(tmp_path_factory) -> list[Path]:
     return [d / "a.txt", d / "b.txt", d / "c.jsonl"]
 
 
-def reference_documents(model: GPT, files: list[Path]) -> list[list[int]]:
-    """Each document's token ids, read independently of the harvest's own reader."""
-    docs = []
+def reference_texts(files: list[Path]) -> list[str]:
+    """Each document's text, read independently of the harvest's own reader."""
+    texts = []
     for f in files:
         if f.suffix == ".jsonl":
-            texts = [json.loads(line)["text"] for line in f.read_text().splitlines() if line.strip()]
+            texts += [json.loads(line)["text"] for line in f.read_text().splitlines() if line.strip()]
         else:
-            texts = [f.read_text()]
-        docs += [model.tokenizer.encode(t, allowed_special={END_OF_TEXT}) for t in texts]
-    return docs
+            texts.append(f.read_text())
+    return texts
+
+
+def reference_documents(model: GPT, files: list[Path]) -> list[list[int]]:
+    """Each document's token ids, read independently of the harvest's own reader."""
+    return [model.tokenizer.encode(t, allowed_special={END_OF_TEXT}) for t in reference_texts(files)]
 
 
 def keyed(directory: Path, tap: str) -> dict[tuple[int, int], tuple[int, torch.Tensor]]:
@@ -146,6 +150,17 @@ def test_the_command_line_old_spellings_are_deprecated_aliases() -> None:
     assert "--positions is deprecated" in messages and "use --keep-positions" in messages
     assert "--model-dtype is deprecated" in messages and "use --dtype" in messages
     assert (args.dtype, args.store_dtype, args.keep_positions) == ("float64", "bfloat16", "last")
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_the_corpus_is_tokenized_once_with_or_without_the_progress_bar(model, corpus, tmp_path, monkeypatch,
+                                                                      quiet) -> None:
+    encoding = model.tokenizer
+    real, texts = encoding.encode, []
+    monkeypatch.setattr(encoding, "encode", lambda text, **options: texts.append(text) or real(text, **options))
+    manifest = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "h", context=16, batch_size=1,
+                       shard_bytes=2_000, quiet=quiet)
+    assert len(manifest["shards"]) > 2 and texts == reference_texts(corpus), "each document encoded once, in order"
 
 
 def test_positions_last_and_max_tokens(model, corpus, tmp_path) -> None:
