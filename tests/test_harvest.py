@@ -212,6 +212,7 @@ def test_shards_smaller_than_a_batch_warn_and_name_a_size_that_is_enough(model, 
     with pytest.warns(MiniGPTWarning, match=r"a shard holds 1 full window\(s\).*fewer than batch_size=4") as caught:
         small = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "small", context=16, batch_size=4,
                         shard_bytes=1_000, quiet=True)
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
     needed = int(re.search(r"at least ([\d,]+) bytes", str(caught[0].message)).group(1).replace(",", ""))
     with warnings.catch_warnings():
         warnings.simplefilter("error", MiniGPTWarning)

@@ -36,7 +36,7 @@ def module_names() -> dict[str, Path]:
 
 
 def imports_at_run_time(name: str, path: Path, modules: set[str]) -> set[str]:
-    """The minigpt modules (dotted names, e.g. 'taps', 'harvest.corpus') that module ``name`` imports when it runs.
+    """The minigpt modules (dotted names, e.g. 'taps', 'harvest.runner') that module ``name`` imports when it runs.
 
     A package imported on the way to one of its modules counts (its __init__ runs), except the
     module's own packages, which are already being imported when it runs.

@@ -278,7 +278,8 @@ def _warn_if_shards_cut_batches(batch_size: int, rows_per_window: int, rows_per_
         warnings.warn(f"a shard holds {fits} full window(s) ({rows_per_shard} rows of {fmt_bytes(row_bytes)}), fewer "
                       f"than batch_size={batch_size}; a batch never spans two shards, so each forward runs at most "
                       f"{fits} window(s). For full batches raise the shard size to at least {needed:,} bytes "
-                      f"(shard_bytes, or --shard-mb {needed_mib:g}), or lower the batch size to silence this", MiniGPTWarning, stacklevel=3)
+                      f"(shard_bytes, or --shard-mb {needed_mib:g}), or lower the batch size to silence this",
+                      MiniGPTWarning, stacklevel=4)  # the line that called harvest
 
 
 def _model_identity(model) -> dict:
