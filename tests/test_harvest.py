@@ -420,6 +420,21 @@ def test_reader_refuses_what_is_not_a_finished_harvest(model, corpus, tmp_path) 
     harvest(model, corpus, "blocks.0.resid_post", tmp_path / "h", quiet=True)
     with pytest.raises(HarvestError, match="was not harvested"):
         read(tmp_path / "h", "blocks.1.resid_post")
+    manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    shard = tmp_path / "h" / manifest["shards"][0]["file"]
+    (tmp_path / "elsewhere.safetensors").write_bytes(shard.read_bytes())
+    manifest["shards"][0]["file"] = "../elsewhere.safetensors"
+    (tmp_path / "h" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HarvestError, match="outside the harvest directory"):
+        read(tmp_path / "h", "blocks.0.resid_post")
+    manifest["shards"][0]["file"] = "shards/pipe.safetensors"
+    os.mkfifo(tmp_path / "h" / "shards" / "pipe.safetensors")  # opening it would block forever
+    (tmp_path / "h" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HarvestError, match="a named pipe, not a regular file; a harvest holds plain files"):
+        read(tmp_path / "h", "blocks.0.resid_post")
+    (tmp_path / "h" / "manifest.json").write_text("[" * 100 + "]" * 100)
+    with pytest.raises(HarvestError, match="nested more than 64 deep.*the harvest directory is damaged"):
+        read(tmp_path / "h", "blocks.0.resid_post")
 
 
 def test_cli_harvest_and_its_errors(model, corpus, tmp_path) -> None:
