@@ -158,7 +158,7 @@ def config_of(size: str | GPTConfig | Path) -> GPTConfig:
     path = Path(size)
     if not path.is_file():
         raise TrainingError(f"--size {size!r} is neither an official size ({', '.join(OFFICIAL)}) nor a config.json file")
-    raw = read_json(path, TrainingError, "give an HF config.json or one of GPTConfig's fields")
+    raw = read_json(path, TrainingError, "give a config.json: HF's, or one of GPTConfig's fields")
     if isinstance(raw, dict) and "model_type" not in raw:  # a config of minigpt's own fields: no typo passes
         unknown = sorted(set(raw) - {f.name for f in fields(GPTConfig)} - {"n_ctx"})
         if unknown:
