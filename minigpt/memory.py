@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checks import UNSET, renamed_keyword
 from .config import GPTConfig, is_integer
 from .errors import InputError, MemoryBudgetError
 from .taps import QUERY_KEY_TAPS, Positions, TapCall, describe, tap_shape
@@ -20,7 +21,7 @@ def nbytes_estimate(names: Iterable[str], batch: int, seq: int, cfg: GPTConfig, 
                     positions: Positions | torch.Tensor = None) -> dict[str, int]:
     """Bytes each recorded tap will hold for a [batch, seq] run (the memory guard's arithmetic).
 
-    ``positions`` (as in Taps) shrinks the sequence axis of the taps shaped [B, S, ...]; the
+    ``positions`` (a run's ``keep_positions``) shrinks the sequence axis of the taps shaped [B, S, ...]; the
     attention scores and pattern [B, H, Q, K] are always kept whole.
     """
     if positions is None:
@@ -47,18 +48,22 @@ def row_shape(name: str, cfg: GPTConfig) -> tuple[int, ...]:
 
 
 def estimate_trace_bytes(model: GPT, taps: str | Iterable[str], batch: int, seq: int, *,
-                         dtype: torch.dtype | None = None, positions: Positions = None) -> int:
+                         store_dtype: torch.dtype | None = None, keep_positions: Positions = None,
+                         dtype: torch.dtype | None = UNSET, positions: Positions = UNSET) -> int:
     """Bytes the tensors recorded by ``run(..., taps=taps)`` on ``batch`` x ``seq`` tokens will hold.
 
-    ``taps`` as in run (names or globs); ``dtype`` and ``positions`` as in run. Exact for the
-    recorded values (numel x itemsize); with ``grad=True`` the autograd graph holds more.
+    ``taps`` as in run (names or globs); ``store_dtype`` and ``keep_positions`` as in run (``dtype``
+    and ``positions``: their old names, deprecated). Exact for the recorded values (numel x
+    itemsize); with ``grad=True`` the autograd graph holds more.
     """
+    store_dtype = renamed_keyword(store_dtype, dtype, ("store_dtype", "dtype"))
+    keep_positions = renamed_keyword(keep_positions, positions, ("keep_positions", "positions"))
     for name, value in (("batch", batch), ("seq", seq)):
         if not is_integer(value) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
-    call = TapCall.request(model.tap_names, taps, seq=seq, store_dtype=dtype, keep_positions=positions)
-    itemsize = (dtype or model.unembedding.dtype).itemsize
-    return sum(nbytes_estimate(call.to_record, batch, seq, model.cfg, itemsize, positions).values())
+    call = TapCall.request(model.tap_names, taps, seq=seq, store_dtype=store_dtype, keep_positions=keep_positions)
+    itemsize = (store_dtype or model.unembedding.dtype).itemsize
+    return sum(nbytes_estimate(call.to_record, batch, seq, model.cfg, itemsize, keep_positions).values())
 
 
 def forward_bytes(cfg: GPTConfig, batch: int, seq: int, itemsize: int, *, grad: bool = False,
@@ -135,30 +140,9 @@ def check_budget(model: GPT, call: TapCall, batch: int, seq: int, *, prompt: int
 
 
 # A harvest's own bookkeeping beside the forward and the shard buffers (the writer thread, the
-# document being tokenized, the open file): about 4 MiB measured with GPT-2 small, counted as 8.
+# document being tokenized, the open file): about 4 MiB measured with GPT-2 small, counted as 8
+# (by minigpt.harvest.guard, and by the harvest bench's bound).
 HARVEST_BOOKKEEPING_BYTES = 8 * 2**20
-
-
-def check_harvest_memory(model: GPT, batch: int, seq: int, buffer_bytes: int, *, logits: bool) -> None:
-    """Refuse a harvest whose peak would not fit in the memory free now (``minigpt.harvest``).
-
-    Its peak does not grow with the corpus: the forward of one batch (``forward_bytes``) on the
-    model's device, plus ``buffer_bytes`` of shard buffers (one being filled, two waiting for the
-    disk) and ``HARVEST_BOOKKEEPING_BYTES`` in CPU memory. The weights are already loaded, so they
-    are not counted.
-    """
-    itemsize = model.unembedding.dtype.itemsize
-    device = model.unembedding.device
-    forward = forward_bytes(model.cfg, batch, seq, itemsize, logits=logits)
-    needs = {device: forward} if device.type != "cpu" else {}
-    needs[torch.device("cpu")] = buffer_bytes + HARVEST_BOOKKEEPING_BYTES + (forward if device.type == "cpu" else 0)
-    for where, total in needs.items():
-        free = available_memory(where)
-        if free is not None and total > 0.9 * free:
-            raise MemoryBudgetError(
-                f"this harvest needs about {fmt_bytes(total)} on {where} (the forward of {batch}x{seq} tokens "
-                f"{fmt_bytes(forward)}, shard buffers {fmt_bytes(buffer_bytes)}), more than 90% of the "
-                f"{fmt_bytes(free)} free there now; use a smaller --batch-size, --context or --shard-mb")
 
 
 _WAY_OUT = ("Record fewer taps, fewer positions (keep_positions=[-1]) or a smaller batch, record in a lower "

@@ -271,7 +271,7 @@ class GPT(nn.Module):
         from .tokenizer import gpt2_tokenizer
         return gpt2_tokenizer()
 
-    # Checkpoints (loading, saving) and GPT-2's random initialisation live in weights.py; these are
+    # Checkpoints (loading, saving) and GPT-2's random initialisation live in the weights package; these are
     # its functions as methods: GPT.from_pretrained(dir), GPT.random("gpt2", seed=0), model.save_pretrained(dir).
     from_pretrained, random = classmethod(load_model), classmethod(random_model)
     parameter_shapes, save_pretrained = classmethod(parameter_shapes), save_pretrained

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import lzma
 import platform
 import subprocess
@@ -37,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from minigpt import GPT, GPTConfig  # noqa: E402
+from minigpt import GPT, GPTConfig, TrainingError  # noqa: E402
+from minigpt.files import read_json, write_json  # noqa: E402
 from minigpt.training import Settings, train  # noqa: E402
 
 PACKAGE, VERSION = "python3.11-doc", "3.11.2-6+deb12u9"
@@ -143,7 +143,7 @@ def main() -> None:
     model = GPT.from_pretrained(args.work / "run")
     model.save_pretrained(args.out, dtype=torch.bfloat16)
     shipped_loss = validation_loss_as_shipped(args.out, args.work / "run", settings)
-    data = json.loads((args.work / "run" / "data" / "data.json").read_text(encoding="utf-8"))
+    data = read_json(args.work / "run" / "data" / "data.json", TrainingError, "train again")
     validation = [(e["step"], round(e["val_loss"], 4)) for e in state["log"] if "val_loss" in e]
     record = {
         "name": "pydoc-tiny",
@@ -166,7 +166,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "made_by": "scripts/train_small.py",
     }
-    (args.out / "TRAINING.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(args.out / "TRAINING.json", record)
     print(f"validation loss {validation[-1][1]} after {settings.steps} steps ({seconds / 60:.1f} min); "
           f"the model is in {args.out}", file=sys.stderr)
 

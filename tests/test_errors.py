@@ -302,7 +302,7 @@ def test_estimate_equals_the_bytes_recorded(model, seed):
     _, trace = model.run(tokens, taps=chosen, keep_positions=positions, store_dtype=dtype)
     itemsize = (dtype or torch.float32).itemsize
     assert _bytes_held(trace) == nbytes_estimate(chosen, batch, seq, CFG, itemsize, positions)
-    estimate = model.estimate_trace_bytes(chosen, batch, seq, dtype=dtype, positions=positions)
+    estimate = model.estimate_trace_bytes(chosen, batch, seq, store_dtype=dtype, keep_positions=positions)
     assert sum(_bytes_held(trace).values()) == estimate
     assert _bytes_in_memory(trace) <= estimate  # no view keeps a bigger parent alive (q of qkv, a slice)
 
@@ -313,7 +313,7 @@ def test_estimate_covers_every_tap(model):
     assert _bytes_held(trace) == nbytes_estimate(model.tap_names, 2, 5, CFG, 4)
     for taps, positions in [("blocks.*.attn.q", None), ("blocks.0.attn.[kv]", None), ("*", slice(-1, None))]:
         _, trace = model.run(tokens, taps=taps, keep_positions=positions)
-        assert _bytes_in_memory(trace) <= model.estimate_trace_bytes(taps, 2, 5, positions=positions)
+        assert _bytes_in_memory(trace) <= model.estimate_trace_bytes(taps, 2, 5, keep_positions=positions)
 
 
 def test_estimate_of_the_taps_that_grow_fast():
@@ -322,8 +322,8 @@ def test_estimate_of_the_taps_that_grow_fast():
         medium = GPT(minigpt.OFFICIAL["gpt2-medium"])
     L, H, D = 24, 16, 1024
     assert medium.estimate_trace_bytes("blocks.*.attn.pattern", 8, 1024) == L * 8 * H * 1024 * 1024 * 4
-    assert medium.estimate_trace_bytes("blocks.*.attn.heads", 8, 1024, dtype=torch.bfloat16) == L * 8 * 1024 * H * D * 2
-    assert medium.estimate_trace_bytes("logits", 1, 1024, positions=[-1]) == 50257 * 4
+    assert medium.estimate_trace_bytes("blocks.*.attn.heads", 8, 1024, store_dtype=torch.bfloat16) == L * 8 * 1024 * H * D * 2
+    assert medium.estimate_trace_bytes("logits", 1, 1024, keep_positions=[-1]) == 50257 * 4
     with raises(InputError, "seq must be a positive integer"):
         medium.estimate_trace_bytes("logits", 1, 0)
 
@@ -538,7 +538,7 @@ def test_a_hub_name_that_does_not_exist(monkeypatch):
         raise error
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(minigpt.weights, "_resolves", lambda url: True)  # as on a connected machine
+    monkeypatch.setattr(minigpt.weights.hub, "_resolves", lambda url: True)  # as on a connected machine
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     with raises(HubError, "no model 'nobody/gpt2-nope' on the hub", "check the name", "local directory"):
         GPT.from_pretrained("nobody/gpt2-nope")

@@ -50,16 +50,20 @@ def corpus(tmp_path_factory) -> list[Path]:
     return [d / "a.txt", d / "b.txt", d / "c.jsonl"]
 
 
-def reference_documents(model: GPT, files: list[Path]) -> list[list[int]]:
-    """Each document's token ids, read independently of the harvest's own reader."""
-    docs = []
+def reference_texts(files: list[Path]) -> list[str]:
+    """Each document's text, read independently of the harvest's own reader."""
+    texts = []
     for f in files:
         if f.suffix == ".jsonl":
-            texts = [json.loads(line)["text"] for line in f.read_text().splitlines() if line.strip()]
+            texts += [json.loads(line)["text"] for line in f.read_text().splitlines() if line.strip()]
         else:
-            texts = [f.read_text()]
-        docs += [model.tokenizer.encode(t, allowed_special={END_OF_TEXT}) for t in texts]
-    return docs
+            texts.append(f.read_text())
+    return texts
+
+
+def reference_documents(model: GPT, files: list[Path]) -> list[list[int]]:
+    """Each document's token ids, read independently of the harvest's own reader."""
+    return [model.tokenizer.encode(t, allowed_special={END_OF_TEXT}) for t in reference_texts(files)]
 
 
 def keyed(directory: Path, tap: str) -> dict[tuple[int, int], tuple[int, torch.Tensor]]:
@@ -75,7 +79,7 @@ def keyed(directory: Path, tap: str) -> dict[tuple[int, int], tuple[int, torch.T
 
 def test_rows_equal_model_run_on_each_window_float32_exact(model, corpus, tmp_path) -> None:
     context = 16
-    harvest(model, corpus, FOUR + ["blocks.1.attn.q"], tmp_path / "h", context=context, dtype=torch.float32,
+    harvest(model, corpus, FOUR + ["blocks.1.attn.q"], tmp_path / "h", context=context, store_dtype=torch.float32,
             batch_size=1, shard_bytes=40_000, quiet=True)
     docs = reference_documents(model, corpus)
     taps = [f"blocks.{L}.{t}" for L in range(2) for t in ("resid_pre", "attn_delta", "mlp_delta", "resid_post")]
@@ -97,7 +101,7 @@ def test_rows_equal_model_run_on_each_window_float32_exact(model, corpus, tmp_pa
 
 def test_ragged_batches_float64_and_bf16_is_the_rounding_of_float32(corpus, tmp_path) -> None:
     model64 = GPT.random(CFG, seed=1, dtype=torch.float64)
-    harvest(model64, corpus, "blocks.1.resid_post", tmp_path / "f64", context=16, dtype=torch.float64,
+    harvest(model64, corpus, "blocks.1.resid_post", tmp_path / "f64", context=16, store_dtype=torch.float64,
             batch_size=3, shard_bytes=20_000, quiet=True)
     got = keyed(tmp_path / "f64", "blocks.1.resid_post")
     for d, ids in enumerate(reference_documents(model64, corpus)):
@@ -107,17 +111,62 @@ def test_ragged_batches_float64_and_bf16_is_the_rounding_of_float32(corpus, tmp_
             torch.testing.assert_close(rows, trace["blocks.1.resid_post"][0], rtol=1e-12, atol=1e-12)
     model = GPT.random(CFG, seed=1)
     for dtype in (torch.float32, torch.bfloat16):
-        harvest(model, corpus, FOUR, tmp_path / str(dtype), context=16, dtype=dtype, batch_size=3, quiet=True)
+        harvest(model, corpus, FOUR, tmp_path / str(dtype), context=16, store_dtype=dtype, batch_size=3, quiet=True)
     full = read(tmp_path / str(torch.float32), "blocks.0.mlp_delta")
     half = read(tmp_path / str(torch.bfloat16), "blocks.0.mlp_delta")
     assert half.dtype == torch.bfloat16 and torch.equal(half[:], full[:].to(torch.bfloat16))
     assert torch.equal(half.document, full.document) and torch.equal(half.position, full.position)
 
 
+def test_the_old_keywords_positions_and_dtype_still_work_with_a_deprecation_warning(model, corpus, tmp_path) -> None:
+    new = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "new", context=16, keep_positions="last",
+                  store_dtype=torch.float32, quiet=True)
+    with pytest.warns(DeprecationWarning) as caught:
+        old = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "old", context=16, positions="last",
+                      dtype=torch.float32, quiet=True)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "positions= is deprecated" in messages and "keep_positions=" in messages
+    assert "dtype= is deprecated" in messages and "store_dtype=" in messages
+    assert all(w.filename == __file__ for w in caught), "the warnings point at the caller's line"
+    assert old["settings"] == new["settings"] and old["rows"] == new["rows"] == len(read(tmp_path / "new",
+                                                                                         "blocks.0.resid_post"))
+    assert torch.equal(read(tmp_path / "old", "blocks.0.resid_post")[:], read(tmp_path / "new", "blocks.0.resid_post")[:])
+    with pytest.warns(DeprecationWarning), pytest.raises(HarvestError, match="give keep_positions= alone"):
+        harvest(model, corpus, "blocks.0.resid_post", tmp_path / "both", positions="all", keep_positions="last",
+                quiet=True)
+
+
+def test_the_command_line_old_spellings_are_deprecated_aliases() -> None:
+    from minigpt.cli import build_parser
+
+    base = ["harvest", "--data", "c.txt", "--taps", "blocks.0.resid_post", "--out", "o"]
+    args = build_parser().parse_args(base + ["--dtype", "float64", "--store-dtype", "float32", "--keep-positions", "last"])
+    assert (args.dtype, args.store_dtype, args.keep_positions) == ("float64", "float32", "last")
+    args = build_parser().parse_args(base)
+    assert (args.dtype, args.store_dtype, args.keep_positions) == ("float32", "bfloat16", "all")
+    with pytest.warns(DeprecationWarning) as caught:
+        args = build_parser().parse_args(base + ["--positions", "last", "--model-dtype", "float64"])
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "--positions is deprecated" in messages and "use --keep-positions" in messages
+    assert "--model-dtype is deprecated" in messages and "use --dtype" in messages
+    assert (args.dtype, args.store_dtype, args.keep_positions) == ("float64", "bfloat16", "last")
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_the_corpus_is_tokenized_once_with_or_without_the_progress_bar(model, corpus, tmp_path, monkeypatch,
+                                                                      quiet) -> None:
+    encoding = model.tokenizer
+    real, texts = encoding.encode, []
+    monkeypatch.setattr(encoding, "encode", lambda text, **options: texts.append(text) or real(text, **options))
+    manifest = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "h", context=16, batch_size=1,
+                       shard_bytes=2_000, quiet=quiet)
+    assert len(manifest["shards"]) > 2 and texts == reference_texts(corpus), "each document encoded once, in order"
+
+
 def test_positions_last_and_max_tokens(model, corpus, tmp_path) -> None:
     docs = reference_documents(model, corpus)
-    manifest = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "last", context=16, positions="last",
-                       dtype=torch.float32, batch_size=2, quiet=True)
+    manifest = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "last", context=16, keep_positions="last",
+                       store_dtype=torch.float32, batch_size=2, quiet=True)
     rows = read(tmp_path / "last", "blocks.0.resid_post")
     windows = [(d, s, ids[s:s + 16]) for d, ids in enumerate(docs) for s in range(0, len(ids), 16)]
     assert len(rows) == len(windows) and manifest["tokens"] == sum(len(ids) for ids in docs)
@@ -163,6 +212,7 @@ def test_shards_smaller_than_a_batch_warn_and_name_a_size_that_is_enough(model, 
     with pytest.warns(MiniGPTWarning, match=r"a shard holds 1 full window\(s\).*fewer than batch_size=4") as caught:
         small = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "small", context=16, batch_size=4,
                         shard_bytes=1_000, quiet=True)
+    assert caught[0].filename == __file__, "the warning points at the caller's line"
     needed = int(re.search(r"at least ([\d,]+) bytes", str(caught[0].message)).group(1).replace(",", ""))
     with warnings.catch_warnings():
         warnings.simplefilter("error", MiniGPTWarning)
@@ -332,7 +382,7 @@ def test_bad_inputs_are_harvest_errors(model, corpus, tmp_path, case, message) -
     elif case == "context":
         options = {"context": CFG.n_positions + 1}
     elif case == "positions":
-        options = {"positions": "first"}
+        options = {"keep_positions": "first"}
     elif case == "tiny_shard":
         options = {"shard_bytes": 100, "context": 16}
     elif case == "not_utf8":
@@ -370,6 +420,21 @@ def test_reader_refuses_what_is_not_a_finished_harvest(model, corpus, tmp_path) 
     harvest(model, corpus, "blocks.0.resid_post", tmp_path / "h", quiet=True)
     with pytest.raises(HarvestError, match="was not harvested"):
         read(tmp_path / "h", "blocks.1.resid_post")
+    manifest = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    shard = tmp_path / "h" / manifest["shards"][0]["file"]
+    (tmp_path / "elsewhere.safetensors").write_bytes(shard.read_bytes())
+    manifest["shards"][0]["file"] = "../elsewhere.safetensors"
+    (tmp_path / "h" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HarvestError, match="outside the harvest directory"):
+        read(tmp_path / "h", "blocks.0.resid_post")
+    manifest["shards"][0]["file"] = "shards/pipe.safetensors"
+    os.mkfifo(tmp_path / "h" / "shards" / "pipe.safetensors")  # opening it would block forever
+    (tmp_path / "h" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HarvestError, match="a named pipe, not a regular file; a harvest holds plain files"):
+        read(tmp_path / "h", "blocks.0.resid_post")
+    (tmp_path / "h" / "manifest.json").write_text("[" * 100 + "]" * 100)
+    with pytest.raises(HarvestError, match="nested more than 64 deep.*the harvest directory is damaged"):
+        read(tmp_path / "h", "blocks.0.resid_post")
 
 
 def test_cli_harvest_and_its_errors(model, corpus, tmp_path) -> None:

@@ -36,7 +36,7 @@ def module_names() -> dict[str, Path]:
 
 
 def imports_at_run_time(name: str, path: Path, modules: set[str]) -> set[str]:
-    """The minigpt modules (dotted names, e.g. 'taps', 'harvest.corpus') that module ``name`` imports when it runs.
+    """The minigpt modules (dotted names, e.g. 'taps', 'harvest.runner') that module ``name`` imports when it runs.
 
     A package imported on the way to one of its modules counts (its __init__ runs), except the
     module's own packages, which are already being imported when it runs.
@@ -79,8 +79,20 @@ def test_the_graph_is_read() -> None:
     edges = graph()
     assert "taps" in edges["model"] and "errors" in edges["taps"]  # the parser sees plain imports
     assert "generate" in edges["model"]  # ... and imports inside functions
-    assert {"distributed", "harvest.corpus", "harvest", "config"} <= edges["training.data"] | edges["training.loop"]
+    assert {"distributed", "corpus", "config"} <= edges["training.data"] | edges["training.loop"]
     assert "harvest.storage" in edges["harvest.runner"]  # ... and the modules of subpackages
+
+
+def test_training_and_harvest_share_the_corpus_reader_not_each_other() -> None:
+    edges = graph()
+    training = {m for m in edges if m == "training" or m.startswith("training.")}
+    harvest = {m for m in edges if m == "harvest" or m.startswith("harvest.")}
+    assert training and harvest
+    for module in training:
+        assert not edges[module] & harvest, f"{module} imports {sorted(edges[module] & harvest)}"
+    for module in harvest:
+        assert not edges[module] & training, f"{module} imports {sorted(edges[module] & training)}"
+    assert "corpus" in edges["training.data"] and "corpus" in edges["harvest.runner"]
 
 
 def test_no_circle_among_minigpt_modules() -> None:

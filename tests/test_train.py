@@ -222,6 +222,18 @@ def test_bad_settings_are_training_errors(corpus, tmp_path, change, message) -> 
         train(corpus, CFG, tmp_path / "run", replace(QUICK, **change), quiet=True)
 
 
+def test_settings_check_themselves_when_built_and_list_every_problem() -> None:
+    with pytest.raises(TrainingError, match=r"steps must be a positive integer, got 0; .*lr must be >= 0, got -1"):
+        Settings(steps=0, lr=-1)
+    with pytest.raises(TrainingError, match=r"seed must be a number, got '0'"):
+        Settings(seed="0")
+    with pytest.raises(TrainingError, match=r"warmup must be an integer, got 2.5"):
+        Settings(warmup=2.5)
+    assert Settings(dropout=None).dropout is None and Settings(dropout=0.5).dropout == 0.5
+    with pytest.raises(TrainingError, match="save_every must be a positive integer"):
+        train([], CFG, "unused", QUICK, save_every=0)
+
+
 def test_configs_that_cannot_train_are_refused_before_any_work(corpus, tmp_path) -> None:
     with pytest.raises(TrainingError, match="vocabulary has 1000"):
         train(corpus, replace(CFG, vocab_size=1000), tmp_path / "a", QUICK, quiet=True)

@@ -7,9 +7,10 @@
     rows = read("acts/", "blocks.6.resid_post")        # memory-mapped; rows.document/.position/.token
     for x, which in rows.batches(4096, seed=0): ...
 
-The modules, in the order data flows: corpus (files -> documents), windows (documents -> windows ->
-shards: the plan), runner (the model, the Taps sink, ranks), storage (the directory, atomic writes,
-the background writer), reader (memory-mapped rows back), cli (``minigpt harvest``).
+The modules, in the order data flows: minigpt/corpus.py (files -> documents, shared with training),
+windows (documents -> windows -> shards: the plan), runner (the model, the TapCall sink, ranks), guard
+(the memory check), storage (the directory, atomic writes, the background writer), reader
+(memory-mapped rows back), cli (``minigpt harvest``).
 """
 from ..errors import HarvestError
 from .reader import Rows, read

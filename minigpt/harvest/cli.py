@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 from .. import distributed
 from ..command import Subcommands, add_model_args, load_model
@@ -24,12 +25,11 @@ def add_command(commands: Subcommands) -> None:
         description="Run a corpus through the model and write the taps' rows to OUT: safetensors shards and "
         "manifest.json. Killed and started again with the same arguments, it continues where it stopped. "
         "Under torchrun, the ranks share the shards.", epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve")
-    add_model_args(p)
-    # Here --dtype is the dtype on disk, as the issue names it; the model's own is --model-dtype.
-    p.add_argument("--dtype", dest="store_dtype", choices=DTYPES, default="bfloat16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)  # --dtype among them: the dtype the model runs in, as on every command
+    p.add_argument("--store-dtype", choices=DTYPES, default="bfloat16",
                    help="dtype of the rows on disk (default bfloat16; float32 keeps a float32 model's values exactly)")
-    p.add_argument("--model-dtype", dest="dtype", choices=DTYPES, default="float32", help="dtype the model runs in")
+    p.add_argument("--model-dtype", dest="dtype", choices=DTYPES, action=_Deprecated, help=argparse.SUPPRESS)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text files (one document each), .jsonl (a 'text' field per line), .parquet, or directories")
     p.add_argument("--taps", nargs="+", required=True, metavar="PATTERN",
@@ -37,13 +37,26 @@ def add_command(commands: Subcommands) -> None:
     p.add_argument("--out", required=True, help="output directory (new, or the one of this harvest to resume)")
     p.add_argument("--context", type=int, default=None, help="tokens per window (default: the model's context)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens of the corpus")
-    p.add_argument("--positions", choices=["all", "last"], default="all",
+    p.add_argument("--keep-positions", choices=["all", "last"], default="all",
                    help="a row per token (all) or per window, its last token (last)")
+    p.add_argument("--positions", dest="keep_positions", choices=["all", "last"], action=_Deprecated,
+                   help=argparse.SUPPRESS)
     p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     p.add_argument("--shard-mb", type=float, default=256, help="most MiB per shard file (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option, accepted for one release with a DeprecationWarning naming the new one."""
+
+    NEW = {"--model-dtype": "--dtype", "--positions": "--keep-positions"}
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        warnings.warn(f"{option_string} is deprecated and goes in the next release; use "
+                      f"{self.NEW[option_string]}", DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -53,8 +66,8 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(args)
     start = time.perf_counter()
     manifest = harvest(model, args.data, args.taps, args.out, context=args.context, max_tokens=args.max_tokens,
-                       positions=args.positions, dtype=args.store_dtype, lines=args.lines, batch_size=args.batch_size,
-                       shard_bytes=int(args.shard_mb * 2**20), quiet=args.quiet)
+                       keep_positions=args.keep_positions, store_dtype=args.store_dtype, lines=args.lines,
+                       batch_size=args.batch_size, shard_bytes=int(args.shard_mb * 2**20), quiet=args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         seconds = time.perf_counter() - start
         print(f"harvested {manifest['tokens']:,} tokens -> {manifest['rows']:,} rows of {len(manifest['row_shapes'])} "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HarvestError
-from ..weights import file_sha256
+from ..files import checked_file, file_sha256
 from .storage import MANIFEST, SETTINGS, read_json
 
 
@@ -91,7 +91,9 @@ def read(directory: str | Path, tap: str, *, verify: bool = False) -> Rows:
     shards, index = [], {"document": [], "position": [], "token": []}
     with ExitStack() as stack:
         for record in manifest["shards"]:
-            path = directory / record["file"]
+            # Only a regular file inside the harvest: a manifest naming a pipe or a path out of it is damaged.
+            path = checked_file(directory / record["file"], directory, HarvestError, what="harvest",
+                                way_out="harvest again into a new directory")
             if verify:
                 _verify(path, record)
             try:

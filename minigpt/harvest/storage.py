@@ -6,16 +6,16 @@
     DIR/shards/shard-000042.json          its rows, bytes and sha256 (written just before the shard)
     DIR/manifest.json                 written last, once every shard is there: the harvest is finished
 
-Every file is written under a temporary name, flushed to disk, then renamed (``os.replace`` is
-atomic), so a run killed at any moment leaves either the whole file or none of it under its name.
+Every file is written under a temporary name, flushed to disk, then renamed (minigpt.files), so a
+run killed at any moment leaves either the whole file or none of it under its name.
 A shard's name is its final state: a restart redoes exactly the shards whose file is missing.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed, files
 from ..errors import HarvestError
-from ..weights import SAFETENSORS_DTYPES, write_atomically
+from ..weights.reading import SAFETENSORS_DTYPES
 
 _SAFETENSORS_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -37,29 +38,84 @@ def shard_path(directory: Path, index: int) -> Path:
     return directory / SHARDS / f"shard-{index:06d}.safetensors"
 
 
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """``data`` to ``path``, never visible half-written (weights.write_atomically: temporary file, fsync, rename)."""
-    write_atomically(path, lambda temporary: Path(temporary).write_bytes(data))
+def shard_number(name: str) -> int | None:
+    """The shard a file of ``shards/`` belongs to, from its name (its temporary names included), or None."""
+    found = re.search(r"shard-(\d+)", name)
+    return int(found.group(1)) if found else None
 
 
 def write_json(path: Path, value: object) -> None:
-    write_bytes_atomically(path, (json.dumps(value, indent=1) + "\n").encode())
+    files.write_json(path, value, indent=1)
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise HarvestError(f"{path} cannot be read ({e}); the harvest directory is damaged") from None
+    return files.read_json(path, HarvestError, "the harvest directory is damaged")
 
 
 def finished_shards(directory: Path) -> dict[int, dict]:
     """Shard number -> its record, for every shard whose file is complete (it has its final name)."""
     done = {}
     for path in sorted((directory / SHARDS).glob("shard-*.safetensors")):
-        index = int(path.stem.split("-")[1])
-        done[index] = read_json(path.with_suffix(".json"))
+        done[shard_number(path.name)] = read_json(path.with_suffix(".json"))
     return done
+
+
+def prepare(out: Path, settings: dict, rank: int, world: int) -> None:
+    """Create ``out`` or check that it holds this very harvest; remove this rank's half-written files.
+
+    Rank 0 goes first (the others may share its directory); every rank learns of any rank's error.
+    """
+    problem = _check_directory(out, settings) if rank == 0 else None
+    problem = distributed.gather(problem, world)[0]
+    if problem is None and rank != 0:
+        problem = _check_directory(out, settings)
+    problems = [p for p in distributed.gather(problem, world) if p]
+    if problems:
+        raise HarvestError(problems[0])
+    for stale in (out / SHARDS).glob("*.tmp"):
+        if shard_number(stale.name) is not None and shard_number(stale.name) % world == rank:
+            stale.unlink(missing_ok=True)
+
+
+def _check_directory(out: Path, settings: dict) -> str | None:
+    """None if ``out`` is ready for this harvest (created if new), else what is wrong with it."""
+    try:
+        if out.exists() and not out.is_dir():
+            return f"--out {out} is a file; give a directory (new, or holding this harvest to resume it)"
+        if (out / SETTINGS).is_file():
+            theirs = read_json(out / SETTINGS)
+            differ = _differences(theirs, settings)
+            if differ:
+                return (f"{out} holds a harvest made with other settings ({'; '.join(differ[:4])}). Run with the "
+                        "same arguments to resume it, or choose another --out")
+        elif out.exists() and not _fresh(out):
+            return (f"{out} is not empty and holds no harvest ({SETTINGS} missing); choose a new or empty "
+                    "directory for --out")
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
+        if not (out / SETTINGS).is_file():
+            write_json(out / SETTINGS, settings)
+    except OSError as e:
+        return f"cannot write into --out {out} ({e.strerror or e}); choose a directory you can write to"
+    return None
+
+
+def _fresh(out: Path) -> bool:
+    """Whether ``out`` holds nothing but what ranks starting beside this one may have begun to write."""
+    return all(p.name.endswith(".tmp") or (p.name == SHARDS and p.is_dir() and not any(p.iterdir()))
+               for p in out.iterdir())
+
+
+def _differences(theirs: object, ours: object, where: str = "") -> list[str]:
+    """'context: 128 there, 64 now' for each setting that differs (nested keys joined with dots)."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        found = []
+        for key in dict.fromkeys([*theirs, *ours]):
+            found += _differences(theirs.get(key), ours.get(key), f"{where}.{key}" if where else key)
+        return found
+    if theirs != ours:
+        short = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 60 else repr(v)  # noqa: E731
+        return [f"{where}: {short(theirs)} there, {short(ours)} now"]
+    return []
 
 
 class Buffers:
@@ -80,7 +136,7 @@ class Buffers:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
-    """``tensors`` to the file ``path`` in the safetensors format, flushed to disk; (bytes, sha256) of it.
+    """``tensors`` to the file ``path`` in the safetensors format; (bytes, sha256) of it (``files.commit`` flushes it).
 
     Written straight from the tensors' memory, hashed on the way: no serialised copy of the shard is
     made (safetensors.torch.save would build one in memory). The format: an 8-byte little-endian
@@ -100,8 +156,6 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
                       *(t.contiguous().view(-1).view(torch.uint8).numpy() for t in tensors.values())]:
             digest.update(piece)
             f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
     return 8 + len(text) + offset, digest.hexdigest()
 
 
@@ -157,12 +211,12 @@ class ShardWriter:
             index, buffers, rows, meta = item
             try:
                 path = shard_path(self.directory, index)
-                temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                temporary = files.temporary_path(path)
                 size, sha256 = write_shard(temporary, buffers.tensors(rows), {"shard": str(index)})
                 record = {"file": f"{SHARDS}/{path.name}", "rows": rows, "bytes": size, "sha256": sha256, **meta}
                 # The record before the shard's final name: a shard file under its name always has one.
                 write_json(path.with_suffix(".json"), record)
-                os.replace(temporary, path)
+                files.commit(temporary, path)
                 self.written.append(record)
             except BaseException as e:  # noqa: BLE001 - any failure here must reach the main thread
                 self.error = e

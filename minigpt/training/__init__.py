@@ -1,4 +1,5 @@
 """Training GPT-2 from scratch: ``train(...)`` and ``minigpt train``; the loop is in loop.py."""
-from .loop import Settings, config_of, evaluate, learning_rate, loss_of, make_optimizer, train
+from .loop import config_of, evaluate, learning_rate, loss_of, make_optimizer, train
+from .settings import Settings
 
 __all__ = ["Settings", "train", "config_of", "evaluate", "learning_rate", "loss_of", "make_optimizer"]

@@ -9,23 +9,23 @@
                                                  them (a hard link to model-{step} where the filesystem
                                                  allows), so transformers and minigpt load DIR as it is
 
-A checkpoint is written beside the previous one under new names, each file flushed to disk, then
-committed by renaming state.json into place; only then are the previous step's files removed.
+A checkpoint is written beside the previous one under new names, each file flushed to disk
+(minigpt.files), then committed by renaming state.json into place; only then are the previous step's files removed.
 Killed at any moment, DIR holds a whole committed checkpoint (the new one or the one before), never
 two steps mixed. Nothing here is pickled.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import files
 from ..errors import CheckpointError, TrainingError
-from ..weights import (CONFIG_FILE, WEIGHTS_FILE, file_sha256, from_hf_state_dict, read_safetensors,
-                       save_pretrained, write_atomically)
+from ..files import file_sha256, write_atomically
+from ..weights import CONFIG_FILE, WEIGHTS_FILE, from_hf_state_dict, read_safetensors, save_pretrained
 
 STATE_FORMAT = "minigpt-train/2"
 
@@ -45,15 +45,14 @@ def save(out: Path, model, optimizer: torch.optim.Optimizer, state: dict, rank: 
         return
     staging = training / f"model-{step}"
     save_pretrained(model, staging)  # config.json + model.safetensors, each written atomically
-    os.replace(staging / WEIGHTS_FILE, training / f"model-{step}.safetensors")
+    files.commit(staging / WEIGHTS_FILE, training / f"model-{step}.safetensors")
     _save_tensors(training / f"optimizer-{step}.safetensors", _optimizer_tensors(optimizer))
-    files = [f"model-{step}.safetensors", f"optimizer-{step}.safetensors",
-             *(f"rng-{step}-rank{r}.safetensors" for r in range(world))]
+    written = [f"model-{step}.safetensors", f"optimizer-{step}.safetensors",
+               *(f"rng-{step}-rank{r}.safetensors" for r in range(world))]
     committed = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": _param_groups(optimizer),
-                 "config_json": json.loads((staging / CONFIG_FILE).read_text(encoding="utf-8")),
-                 "files": {name: file_sha256(training / name) for name in files}}
-    write_atomically(state_path(out), lambda path: Path(path).write_text(json.dumps(committed, indent=2) + "\n",
-                                                                          encoding="utf-8"))
+                 "config_json": files.read_json(staging / CONFIG_FILE, TrainingError, "train again"),
+                 "files": {name: file_sha256(training / name) for name in written}}
+    files.write_json(state_path(out), committed)
     _export(out, training / f"model-{step}.safetensors", staging / CONFIG_FILE)
     staging.rmdir()
     for stale in [*training.glob("*-*.safetensors"), *training.glob("model-*/*")]:  # older steps, a killed save's
@@ -66,15 +65,15 @@ def load_state(out: Path, check: bool = True) -> dict | None:
     path = state_path(out)
     if not path.exists():
         return None
+    damaged = "the checkpoint is damaged: train into a new --out"
+    state = files.read_json(path, TrainingError, damaged)
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
         if state.get("format") != STATE_FORMAT:
             raise TrainingError(f"{path} is not a minigpt training state ({STATE_FORMAT}); train into a new --out")
-        files = dict(state["files"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: "
-                            "train into a new --out") from e
-    for name, digest in files.items() if check else ():
+        listed = dict(state["files"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TrainingError(f"{path} cannot be read ({type(e).__name__}: {e}); {damaged}") from e
+    for name, digest in listed.items() if check else ():
         where = out / "training" / name
         if not where.is_file() or file_sha256(where) != digest:
             raise TrainingError(f"{where} is missing or does not match {path}; the checkpoint was changed after it "
@@ -104,14 +103,14 @@ def restore(out: Path, state: dict, model, optimizer: torch.optim.Optimizer, ran
 
 def _export(out: Path, weights: Path, config: Path) -> None:
     """The committed weights as DIR/model.safetensors (a hard link, else a copy) and DIR/config.json."""
-    def place(path: str) -> None:
+    def place(path: Path) -> None:
         try:
             os.link(weights, path)
         except OSError:  # a filesystem without hard links
             Path(path).write_bytes(weights.read_bytes())
 
     write_atomically(out / WEIGHTS_FILE, place)
-    os.replace(config, out / CONFIG_FILE)
+    files.commit(config, out / CONFIG_FILE)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

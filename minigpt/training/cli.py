@@ -22,7 +22,7 @@ Started again with the same arguments over the same --out, it goes on from the l
 
 def add_command(commands: Subcommands) -> None:
     """Register ``train`` on the ``minigpt`` parser's subcommands."""
-    from .loop import Settings
+    from .settings import Settings
 
     p = commands.add_parser(
         "train", help="train a GPT-2 from scratch on a corpus (resumable; torchrun for data parallel)",
@@ -50,7 +50,8 @@ def add_command(commands: Subcommands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..errors import InputError
-    from .loop import Settings, train
+    from .loop import train
+    from .settings import Settings
 
     if args.threads is not None:
         if args.threads < 1:

@@ -1,11 +1,12 @@
 """Training data: a corpus tokenized once into two flat token files, cut into windows, served by step.
 
-Tokenizing: every document (read as harvest reads it: text, JSONL, Parquet, see harvest/corpus.py)
+Tokenizing: every document (read as harvest reads it: text, JSONL, Parquet, see minigpt/corpus.py)
 is encoded with GPT-2's BPE and followed by ``<|endoftext|>``, as GPT-2 itself was trained. A seeded
 ``val_fraction`` of the documents goes, whole, to the validation split; the rest to training. (A
 corpus too small to give both a window is split inside its token stream instead: the last
 ``val_fraction`` of it is held out.) The two streams are written once to ``DIR/data/train.bin`` and
-``val.bin`` (uint16, nanoGPT's format) with ``data.json`` beside them, and memory-mapped from then on.
+``val.bin`` (uint16, nanoGPT's format) with ``data.json`` beside them (each written atomically:
+minigpt.files), and memory-mapped from then on.
 
 Windows: non-overlapping runs of ``context + 1`` tokens, window i starting at token i * context:
 inputs are its first ``context`` tokens, targets the ``context`` after each. Order: each epoch is a
@@ -16,8 +17,6 @@ windows at the same step.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 
 from ..config import END_OF_TEXT, END_OF_TEXT_ID
-from ..errors import HarvestError, TrainingError
-from ..harvest import corpus
+from .. import corpus, files
+from ..errors import TrainingError
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit
 DATA_FORMAT = "minigpt-train-data/1"
@@ -39,36 +38,30 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
     Returns data.json's contents (the corpus fingerprint, the split and the token counts). A
     directory prepared from another corpus or split raises TrainingError.
     """
-    try:
-        files = corpus.corpus_files(data)
-        identity = {"format": DATA_FORMAT, "corpus": {"files": corpus.fingerprint(files), "lines": lines},
-                    "tokenizer": "gpt2 (tiktoken)", "val_fraction": val_fraction, "seed": seed}
-        meta_path = directory / "data.json"
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise TrainingError(f"{meta_path} cannot be read ({e}); remove {directory} to tokenize again") from e
-            differing = [k for k in identity if not isinstance(meta, dict) or meta.get(k) != identity[k]]
-            if differing:
-                names = {"corpus": "corpus (--data, --lines)", "val_fraction": "--val-fraction", "seed": "--seed"}
-                raise TrainingError(f"{directory} holds the tokens of another corpus or split (other "
-                                    f"{', '.join(names.get(k, k) for k in differing)}); train into a new --out "
-                                    "directory, or give the same options")
-            return meta
-        return _tokenize(files, directory, identity, lines)
-    except HarvestError as e:  # the corpus reader's own words
-        raise TrainingError(str(e)) from None
+    paths = corpus.corpus_files(data, TrainingError)
+    identity = {"format": DATA_FORMAT, "corpus": {"files": corpus.fingerprint(paths), "lines": lines},
+                "tokenizer": "gpt2 (tiktoken)", "val_fraction": val_fraction, "seed": seed}
+    meta_path = directory / "data.json"
+    if not meta_path.exists():
+        return _tokenize(paths, directory, identity, lines)
+    meta = files.read_json(meta_path, TrainingError, f"remove {directory} to tokenize again")
+    differing = [k for k in identity if not isinstance(meta, dict) or meta.get(k) != identity[k]]
+    if differing:
+        names = {"corpus": "corpus (--data, --lines)", "val_fraction": "--val-fraction", "seed": "--seed"}
+        raise TrainingError(f"{directory} holds the tokens of another corpus or split (other "
+                            f"{', '.join(names.get(k, k) for k in differing)}); train into a new --out "
+                            "directory, or give the same options")
+    return meta
 
 
-def _tokenize(files: list[Path], directory: Path, identity: dict, lines: bool) -> dict:
+def _tokenize(paths: list[Path], directory: Path, identity: dict, lines: bool) -> dict:
     from ..tokenizer import gpt2_tokenizer
 
     encode = gpt2_tokenizer().encode
     chooser = random.Random(identity["seed"])
     streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     documents = 0
-    for doc in corpus.documents(files, lines):
+    for doc in corpus.documents(paths, lines, TrainingError):
         ids = encode(doc.text, allowed_special={END_OF_TEXT}) + [END_OF_TEXT_ID]
         split = "val" if chooser.random() < identity["val_fraction"] else "train"
         streams[split].append(np.asarray(ids, dtype=TOKEN_DTYPE))
@@ -81,17 +74,13 @@ def _tokenize(files: list[Path], directory: Path, identity: dict, lines: bool) -
         cut = len(stream) - max(2, int(len(stream) * identity["val_fraction"]))
         train, val, split = stream[:cut], stream[cut:], "tail of the token stream"
     if len(train) < 2:
-        raise TrainingError(f"the corpus ({len(files)} files, {documents} documents) gives only {len(train)} "
+        raise TrainingError(f"the corpus ({len(paths)} files, {documents} documents) gives only {len(train)} "
                             "training tokens; give more text")
     directory.mkdir(parents=True, exist_ok=True)
     for name, tokens in (("train", train), ("val", val)):
-        temporary = directory / f".{name}.bin.{os.getpid()}.tmp"
-        tokens.tofile(temporary)
-        os.replace(temporary, directory / f"{name}.bin")
+        files.write_atomically(directory / f"{name}.bin", tokens.tofile)
     meta = {**identity, "documents": documents, "split": split, "train_tokens": len(train), "val_tokens": len(val)}
-    temporary = directory / f".data.json.{os.getpid()}.tmp"
-    temporary.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, directory / "data.json")
+    files.write_json(directory / "data.json", meta)  # last: the tokens above are whole once it is there
     return meta
 
 

@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -20,40 +20,11 @@ import torch.nn.functional as F
 from .. import distributed
 from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
 from ..errors import TrainingError
+from ..files import read_json
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data
-
-
-def _knob(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a training run is (each field is also a ``minigpt train`` option); a run resumed over the
-    same ``out`` must be given the same."""
-
-    steps: int = _knob(1000, "optimizer steps")
-    batch_size: int = _knob(8, "windows per forward, in each process")
-    grad_accum: int = _knob(1, "forwards per optimizer step, in each process (gradient accumulation)")
-    context: int = _knob(256, "tokens per window")
-    lr: float = _knob(6e-4, "peak learning rate, reached at the end of the warm-up")
-    min_lr: float = _knob(6e-5, "where the cosine ends (at step --steps, one past the last)")
-    warmup: int = _knob(100, "steps of linear warm-up")
-    weight_decay: float = _knob(0.1, "AdamW's weight decay, on matrices and embeddings only")
-    beta1: float = _knob(0.9, "AdamW's beta1")
-    beta2: float = _knob(0.95, "AdamW's beta2")
-    grad_clip: float = _knob(1.0, "largest gradient norm (0: no clipping)")
-    dropout: float | None = _knob(None, "embedding/attention/residual dropout (default: the config's)")
-    val_fraction: float = _knob(0.05, "fraction of the documents held out for the validation loss")
-    eval_every: int = _knob(100, "steps between validation losses (and at the last step)")
-    eval_windows: int = _knob(64, "validation windows per evaluation")
-    seed: int = _knob(0, "seed of the initial weights, the split, the window order and dropout")
-
-    def global_batch(self, world: int) -> int:
-        """Windows per optimizer step, all processes together."""
-        return self.batch_size * self.grad_accum * world
+from .settings import Settings
 
 
 def learning_rate(step: int, s: Settings) -> float:
@@ -96,7 +67,7 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
     if (size is None) == (init is None):
         raise TrainingError("give a size (--size: train from scratch) or init (--init CHECKPOINT: go on from its "
                             "weights), one of them")
-    _check(settings, save_every)
+    _check_save_every(save_every)
     device = check_placement(torch.float32, device)
     with distributed.process_group(device) as (rank, world):
         torch.manual_seed(settings.seed + rank)  # each process's dropout
@@ -187,10 +158,7 @@ def config_of(size: str | GPTConfig | Path) -> GPTConfig:
     path = Path(size)
     if not path.is_file():
         raise TrainingError(f"--size {size!r} is neither an official size ({', '.join(OFFICIAL)}) nor a config.json file")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainingError(f"cannot read {path} as JSON ({e})") from e
+    raw = read_json(path, TrainingError, "give a config.json: HF's, or one of GPTConfig's fields")
     if isinstance(raw, dict) and "model_type" not in raw:  # a config of minigpt's own fields: no typo passes
         unknown = sorted(set(raw) - {f.name for f in fields(GPTConfig)} - {"n_ctx"})
         if unknown:
@@ -251,29 +219,9 @@ def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict
     return {**identity, "step": saved["step"], "log": saved["log"]}
 
 
-def _check(s: Settings, save_every: int) -> None:
-    numbers = [f"{f.name} must be a number, got {getattr(s, f.name)!r}" for f in fields(Settings)
-               if not (getattr(s, f.name) is None and f.name == "dropout") and (
-                   isinstance(getattr(s, f.name), bool) or not isinstance(getattr(s, f.name), (int, float)))]
-    if numbers:
-        raise TrainingError("bad training settings: " + "; ".join(numbers))
-    positive = ["steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"]
-    problems = [f"{name} must be a positive integer, got {getattr(s, name)!r}" for name in positive
-                if not (is_integer(getattr(s, name)) and getattr(s, name) >= 1)]
-    problems += [f"{name} must be >= 0, got {getattr(s, name)!r}"
-                 for name in ("warmup", "lr", "min_lr", "weight_decay", "grad_clip") if not getattr(s, name) >= 0]
-    problems += [f"{name} must be an integer, got {getattr(s, name)!r}" for name in ("warmup", "seed")
-                 if not is_integer(getattr(s, name))]
-    problems += [f"{name} must be in [0, 1), got {getattr(s, name)!r}" for name in ("beta1", "beta2")
-                 if not 0 <= getattr(s, name) < 1]
-    if not 0 < s.val_fraction < 1:
-        problems.append(f"val_fraction must be in (0, 1): some text must be held out, got {s.val_fraction!r}")
-    if s.dropout is not None and not 0 <= s.dropout <= 1:
-        problems.append(f"dropout must be in [0, 1], got {s.dropout!r}")
+def _check_save_every(save_every: int) -> None:
     if not (is_integer(save_every) and save_every >= 1):
-        problems.append(f"save_every must be a positive integer, got {save_every!r}")
-    if problems:
-        raise TrainingError("bad training settings: " + "; ".join(problems))
+        raise TrainingError(f"bad training settings: save_every must be a positive integer, got {save_every!r}")
 
 
 def _show(progress, entry: dict) -> None:

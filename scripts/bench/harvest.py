@@ -154,7 +154,7 @@ def contenders(args: argparse.Namespace, model: GPT, corpus: Path, windows: torc
     def ours() -> None:
         from minigpt.harvest import harvest
         harvest(model, corpus, FOUR, fresh("minigpt"), context=args.seq, batch_size=args.batch,
-                dtype=torch.bfloat16, shard_bytes=shard_bytes, quiet=True)
+                store_dtype=torch.bfloat16, shard_bytes=shard_bytes, quiet=True)
 
     def theirs() -> None:
         hf_hooks_harvester(hf, windows, fresh("hf"), args.batch, windows_per_shard, per_document)

@@ -1,4 +1,4 @@
-"""Reading a corpus as a stream of documents, whatever its files look like.
+"""Reading a corpus as a stream of documents, whatever its files look like (for harvest and training alike).
 
 A document is numbered by its place in the corpus (0, 1, 2, ... over the files in the order given),
 so a harvested row can be traced back to the text it came from. Files are read one record at a
@@ -10,16 +10,21 @@ Formats, chosen by the file's name:
   anything else   UTF-8 text: the whole file is one document, or with ``lines=True`` each line is one
                   (an empty line is a document with no tokens; it keeps its number)
 A directory stands for the files under it, in sorted order.
+
+Each reader takes the caller's error class (HarvestError, TrainingError), which it raises with the
+file, what is wrong and the way out.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HarvestError
+from .errors import MiniGPTError
+from .files import parse_json
+
+Error = type[MiniGPTError]
 
 
 @dataclass(frozen=True)
@@ -29,25 +34,25 @@ class Document:
     source: str   # the file it came from
 
 
-def corpus_files(data: str | Path | Iterable[str | Path]) -> list[Path]:
+def corpus_files(data: str | Path | Iterable[str | Path], error: Error) -> list[Path]:
     """The files ``data`` names (a path, or a list of them; a directory gives its files, sorted), checked."""
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if not paths:
-        raise HarvestError("no corpus given: pass one or more files (or directories) of text, JSONL or Parquet")
+        raise error("no corpus given: pass one or more files (or directories) of text, JSONL or Parquet")
     files: list[Path] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
             inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not inside:
-                raise HarvestError(f"corpus directory {path} holds no files")
+                raise error(f"corpus directory {path} holds no files")
             files += inside
         elif path.is_file():
             files.append(path)
         else:
-            raise HarvestError(f"corpus file {path} does not exist (or is not a regular file); check the path")
+            raise error(f"corpus file {path} does not exist (or is not a regular file); check the path")
         if files and files[-1].suffix == ".parquet":
-            _pyarrow(files[-1])  # say at once that pyarrow is missing, not after hours of other files
+            _pyarrow(files[-1], error)  # say at once that pyarrow is missing, not after hours of other files
     return files
 
 
@@ -69,22 +74,22 @@ def fingerprint(files: list[Path]) -> list[dict]:
     return found
 
 
-def documents(files: list[Path], lines: bool = False) -> Iterator[Document]:
+def documents(files: list[Path], lines: bool, error: Error) -> Iterator[Document]:
     """Every document of the corpus, in order, numbered from 0 across files."""
     index = 0
     for path in files:
         if path.suffix == ".jsonl":
-            texts = _jsonl(path)
+            texts = _jsonl(path, error)
         elif path.suffix == ".parquet":
-            texts = _parquet(path)
+            texts = _parquet(path, error)
         else:
-            texts = _text(path, lines)
+            texts = _text(path, lines, error)
         for text in texts:
             yield Document(index, text, str(path))
             index += 1
 
 
-def _text(path: Path, lines: bool) -> Iterator[str]:
+def _text(path: Path, lines: bool, error: Error) -> Iterator[str]:
     try:
         with path.open(encoding="utf-8", newline="") as f:
             if not lines:
@@ -93,43 +98,43 @@ def _text(path: Path, lines: bool) -> Iterator[str]:
             for line in f:
                 yield line.rstrip("\r\n")
     except UnicodeDecodeError as e:
-        raise HarvestError(f"{path} is not UTF-8 text ({e}); convert it, or give JSONL or Parquet") from None
+        raise error(f"{path} is not UTF-8 text ({e}); convert it, or give JSONL or Parquet") from None
 
 
-def _jsonl(path: Path) -> Iterator[str]:
+def _jsonl(path: Path, error: Error) -> Iterator[str]:
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HarvestError(f"{path}, line {number}: not JSON ({e.msg}); each line of a .jsonl file "
-                                   "must be one JSON object with a 'text' field") from None
+                record = parse_json(line)
+            except ValueError as e:
+                raise error(f"{path}, line {number}: not JSON ({getattr(e, 'msg', e)}); each line of a .jsonl file "
+                            "must be one JSON object with a 'text' field") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise HarvestError(f"{path}, line {number}: expected a JSON object with a string 'text' field, "
-                                   f"got {line.strip()[:80]!r}")
+                raise error(f"{path}, line {number}: expected a JSON object with a string 'text' field, "
+                        f"got {line.strip()[:80]!r}")
             yield record["text"]
 
 
-def _pyarrow(path: Path):
+def _pyarrow(path: Path, error: Error):
     try:
         import pyarrow.parquet
     except ImportError:
-        raise HarvestError(f"{path} is Parquet, which needs pyarrow: pip install 'minigpt[corpora]'") from None
+        raise error(f"{path} is Parquet, which needs pyarrow: pip install 'minigpt[corpora]'") from None
     return pyarrow.parquet
 
 
-def _parquet(path: Path) -> Iterator[str]:
-    parquet = _pyarrow(path)
+def _parquet(path: Path, error: Error) -> Iterator[str]:
+    parquet = _pyarrow(path, error)
     try:
         table = parquet.ParquetFile(path)
     except Exception as e:  # pyarrow's own errors for a file that is not Parquet
-        raise HarvestError(f"{path} is not a readable Parquet file ({e})") from None
+        raise error(f"{path} is not a readable Parquet file ({e})") from None
     if "text" not in table.schema_arrow.names:
-        raise HarvestError(f"{path} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
+        raise error(f"{path} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
     for batch in table.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
-                raise HarvestError(f"{path}: a 'text' value is {text!r}, not a string")
+                raise error(f"{path}: a 'text' value is {text!r}, not a string")
             yield text
