@@ -515,7 +515,7 @@ def run_options(draw) -> tuple[dict, bool]:
     S, valid, options = 5, True, {}
     positions = draw(st.sampled_from([None, "last", [-1], [0, 4], slice(1, 3), 3, "first", [], [5], slice(5, 9)]))
     if positions is not None:
-        options["positions"] = positions
+        options["keep_positions"] = positions
         valid &= positions in ("last", [-1], [0, 4]) or positions == slice(1, 3)
     stop = draw(st.sampled_from([None, "blocks.1.resid_post", "blocks.0.attn.pattern", "ln_f", "blocks.*", "nope"]))
     if stop is not None:
@@ -529,9 +529,9 @@ def run_options(draw) -> tuple[dict, bool]:
             "wrong shape": torch.ones(2, S + 1), "twos": torch.full((2, S), 2)}[mask]
         valid &= mask in ("ones", "left", "right")
     grad = draw(st.booleans())
-    keep = draw(st.sampled_from([{}, {"dtype": torch.bfloat16}, {"to": "cpu"}, {"dtype": torch.int32}, {"to": "x"}]))
+    keep = draw(st.sampled_from([{}, {"store_dtype": torch.bfloat16}, {"to": "cpu"}, {"store_dtype": torch.int32}, {"to": "x"}]))
     options |= keep | {"grad": grad}
-    valid &= "dtype" not in keep or keep["dtype"].is_floating_point
+    valid &= "store_dtype" not in keep or keep["store_dtype"].is_floating_point
     valid &= keep.get("to", "cpu") == "cpu"
     valid &= not (grad and (keep or positions is not None))
     return options, valid

@@ -125,13 +125,13 @@ def test_the_old_keywords_positions_and_dtype_still_work_with_a_deprecation_warn
         old = harvest(model, corpus, "blocks.0.resid_post", tmp_path / "old", context=16, positions="last",
                       dtype=torch.float32, quiet=True)
     messages = " | ".join(str(w.message) for w in caught)
-    assert "positions= is deprecated" in messages and "keep_positions=" in messages
-    assert "dtype= is deprecated" in messages and "store_dtype=" in messages
+    assert "positions= is renamed keep_positions=" in messages
+    assert "dtype= is renamed store_dtype=" in messages
     assert all(w.filename == __file__ for w in caught), "the warnings point at the caller's line"
     assert old["settings"] == new["settings"] and old["rows"] == new["rows"] == len(read(tmp_path / "new",
                                                                                          "blocks.0.resid_post"))
     assert torch.equal(read(tmp_path / "old", "blocks.0.resid_post")[:], read(tmp_path / "new", "blocks.0.resid_post")[:])
-    with pytest.warns(DeprecationWarning), pytest.raises(HarvestError, match="give keep_positions= alone"):
+    with pytest.raises(HarvestError, match="give only keep_positions="):
         harvest(model, corpus, "blocks.0.resid_post", tmp_path / "both", positions="all", keep_positions="last",
                 quiet=True)
 

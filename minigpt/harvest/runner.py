@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from ..checks import UNSET, renamed_keyword
 from ..config import DTYPES, END_OF_TEXT, END_OF_TEXT_ID, is_integer
 from ..errors import HarvestError, MiniGPTWarning, TapError
 from ..memory import fmt_bytes, row_shape
@@ -37,18 +38,18 @@ POSITIONS = ("all", "last")
 
 
 def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable[str], out: str | Path, *,
-            context: int | None = None, max_tokens: int | None = None, keep_positions: str = "all",
-            store_dtype: torch.dtype | str = torch.bfloat16, lines: bool = False, batch_size: int = 8,
-            shard_bytes: int = 256 * 2**20, quiet: bool = False, positions: str | None = None,
-            dtype: torch.dtype | str | None = None) -> dict:
+            context: int | None = None, max_tokens: int | None = None, keep_positions: str | None = None,
+            store_dtype: torch.dtype | str | None = None, lines: bool = False, batch_size: int = 8,
+            shard_bytes: int = 256 * 2**20, quiet: bool = False, positions: str | None = UNSET,
+            dtype: torch.dtype | str | None = UNSET) -> dict:
     """Record ``taps`` over a corpus into ``out``; returns the manifest (also in ``out/manifest.json``).
 
     model: a GPT (on any device), or a hub name / checkpoint directory (loaded on the CPU).
     data: files or directories of text, JSONL or Parquet (see minigpt/corpus.py); ``lines``: a document per line.
     taps: tap names or glob patterns, shaped [B, S, ...] (not ``attn.scores``/``attn.pattern``).
     context: tokens per window (default: the model's n_positions); ``max_tokens``: stop after that many.
-    keep_positions: "all" (a row per token) or "last" (a row per window, its last token).
-    store_dtype: how rows are stored (bfloat16 by default; float32 stores the model's float32 values exactly).
+    keep_positions: "all" (a row per token, the default) or "last" (a row per window, its last token).
+    store_dtype: how rows are stored (None: bfloat16; float32 stores the model's float32 values exactly).
     shard_bytes: the most bytes one shard file may hold. ``quiet``: no progress bar.
     positions, dtype: the old names of keep_positions and store_dtype (deprecated; DeprecationWarning).
 
@@ -56,8 +57,10 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
     with different ones over the same ``out``, it raises HarvestError. Under torchrun every rank
     calls this with the same arguments and takes its share of the shards.
     """
-    keep_positions = _renamed("positions", positions, "keep_positions", keep_positions, "all")
-    store_dtype = _renamed("dtype", dtype, "store_dtype", store_dtype, torch.bfloat16)
+    keep_positions = renamed_keyword(keep_positions, positions, ("keep_positions", "positions"), error=HarvestError)
+    store_dtype = renamed_keyword(store_dtype, dtype, ("store_dtype", "dtype"), error=HarvestError)
+    keep_positions = "all" if keep_positions is None else keep_positions
+    store_dtype = torch.bfloat16 if store_dtype is None else store_dtype
     model = _model(model)
     taps = _taps(model, taps)
     context = model.cfg.n_positions if context is None else context
@@ -90,17 +93,6 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
                 progress.close()
         records = sorted([*done.values(), *written], key=lambda r: r["file"])
         return _finish(out, settings, row_shapes, records, rank, world)
-
-
-def _renamed(old_name: str, old: object, new_name: str, new: object, default: object) -> object:
-    """The value of an option given under its new name or (deprecated, with a DeprecationWarning) its old one."""
-    if old is None:
-        return new
-    warnings.warn(f"harvest's {old_name}= is deprecated and goes in the next release; use {new_name}=",
-                  DeprecationWarning, stacklevel=3)
-    if new is not default and new != default:
-        raise HarvestError(f"{old_name}= is the old name of {new_name}=; give {new_name}= alone")
-    return old
 
 
 def _rows_per_shard(model, taps: list[str], row_shapes: dict[str, tuple[int, ...]], store_dtype: torch.dtype,
