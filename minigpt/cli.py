@@ -87,8 +87,11 @@ def package_version() -> str:
 
 def _plugin_commands() -> list[Callable[[Subcommands], None]]:
     """The subcommands other installed packages declare in the ``minigpt.commands`` entry-point group."""
-    found = []
+    found, seen = [], set()
     for point in sorted(entry_points(group="minigpt.commands"), key=lambda p: p.name):
+        if (point.name, point.value) in seen:  # one package on the path twice (an old name's metadata beside)
+            continue
+        seen.add((point.name, point.value))
         try:
             found.append(point.load())
         except Exception as e:  # a broken plug-in must not take the other commands down with it
