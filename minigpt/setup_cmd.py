@@ -52,8 +52,9 @@ def download(args: argparse.Namespace) -> None:
         hub.snapshot_download(args.name, revision=args.revision, allow_patterns=CHECKPOINT_PATTERNS,
                               local_dir=args.directory)
     except Exception as e:  # the hub client's errors are many; every one ends the same way here
+        said = " ".join(str(e).split())  # the client's text runs over several lines; the error is one
         raise HubError(f"could not download {args.name!r} (revision {args.revision or 'main'}) into "
-                       f"{args.directory}: {type(e).__name__}: {e}; check the name and the network "
+                       f"{args.directory}: {type(e).__name__}: {said}; check the name and the network "
                        "(HF_ENDPOINT, HF_HUB_OFFLINE), or copy a checkpoint directory here by hand") from e
     model = GPT.from_pretrained(args.directory)  # CheckpointError if what came is not a loadable GPT-2
     n_params = sum(p.numel() for p in model.parameters())

@@ -139,7 +139,7 @@ def test_download_failure_is_one_error_line(monkeypatch, tmp_path, capsys):
     import huggingface_hub
 
     def unreachable(repo_id, **kwargs):
-        raise ConnectionError("no route to host (test)")
+        raise ConnectionError("no route to host (test)\nAn error happened while trying to locate the files")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     assert cli.main(["download", "gpt2", str(tmp_path / "ckpt")]) == 2
