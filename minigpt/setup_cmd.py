@@ -20,7 +20,7 @@ CHECKPOINT_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.in
 
 def add_setup(commands: Subcommands) -> None:
     p = commands.add_parser("setup", help="put GPT-2's tokenizer vocabulary on this machine, checked, for offline use",
-                            description="Download GPT-2's BPE vocabulary the way tiktoken does, or else take the "
+                            description="Download GPT-2's BPE vocabulary from where tiktoken does, or else take the "
                             f"identical file from {WHISPER_SDIST} on PyPI; store it only if its sha256 is GPT-2's. "
                             "Run it once after installing (nothing is done if a verified copy is in place).")
     p.add_argument("--file", type=Path, default=None,

@@ -45,7 +45,7 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     except Exception as e:  # tiktoken raises requests/OS errors of many kinds when offline
         raise TokenizerError(
             f"GPT-2's tokenizer vocabulary is not available offline ({type(e).__name__}). "
-            "Run `minigpt setup` (or `python -m minigpt setup`: tiktoken's download, else the copy in "
+            "Run `minigpt setup` (or `python -m minigpt setup`: tiktoken's source, else the copy in "
             "PyPI's openai-whisper sdist, checked), "
             f"or put a verified gpt2.tiktoken at {path} (or set MINIGPT_TOKENIZER_FILE), "
             "or pass token ids instead of text.") from e

@@ -1,7 +1,7 @@
 """GPT-2's BPE vocabulary put on this machine, checked (what ``minigpt setup`` does).
 
 tiktoken downloads the vocabulary (its r50k_base, GPT-2's encoding) from OpenAI's blob store on first
-use. Where that host cannot be reached, the identical file ships inside the openai-whisper sdist on
+use; ``minigpt setup`` downloads the same file from there. Where that host cannot be reached, the identical file ships inside the openai-whisper sdist on
 PyPI as whisper/assets/gpt2.tiktoken. Whatever the source, the bytes are stored at
 ``tokenizer.vocab_path()`` only if their sha256 is ``GPT2_VOCAB_SHA256``, so a changed or truncated
 file is never used.
@@ -9,16 +9,14 @@ file is never used.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import os
-import socket
 import tarfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-
-import tiktoken.load
 
 from .errors import TokenizerError
 from .tokenizer import GPT2_VOCAB_SHA256, gpt2_tokenizer, vocab_path
@@ -29,7 +27,7 @@ WHISPER_INDEX = "https://pypi.org/simple/openai-whisper/"  # PyPI's JSON simple 
 WHISPER_SDIST = "openai_whisper-20250625.tar.gz"
 WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
 TIMEOUT_S = 60  # per network read: a silent network fails instead of hanging
-MAX_SDIST_BYTES = 64 << 20  # the sdist is 0.8 MB; anything far larger is not it
+MAX_BYTES = 64 << 20  # the vocabulary is 1.6 MB, the sdist 0.8 MB; anything far larger is neither
 
 
 def sha256(data: bytes) -> str:
@@ -37,22 +35,20 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def from_tiktoken() -> bytes:
-    """tiktoken's own download (and its cache, TIKTOKEN_CACHE_DIR), with a timeout on every read."""
-    before = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(TIMEOUT_S)  # tiktoken's requests.get sets none; urllib3 falls back to this
-    try:
-        return tiktoken.load.read_file_cached(R50K_URL, expected_hash=GPT2_VOCAB_SHA256)
-    finally:
-        socket.setdefaulttimeout(before)
+def from_openai() -> bytes:
+    """The file tiktoken downloads, from where tiktoken downloads it (with a timeout, which tiktoken's lacks)."""
+    data = _get(R50K_URL)
+    if sha256(data) != GPT2_VOCAB_SHA256:  # a proxy's or captive portal's page: worth trying PyPI
+        raise ValueError(f"{R50K_URL} sent {len(data)} bytes that are not GPT-2's vocabulary")
+    return data
 
 
 def _get(url: str, accept: str | None = None) -> bytes:
     request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-        data = response.read(MAX_SDIST_BYTES + 1)
-    if len(data) > MAX_SDIST_BYTES:
-        raise ValueError(f"{url} sent over {MAX_SDIST_BYTES} bytes")
+        data = response.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{url} sent over {MAX_BYTES} bytes")
     return data
 
 
@@ -86,13 +82,13 @@ def from_file(path: Path) -> bytes:
 def _fetch(say: Callable[[str], None]) -> tuple[bytes, str]:
     """The vocabulary's bytes from the network and where they came from: tiktoken's host, else PyPI."""
     try:
-        return from_tiktoken(), f"tiktoken's download ({R50K_URL})"
-    except Exception as e:  # requests, OS and hash errors of many kinds; the next source decides
-        say(f"note: tiktoken's download failed ({type(e).__name__}); taking {WHISPER_MEMBER} from "
+        return from_openai(), f"tiktoken's source ({R50K_URL})"
+    except (OSError, ValueError, http.client.HTTPException) as e:  # urllib's errors; the next source decides
+        say(f"note: tiktoken's source failed ({type(e).__name__}: {e}); taking {WHISPER_MEMBER} from "
             f"{WHISPER_SDIST} on PyPI")
     try:
         return from_pypi(), f"{WHISPER_SDIST} on PyPI"
-    except (OSError, ValueError, KeyError, tarfile.TarError) as e:
+    except (OSError, ValueError, KeyError, http.client.HTTPException, tarfile.TarError) as e:
         raise TokenizerError(
             f"GPT-2's tokenizer vocabulary could not be downloaded from OpenAI ({R50K_URL}) nor from PyPI "
             f"({WHISPER_INDEX}): {type(e).__name__}: {e}. On a machine that can reach either, download "
@@ -104,7 +100,7 @@ def setup_vocabulary(file: Path | None = None, say: Callable[[str], None] = prin
     """Put a verified copy of GPT-2's vocabulary at ``vocab_path()`` and return that path.
 
     ``file``: a copy you already have (the .tiktoken file or an openai-whisper sdist); otherwise
-    tiktoken's download, else PyPI's openai-whisper sdist. A copy already in place and verified is kept.
+    tiktoken's source (OpenAI's host), else PyPI's openai-whisper sdist. A copy already in place and verified is kept.
     Raises TokenizerError when no source gives bytes with GPT-2's sha256.
     """
     target = vocab_path()

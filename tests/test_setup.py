@@ -1,5 +1,5 @@
 """What an installed minigpt fetches by itself: ``minigpt setup`` stores GPT-2's vocabulary only when its
-sha256 is right, from a file, tiktoken's download or PyPI's openai-whisper sdist (the network is faked
+sha256 is right, from a file, tiktoken's source or PyPI's openai-whisper sdist (the network is faked
 here); ``minigpt download`` ends in one error line; ``minigpt --version``; the wheel ships the model."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 import tarfile
+import urllib.error
 from pathlib import Path
 
 import pytest
-import tiktoken.load
 
 from minigpt import cli, vocabulary
 from minigpt.errors import TokenizerError
@@ -50,15 +50,10 @@ def sdist(member: bytes, name: str = "openai_whisper-20250625/" + vocabulary.WHI
     return buffer.getvalue()
 
 
-def offline_tiktoken(monkeypatch) -> None:
-    def offline(blobpath):
-        raise ConnectionError(f"network is unreachable (test): {blobpath}")
-
-    monkeypatch.setattr(tiktoken.load, "read_file", offline)
-
-
-def fake_pypi(monkeypatch, archive: bytes, listed_sha256: str | None = None) -> list[str]:
-    """PyPI's simple index and the sdist, served from memory; returns the URLs asked for."""
+def fake_network(monkeypatch, archive: bytes, listed_sha256: str | None = None,
+                 openai: bytes | None = None) -> list[str]:
+    """OpenAI's host (unreachable unless ``openai`` is given), PyPI's simple index and the sdist, served
+    from memory; returns the URLs asked for."""
     asked = []
     url = "https://files.example/openai_whisper-20250625.tar.gz"
     index = {"files": [{"filename": vocabulary.WHISPER_SDIST, "url": url,
@@ -66,6 +61,10 @@ def fake_pypi(monkeypatch, archive: bytes, listed_sha256: str | None = None) -> 
 
     def get(address, accept=None):
         asked.append(address)
+        if address == vocabulary.R50K_URL:
+            if openai is None:
+                raise urllib.error.URLError("[Errno -2] Name or service not known (test)")
+            return openai
         return json.dumps(index).encode() if address == vocabulary.WHISPER_INDEX else archive
 
     monkeypatch.setattr(vocabulary, "_get", get)
@@ -100,36 +99,36 @@ def test_setup_refuses_wrong_bytes_and_writes_nothing(target, vocab_bytes, tmp_p
     assert not target.exists()
 
 
-def test_setup_takes_tiktokens_download_when_it_answers(target, vocab_bytes, monkeypatch):
-    asked = []
-    monkeypatch.setattr(tiktoken.load, "read_file", lambda url: asked.append(url) or vocab_bytes)
-    fake_pypi(monkeypatch, b"never asked")
+def test_setup_takes_tiktokens_source_when_it_answers(target, vocab_bytes, monkeypatch):
+    asked = fake_network(monkeypatch, b"never asked", openai=vocab_bytes)
     vocabulary.setup_vocabulary(say=lambda line: None)
     assert asked == [vocabulary.R50K_URL] and target.read_bytes() == vocab_bytes
 
 
 def test_setup_offline_takes_the_copy_in_the_whisper_sdist(target, vocab_bytes, monkeypatch):
-    offline_tiktoken(monkeypatch)
-    asked = fake_pypi(monkeypatch, sdist(vocab_bytes))
+    asked = fake_network(monkeypatch, sdist(vocab_bytes))
     said = []
     assert vocabulary.setup_vocabulary(say=said.append) == target
     assert target.read_bytes() == vocab_bytes
-    assert asked == [vocabulary.WHISPER_INDEX, "https://files.example/openai_whisper-20250625.tar.gz"]
-    assert "tiktoken's download failed (ConnectionError)" in said[0] and "on PyPI" in said[-1]
+    assert asked == [vocabulary.R50K_URL, vocabulary.WHISPER_INDEX, "https://files.example/openai_whisper-20250625.tar.gz"]
+    assert "tiktoken's source failed (URLError" in said[0] and "on PyPI" in said[-1]
     # Once in place and verified, nothing is fetched again.
     asked.clear()
     vocabulary.setup_vocabulary(say=said.append)
     assert asked == [] and "already in place" in said[-1]
+    # A page that is not the vocabulary where OpenAI's file should be (a proxy's): PyPI's copy is taken.
+    target.unlink()
+    asked = fake_network(monkeypatch, sdist(vocab_bytes), openai=b"<html>log in to the network</html>")
+    vocabulary.setup_vocabulary(say=said.append)
+    assert len(asked) == 3 and "ValueError" in said[-2] and target.read_bytes() == vocab_bytes
 
 
 def test_setup_with_no_source_says_how_to_carry_one_in(target, vocab_bytes, monkeypatch):
-    offline_tiktoken(monkeypatch)
-    archive = sdist(vocab_bytes)
-    fake_pypi(monkeypatch, archive, listed_sha256="0" * 64)  # a changed download
+    fake_network(monkeypatch, sdist(vocab_bytes), listed_sha256="0" * 64)  # a changed download
     with pytest.raises(TokenizerError, match="does not have the sha256 PyPI lists") as info:
         vocabulary.setup_vocabulary(say=lambda line: None)
     assert "minigpt setup --file PATH" in str(info.value) and "pip download" in str(info.value)
-    fake_pypi(monkeypatch, sdist(b"not the vocabulary\n"))  # the archive is PyPI's, its member is not GPT-2's
+    fake_network(monkeypatch, sdist(b"not the vocabulary\n"))  # the archive is PyPI's, its member is not GPT-2's
     with pytest.raises(TokenizerError, match="is not GPT-2's vocabulary"):
         vocabulary.setup_vocabulary(say=lambda line: None)
     assert not target.exists()
