@@ -61,6 +61,11 @@ if [ -n "$spec" ] && ! pip_install ${extra[@]+"${extra[@]}"} "$spec"; then
          "into .venv yourself and rerun with MINIGPT_TORCH=keep; TORCH_VERSION=... picks another release" >&2
     exit 1
 fi
+# This clone was installed as "minigpt" before it took the name minigpt-taps: two copies of its metadata
+# would list every plug-in command twice.
+if .venv/bin/python -c 'import importlib.metadata as m; m.version("minigpt")' 2>/dev/null; then
+    .venv/bin/python -m pip -q uninstall -y minigpt
+fi
 pip_install -e ".[dev]"
 .venv/bin/python -m minigpt setup
 wanted > "$STAMP"
