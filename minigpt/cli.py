@@ -10,14 +10,18 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
+from pathlib import Path
 
 import torch
 
 from .command import Subcommands, add_model_args, load_model
 from .errors import MiniGPTError
 from .harvest.cli import add_command as add_harvest
+from .setup_cmd import add_download, add_setup
 from .training.cli import add_command as add_train
+
+DISTRIBUTION = "minigpt-taps"  # the name pip knows it by (pyproject.toml); it is imported as minigpt
 
 
 def add_generate(commands: Subcommands) -> None:
@@ -54,16 +58,40 @@ def generate(args: argparse.Namespace) -> None:
 
 # minigpt's own subcommands: each function adds one parser whose defaults carry func=the command.
 COMMANDS: list[Callable[[Subcommands], None]] = [
+    add_setup,
+    add_download,
     add_generate,
     add_harvest,
     add_train,
 ]
 
 
+def package_version() -> str:
+    """minigpt's version: from a source tree's pyproject.toml when it runs from one (a clone, installed
+    editable or not), else from the installed distribution's metadata."""
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        try:
+            project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+        except (OSError, UnicodeError, tomllib.TOMLDecodeError):
+            project = {}
+        if project.get("name") == DISTRIBUTION and "version" in project:
+            return f"{project['version']} (source tree {pyproject.parent})"
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown (neither installed nor run from its source tree)"
+
+
 def _plugin_commands() -> list[Callable[[Subcommands], None]]:
     """The subcommands other installed packages declare in the ``minigpt.commands`` entry-point group."""
-    found = []
+    found, seen = [], set()
     for point in sorted(entry_points(group="minigpt.commands"), key=lambda p: p.name):
+        if (point.name, point.value) in seen:  # one package on the path twice (an old name's metadata beside)
+            continue
+        seen.add((point.name, point.value))
         try:
             found.append(point.load())
         except Exception as e:  # a broken plug-in must not take the other commands down with it
@@ -82,6 +110,7 @@ def _as_typed(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minigpt", description="GPT-2 by hand, with taps and edits.")
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS + _plugin_commands():
         add(commands)

@@ -1,8 +1,8 @@
 """GPT-2's byte-level BPE through tiktoken, usable offline.
 
 tiktoken fetches its vocabulary from the internet on first use. minigpt first looks for a
-verified local copy (``vocab_path()``; put it there with ``scripts/seed_tokenizer.py``), and only
-then asks tiktoken, which uses its own cache or the network.
+verified local copy (``vocab_path()``; ``minigpt setup`` puts it there, see ``minigpt.vocabulary``),
+and only then asks tiktoken, which uses its own cache or the network.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
             ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_VOCAB_SHA256)
         except (ValueError, OSError) as e:  # hash mismatch or garbage; a directory or unreadable file
             raise TokenizerError(f"{path} is not GPT-2's vocabulary ({type(e).__name__}: {e}); delete it and run "
-                                 "`python scripts/seed_tokenizer.py` (or point MINIGPT_TOKENIZER_FILE at a good copy)") from e
+                                 "`minigpt setup` (or point MINIGPT_TOKENIZER_FILE at a good copy)") from e
         return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                  special_tokens={END_OF_TEXT: END_OF_TEXT_ID}, explicit_n_vocab=50257)
     try:
@@ -45,6 +45,7 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     except Exception as e:  # tiktoken raises requests/OS errors of many kinds when offline
         raise TokenizerError(
             f"GPT-2's tokenizer vocabulary is not available offline ({type(e).__name__}). "
-            f"Run `python scripts/seed_tokenizer.py` (takes it from PyPI's openai-whisper sdist), "
+            "Run `minigpt setup` (or `python -m minigpt setup`: tiktoken's source, else the copy in "
+            "PyPI's openai-whisper sdist, checked), "
             f"or put a verified gpt2.tiktoken at {path} (or set MINIGPT_TOKENIZER_FILE), "
             "or pass token ids instead of text.") from e

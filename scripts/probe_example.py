@@ -14,7 +14,8 @@ text are probed at every point:
   position        the token's position in its window, 0..127 (scalar: ridge regression, R^2)
 
 Split: 20% of the documents held out (seed 0), so no probe is tested on text it was trained on.
-Writes the harvest to OUT/acts, the scores to OUT/probes.json and the figure to --figure.
+Writes the harvest to OUT/acts, the scores to OUT/probes.json and the figure to OUT/harvest_probes.png
+(--figure elsewhere).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def main() -> None:
                    "small trained model shipped with minigpt)")
     p.add_argument("--random", action="store_true", help="random GPT-2 small weights instead")
     p.add_argument("--out", default="probe-example", help="working directory (default: probe-example/)")
-    p.add_argument("--figure", default=str(ROOT / "docs" / "harvest_probes.png"))
+    p.add_argument("--figure", default=None, help="where the PNG goes (default: OUT/harvest_probes.png; README's "
+                   "figure is docs/harvest_probes.png, overwritten only if named here)")
     p.add_argument("--max-tokens", type=int, default=12_000)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
@@ -90,7 +92,7 @@ def main() -> None:
         print(f"{point:>26} " + " ".join(f"{r.scores[i]:>26.3f}" for r in results.values()))
     print(f"majority-class accuracy of 'starts a word' on the held-out rows: "
           f"{results['starts a word (accuracy)'].probes[0].baseline:.3f}")
-    figure(results, points, model_name, manifest["tokens"], Path(args.figure))
+    figure(results, points, model_name, manifest["tokens"], Path(args.figure or out / "harvest_probes.png"))
 
 
 def figure(results: dict, points: list[str], model_name: str, tokens: int, path: Path) -> None:

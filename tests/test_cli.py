@@ -114,3 +114,11 @@ def test_a_broken_plugin_leaves_the_other_commands(monkeypatch, capsys):
     names = set(cli.build_parser()._subparsers._group_actions[0].choices)
     assert "generate" in names and "broken" not in names
     assert "the 'broken' command (no_such_module_here:add) cannot be loaded" in capsys.readouterr().err
+
+
+def test_a_plugin_listed_twice_is_added_once(monkeypatch):
+    """The same package's metadata twice on the path (an old distribution name beside the new one)."""
+    report = EntryPoint(name="report", value="probes.cli:add_report", group="minigpt.commands")
+    monkeypatch.setattr(cli, "entry_points", lambda group: [report, report])
+    names = set(cli.build_parser()._subparsers._group_actions[0].choices)  # argparse refuses a name twice
+    assert {"report", "setup", "download", "generate"} <= names

@@ -573,7 +573,7 @@ def test_a_missing_tokenizer_vocabulary_offline_says_how_to_provide_it(monkeypat
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(tiktoken.load, "read_file", offline)  # no network, even where CI has one
     model = GPT.random(GPTConfig(n_embd=8, n_layer=1, n_head=1, n_positions=8))
-    with raises(TokenizerError, "not available offline", "scripts/seed_tokenizer.py", "MINIGPT_TOKENIZER_FILE",
+    with raises(TokenizerError, "not available offline", "minigpt setup", "MINIGPT_TOKENIZER_FILE",
                 "token ids"):
         model.run("hello")
     model.run([31373])  # ids need no vocabulary
@@ -588,7 +588,7 @@ def test_a_corrupt_tokenizer_vocabulary(monkeypatch, tmp_path, no_tokenizer_cach
         path.write_text("not a vocabulary\n")
     monkeypatch.setenv("MINIGPT_TOKENIZER_FILE", str(path))
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
-    with raises(TokenizerError, "is not GPT-2's vocabulary", "seed_tokenizer.py"):
+    with raises(TokenizerError, "is not GPT-2's vocabulary", "minigpt setup"):
         minigpt.tokenizer.gpt2_tokenizer()
 
 
