@@ -6,7 +6,7 @@ time: the corpus never has to fit in memory (one document does).
 
 Formats, chosen by the file's name:
   ``*.jsonl``     one JSON object per line, the document in its ``text`` field (blank lines skipped)
-  ``*.parquet``   a ``text`` column, read in record batches (needs pyarrow: ``pip install minigpt[corpora]``)
+  ``*.parquet``   a ``text`` column, read in record batches (needs pyarrow: ``pip install 'minigpt-taps[corpora]'``)
   anything else   UTF-8 text: the whole file is one document, or with ``lines=True`` each line is one
                   (an empty line is a document with no tokens; it keeps its number)
 A directory stands for the files under it, in sorted order.
@@ -121,7 +121,7 @@ def _pyarrow(path: Path, error: Error):
     try:
         import pyarrow.parquet
     except ImportError:
-        raise error(f"{path} is Parquet, which needs pyarrow: pip install 'minigpt[corpora]'") from None
+        raise error(f"{path} is Parquet, which needs pyarrow: pip install pyarrow (or pip install 'minigpt-taps[corpora]')") from None
     return pyarrow.parquet
 
 

@@ -1,7 +1,7 @@
 """Figures for the probes' data: each function takes one probe's result and returns a Figure.
 
-matplotlib is an optional extra (``pip install 'minigpt[figures]'``); only this module imports it,
-and it draws on the Agg canvas (no display, no pyplot global state).
+matplotlib is installed with minigpt-taps; only this module imports it (lazily, so the rest of
+probes works without it), and it draws on the Agg canvas (no display, no pyplot global state).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ try:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise MiniGPTError("the figures need matplotlib: pip install 'minigpt[figures]' (or pip install matplotlib)") from e
+    raise MiniGPTError("the figures need matplotlib, a dependency of minigpt-taps: pip install matplotlib") from e
 
 from .attribution import Attribution
 from .distributions import Distributions

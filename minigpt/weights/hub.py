@@ -60,7 +60,7 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
     except LocalEntryNotFoundError as e:
         raise HubUnreachableError(
             f"cannot get {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) and the model "
-            f"is not in the local cache. On a connected machine run `python scripts/download.py {repo_id} DIR` "
+            f"is not in the local cache. On a connected machine run `minigpt download {repo_id} DIR` "
             "and pass DIR instead of the name; or use the small model trained by minigpt that ships with it "
             "(`--model pydoc-tiny`, `--trained-if-offline`, GPT.from_pretrained('pydoc-tiny')), or random weights of "
             "the same shape (`--random-if-offline`, GPT.random(size))") from e
