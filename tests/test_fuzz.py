@@ -556,7 +556,7 @@ def test_fuzz_run_options(small, case):
             expected = [n for n in NAMES if fnmatch.fnmatch(n, "blocks.*.resid_post")
                         and (stop is None or NAMES.index(n) <= NAMES.index(stop))]
             assert list(trace) == expected
-            positions = options.get("positions")
+            positions = options.get("keep_positions")
             if positions is None:
                 kept = 5
             elif positions == "last":

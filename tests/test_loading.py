@@ -159,7 +159,7 @@ def test_hub_name_loads_from_the_cache_offline(offline_hub: Path, tmp_path: Path
     model = GPT.from_pretrained("someone/tiny-gpt2", dtype=torch.float64)
     tokens = torch.arange(24).view(2, 12) % 60
     assert_close(model(tokens), hf_logits(hf, tokens))
-    assert "someone/tiny-gpt2" in model.source
+    assert "someone/tiny-gpt2" in model.provenance
 
 
 def test_missing_model_offline_says_offline(offline_hub: Path) -> None:

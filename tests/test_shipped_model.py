@@ -38,7 +38,7 @@ def test_the_record_describes_the_files_beside_it(record) -> None:
     assert corpus["documents"] == 497 and len(corpus["corpus_sha256"]) == 64
     steps = [step for step, _ in record["validation_loss"]]
     assert steps[-1] == record["settings"]["steps"] and record["final_validation_loss"] == record["validation_loss"][-1][1]
-    assert "NOT OpenAI's GPT-2" in model.source and "Python 3.11 documentation" in model.source
+    assert "NOT OpenAI's GPT-2" in model.provenance and "Python 3.11 documentation" in model.provenance
 
 
 def test_transformers_loads_it_with_equal_logits() -> None:
