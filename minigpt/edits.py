@@ -1,4 +1,4 @@
-"""Built-in edits: the lecture notes' interventions, patching and ablation, as ``Edits`` dicts.
+"""Built-in edits: the lecture notes' interventions (docs/NOTES.md), patching and ablation, as ``Edits`` dicts.
 
 An ``Edits`` is a plain ``{tap name or pattern: edit}`` dict (pass it as ``model.run(..., edits=...)``)
 whose ``|`` merges in order: where both sides edit the same key, the left edit runs first and the
@@ -94,7 +94,7 @@ def _then(first: Edit, second: Edit) -> Edit:
 
 
 # ---------------------------------------------------------------------------------------------
-# The notes' interventions
+# The notes' interventions (docs/NOTES.md: zero a head's keys, noise into MLP neurons, scale a block)
 
 
 def zero_head_keys(block: int, head: int) -> Edits:

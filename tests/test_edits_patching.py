@@ -1,4 +1,4 @@
-"""Patching and ablation helpers equal the same interventions made with hooks on HF (issue 10, item 2).
+"""Patching and ablation helpers equal the same interventions made with hooks on HF.
 
 ``edits.patch`` / ``zero_ablate`` / ``mean_ablate`` at chosen positions and heads against HF hooks
 that put HF's own clean values (or zeros, or their mean) in the same places; ``|`` chaining edits of

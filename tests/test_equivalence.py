@@ -1,4 +1,4 @@
-"""minigpt equals HuggingFace's GPT2LMHeadModel, number for number (issue 2, item 8 a-e, i).
+"""minigpt equals HuggingFace's GPT2LMHeadModel, number for number.
 
 Random configs and random weights (hf_reference.make_hf redraws every parameter, biases and
 LayerNorm weights included). float64 is compared at a relative tolerance of 1e-10, float32 at 1e-5.

@@ -1,4 +1,4 @@
-"""Generation with a KV cache (issue 5): cached = full forward, greedy = HuggingFace, edits and taps live.
+"""Generation with a KV cache: cached = full forward, greedy = HuggingFace, edits and taps live.
 
 Random configs and random weights from hf_reference; float64 compared at a relative tolerance of 1e-10.
 """

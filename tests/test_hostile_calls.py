@@ -1,4 +1,4 @@
-"""Hostile calls, second round (issue 11, items 5-7 and 9): a run never writes a tensor the caller
+"""Hostile calls: a run never writes a tensor the caller
 owns, the memory guard covers the whole call, every argument is checked, and generation never
 changes a model's mode.
 """

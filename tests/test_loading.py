@@ -1,4 +1,4 @@
-"""Loading checkpoints (issue 2, item 8 h): both on-disk layouts, the hub cache offline, the full
+"""Loading checkpoints: both on-disk layouts, the hub cache offline, the full
 GPT-2-small shape, one error listing every bad tensor, and pickles never opened.
 """
 from __future__ import annotations

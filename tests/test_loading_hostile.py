@@ -1,4 +1,4 @@
-"""Hostile checkpoints, second round (issue 11, items 1-4): absurd configs, files that are not
+"""Hostile checkpoints: absurd configs, files that are not
 files, links out of the directory, a tensor under two names, NaN after conversion, zero-copy loading.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batches of different lengths (issue 10, item 1): padded runs equal single runs and HF with a mask.
+"""Batches of different lengths: padded runs equal single runs and HF with a mask.
 
 Random configs and weights from hf_reference; float64 compared at a relative tolerance of 1e-10.
 """

@@ -1,4 +1,4 @@
-"""LayerNorm scale taps, stopping early, and gradients that never vanish (issue 10, items 4 and 5)."""
+"""LayerNorm scale taps, stopping early, and gradients that never vanish."""
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,6 @@
 """Edits equal the same interventions made with torch hooks on HF, and leave nothing behind.
 
-Issue 2, item 8 f (intervention equivalence) and g (no leaks), plus the tap API: glob
+Intervention equivalence and no leaks, plus the tap API: glob
 selection, errors, the read-only trace, gradients, and the recording options.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GPT-2's BPE as model.tokenizer (issue 2, item 7): the known ids, round trips, and text in run()."""
+"""GPT-2's BPE as model.tokenizer: the known ids, round trips, and text in run()."""
 from __future__ import annotations
 
 import pytest

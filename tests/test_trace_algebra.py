@@ -1,4 +1,4 @@
-"""Trace algebra (issue 10, item 3): each identity exact, each quantity equal to HF's.
+"""Trace algebra: each identity exact, each quantity equal to HF's.
 
 The accumulated residual against HF's hidden states; the decomposed residual summing to the last
 block's output bit for bit (added in the model's order) or to 1e-6 relative in float32; the
@@ -33,7 +33,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 DTYPES = st.sampled_from([torch.float32, torch.float64])
-# 1e-6 relative in float32 (the issue's bound), ~1e-14 in float64.
+# 1e-6 relative in float32 (the bound the toolkit promises), ~1e-14 in float64.
 RELATIVE = {torch.float32: 1e-6, torch.float64: 1e-13}
 
 
