@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from minigpt.errors import MiniGPTError
+from minigpt import Trace
+from minigpt.errors import InputError, MiniGPTError
 
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -18,6 +19,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise MiniGPTError("the figures need matplotlib, a dependency of minigpt-taps: pip install matplotlib") from e
 
+from ._common import check_index
+from .attention_view import attention_pattern
 from .attribution import Attribution
 from .distributions import Distributions
 from .final_norm import FinalNorm
@@ -270,4 +273,47 @@ def plot_attribution(a: Attribution) -> Figure:
                    f"{a.pos_embed:+.3f}\n+ blocks {float(a.heads.sum() + a.attn_bias.sum() + a.mlp.sum()):+.3f} "
                    f"+ ln_f bias {a.ln_f_bias:+.3f}   (ln_f scale frozen at σ = {a.scale:.4g})", fontsize=9)
     bars.legend(fontsize=8)
+    return fig
+
+
+def plot_attention(trace_or_patterns: Trace | torch.Tensor, tokens: list[str], layers: list[int] | None = None,
+                   heads: list[int] | None = None) -> Figure:
+    """A grid of attention patterns, one row per layer and one column per head, the tokens on both axes.
+
+    trace_or_patterns: a one-sequence Trace with ``blocks.L.attn.pattern`` recorded for the layers shown,
+    or the patterns as a tensor [n_layer, H, Q, K]. tokens: Q labels (e.g. ``model.str_tokens(text)``).
+    layers, heads: which to draw (default: every recorded layer, every head); each cell is [Q, K].
+    """
+    is_trace = isinstance(trace_or_patterns, Trace)
+
+    def pattern(layer: int) -> torch.Tensor:  # [H, Q, K]
+        return attention_pattern(trace_or_patterns, layer) if is_trace else trace_or_patterns[layer]
+
+    if not is_trace and not (isinstance(trace_or_patterns, torch.Tensor) and trace_or_patterns.dim() == 4):
+        raise InputError("plot_attention takes a Trace with attn.pattern recorded or patterns [n_layer, H, Q, K], got "
+                         f"{getattr(trace_or_patterns, 'shape', type(trace_or_patterns).__name__)}")
+    recorded = ([int(name.split(".")[1]) for name in trace_or_patterns if name.endswith(".attn.pattern")]
+                if is_trace else list(range(trace_or_patterns.shape[0])))
+    if not recorded:
+        raise InputError("this trace holds no attention pattern; run with taps=['blocks.*.attn.pattern']")
+    n_layer = trace_or_patterns.n_layer if is_trace else trace_or_patterns.shape[0]
+    layers = recorded if layers is None else [check_index("layer", layer, n_layer) for layer in layers]
+    n_head, Q, K = pattern(layers[0]).shape
+    heads = list(range(n_head)) if heads is None else [check_index("head", h, n_head) for h in heads]
+    if len(tokens) != Q:
+        raise InputError(f"tokens must label the {Q} positions of the pattern, got {len(tokens)} labels")
+    side = min(3.2, max(1.8, 0.12 * Q))
+    fig = new_figure(side * len(heads) + 1.2, side * len(layers) + 0.6)
+    axes = fig.subplots(len(layers), len(heads), squeeze=False)
+    step = max(1, math.ceil(Q / 24))
+    labels = [t.replace("\n", "\\n") for t in tokens]
+    for row, layer in zip(axes, layers):
+        weights = pattern(layer).detach().to("cpu", torch.float32)
+        for ax, head in zip(row, heads):
+            image = ax.imshow(weights[head].numpy(), cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(f"b{layer}.h{head}", fontsize=9)
+            ax.set_xticks(range(0, K, step), labels[:K:step], rotation=90, fontsize=6)
+            ax.set_yticks(range(0, Q, step), labels[::step], fontsize=6)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.suptitle("Attention patterns (rows: queries, columns: keys)")
     return fig
