@@ -52,7 +52,7 @@ function make(tag, text, parent) {
   if (parent) parent.appendChild(element);
   return element;
 }
-// Show a number and what it is; ``cell`` [q, k] when it is a pattern cell's (read again on a head change).
+// Show a number and what it is; cell = [q, k] when it is a pattern cell's (read again on a head change).
 function read(what, value, cell = null) {
   state.cell = cell;
   $('readout-what').textContent = what;
@@ -157,6 +157,7 @@ function lensPanel(q) {
     const p = lens.predicted_prob[q][i];
     const cell = make('td', p === null ? 'n/a' : p.toPrecision(2), row);
     cell.style.background = blue(p);
+    if (p > 0.55) cell.style.color = 'white';
     cell.addEventListener('mouseover', () => read(`lens ${label} at ${q}: p(${tokenName(target)})`, p));
     lens.top_ids[q][i].forEach((id, j) => {
       const prob = lens.top_probs[q][i][j];

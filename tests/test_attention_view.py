@@ -143,10 +143,11 @@ def test_plot_attention_draws_the_chosen_patterns(model, patterns):
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
                                    "(pip install playwright; no `playwright install`: they use /usr/bin/chromium)")
-    if not CHROMIUM.is_file() and not shutil.which("chromium"):
+    executable = str(CHROMIUM) if CHROMIUM.is_file() else shutil.which("chromium")
+    if executable is None:
         pytest.skip("the browser tests need Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS, headless=True)
         yield browser
         browser.close()
 
@@ -219,3 +220,17 @@ def test_browser_shows_a_script_token_as_text(browser, model, tmp_path):
     finally:
         view.close()
     assert errors == [] and requests == [path.as_uri()]
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n### Attention, seen\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (Attention, seen)", "exec"), namespace)
+    data = embedded(tmp_path / "attention.html")
+    assert data["tokens"] == namespace["model"].str_tokens(namespace["text"])
+    assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    assert [ax.get_title() for ax in namespace["fig"].axes if ax.images] == ["b0.h0", "b0.h1", "b3.h0", "b3.h1"]
