@@ -15,9 +15,9 @@ h1 { font-size: 1.3em; margin: 0 0 0.3em 0; } h3 { font-size: 1em; margin: 0.8em
 #controls { display: flex; gap: 1em; align-items: center; margin: 0.6em 0; flex-wrap: wrap; }
 #readout { font-family: monospace; background: #f4f4f4; padding: 0.3em 0.6em; min-height: 1.4em; }
 #readout-value { color: #08519c; }
-#strip { line-height: 1.9; margin: 0.4em 0; }
-#strip span { font-family: monospace; padding: 0.1em 0.15em; margin: 0 1px; border: 1px solid #ddd;
-  white-space: pre; cursor: pointer; }
+#strip { margin: 0.4em 0; }
+#strip span { display: inline-block; font-family: monospace; padding: 0 0.15em; margin: 1px; line-height: 1.4;
+  border: 1px solid #ddd; white-space: pre; cursor: pointer; }
 #strip span.query { outline: 2px solid #d62728; }
 .main { display: flex; gap: 1.5em; align-items: flex-start; }
 .heat-wrap { overflow: auto; max-width: 60vw; max-height: 85vh; border: 1px solid #ddd; }
@@ -28,7 +28,7 @@ h1 { font-size: 1.3em; margin: 0 0 0.3em 0; } h3 { font-size: 1em; margin: 0.8em
 #heat tr.query th { color: #d62728; }
 #heat th { font-weight: normal; font-family: monospace; white-space: pre; padding: 0 0.3em; text-align: right; }
 #heat thead th { writing-mode: vertical-rl; text-align: left; padding: 0.3em 0; }
-.side { flex: 1; min-width: 24em; }
+.side { flex: 1; min-width: 24em; overflow-x: auto; }
 .side table { border-collapse: collapse; font-size: 0.85em; }
 .side td, .side th { border: 1px solid #ddd; padding: 0.1em 0.4em; font-family: monospace; white-space: pre; }
 .side td.current { outline: 2px solid #d62728; }

@@ -67,7 +67,7 @@ def view_data(model: GPT, inputs: str | list | torch.Tensor, *, k: int = 5) -> d
     S = tokens.shape[1]
     if S > MAX_TOKENS:
         raise InputError(f"the attention view holds at most {MAX_TOKENS} tokens (its page grows as tokens²), got {S}; "
-                         f"pass a shorter text or its first {MAX_TOKENS} ids: model.tokens(text)[:, :{MAX_TOKENS}]")
+                         f"pass a shorter text or its first {MAX_TOKENS} ids: model.tokenizer.encode(text)[:{MAX_TOKENS}]")
     k = check_int(k, "k", 1, model.cfg.vocab_size)
     cfg = model.cfg
     taps = [f"blocks.*.{PATTERN}", *RESIDUAL_TAPS, *ATTRIBUTION_TAPS]
@@ -144,8 +144,7 @@ def write_attention_view(model: GPT, inputs: str | list | torch.Tensor, path: st
     if path.is_dir():
         raise InputError(f"{path} is a directory; give the HTML file to write, e.g. {path / 'attention.html'}")
     data = view_data(model, inputs, k=k)
-    meta = (f"{data['model'] or 'a model'}: {data['n_layer']} blocks of {data['n_head']} heads, "
-            f"{len(data['ids'])} tokens. Text: {''.join(data['tokens'])}")
+    meta = f"{data['model'] or 'a model'}: {data['n_layer']} blocks of {data['n_head']} heads, {len(data['ids'])} tokens."
     page = render_attention_view(page_json(data), title=f"attention: {''.join(data['tokens'])[:60]}", meta=meta)
     write_atomically(path, lambda temporary: temporary.write_bytes(page.encode("utf-8")))
     return path
