@@ -27,6 +27,7 @@ from minigpt import GPT
 from minigpt.errors import InputError
 
 from ._common import Finding, decode_text, single_sequence, verdict_of
+from .attention_view import MAX_TOKENS, write_attention_view
 from .attribution import attribute
 from .distributions import measure_distributions
 from .final_norm import check_final_norm
@@ -262,6 +263,9 @@ def build_report(model: GPT, text: str | list | torch.Tensor, out_dir: str | Pat
         say(f"[{step}/{len(BUILDERS)}] {PROSE[id].step}")
         sections.append(build(page, plots))
     payload = _payload(model, tokens, sections, is_random(model) if random_weights is None else random_weights)
+    if tokens.shape[1] <= MAX_TOKENS:  # the view grows as tokens²: a longer text gets the figures alone
+        say("attention view: every head's pattern, with the logit lens and attribution at each position")
+        payload["attention_view"] = write_attention_view(model, tokens, out / "attention.html").name
     payload["seconds"] = round(time.perf_counter() - started, 2)
     payload = _json_ready(payload)
     (out / "report.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False),

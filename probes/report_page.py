@@ -164,6 +164,10 @@ def render_html(p: dict) -> str:
     parts.append(f"<h3>Contents</h3><ul>{summary}</ul>"
                  "<p class='meta'>Layer names: emb = embeddings (token + position), bN = output of block N, "
                  "ln_f = the final LayerNorm's output (HuggingFace's hidden_states[-1]).</p>")
+    if p.get("attention_view"):
+        parts.append(f"<p><a href='{html.escape(p['attention_view'])}'><b>Attention, seen</b></a>: every block's and "
+                     "head's attention pattern over the tokens, beside the logit lens and the direct logit attribution "
+                     "at each position (an interactive page).</p>")
     for s in p["sections"]:
         parts.append(f"<h2 id='{s['id']}'>{html.escape(s['title'])}</h2><p>{html.escape(s['intro'])}</p>")
         by_key = {x["key"]: x for x in s["findings"]}

@@ -144,3 +144,9 @@ def test_report_state_dict_untouched(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     build_report(model, TEXT, tmp_path, progress=lambda _: None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_report_links_the_attention_view(written):
+    out, payload, _ = written
+    assert payload["attention_view"] == "attention.html" and (out / "attention.html").is_file()
+    assert "<a href='attention.html'>" in (out / "index.html").read_text(encoding="utf-8")
