@@ -311,3 +311,45 @@ def test_processing_refuses_bad_arguments(model: GPT) -> None:
         meta = GPT(CONFIGS["plain"])
     with pytest.raises(InputError, match="meta device"):
         fold_ln(meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# TransformerLens (a test dependency only: skipped where it is not installed)
+
+
+def test_processed_weights_equal_transformer_lens_s() -> None:
+    """fold_ln + center_writing_weights + fold_value_biases give TransformerLens 3.9's weights, in float64.
+
+    TransformerLens's steps are called one by one: its ``process_weights`` (and so
+    ``load_and_process_state_dict``) casts every non-float32 tensor to float32 and back, which
+    would leave float64 with float32's rounding. W_U and ln_f are not compared: TransformerLens
+    folds ln_f into an untied W_U, which minigpt's tied head cannot hold (see processing.fold_ln);
+    for the same reason TransformerLens centres W_E and minigpt does not.
+    """
+    pytest.importorskip("transformer_lens", reason="TransformerLens is not installed (pip install "
+                        "transformer-lens==3.9.0, if it keeps your torch: check with --dry-run)")
+    from hf_reference import make_hf, to_minigpt
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+    from transformer_lens.weight_processing import ProcessWeights
+
+    shape = dict(vocab_size=31, n_positions=12, n_embd=12, n_layer=2, n_head=3, n_inner=20, layer_norm_epsilon=1e-4,
+                 activation_function="gelu_new")
+    hf = make_hf(shape, seed=5)  # float64, every parameter random
+    model = to_minigpt(hf)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=12, n_ctx=12, d_head=4, n_heads=3, d_mlp=20, d_vocab=31,
+                                  act_fn="gelu_new", eps=1e-4, normalization_type="LN", dtype=torch.float64,
+                                  original_architecture="GPT2LMHeadModel", positional_embedding_type="standard")
+    state = {k: v.detach().clone() for k, v in convert_gpt2_weights(hf, cfg).items()}
+    for step in (ProcessWeights.fold_layer_norm, ProcessWeights.center_writing_weights,
+                 ProcessWeights.fold_value_biases):
+        state = step(state, cfg)
+    ours = process_weights(model, center_unembed=False)
+    for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "W_in", "b_in", "W_out", "b_out"):
+        part = "attn" if name[-1] in "QKVO" else "mlp"
+        theirs = torch.stack([state[f"blocks.{layer}.{part}.{name}"] for layer in range(2)])
+        close(getattr(views, name)(ours), theirs, 1e-12)
+    close(views.W_pos(ours), state["pos_embed.W_pos"], 1e-12)
+    mine_e = views.W_E(ours)
+    assert torch.equal(mine_e, views.W_E(model))
+    close(mine_e - mine_e.mean(dim=1, keepdim=True), state["embed.W_E"], 1e-12)
