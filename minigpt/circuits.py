@@ -95,6 +95,30 @@ class FactoredMatrix:
         """B @ A [..., k, k] (for a square A @ B): it has A @ B's nonzero eigenvalues."""
         return self.B @ self.A
 
+    def rows(self, index: torch.Tensor | list[int] | int | slice) -> FactoredMatrix:
+        """The rows ``index`` of A @ B [..., r, n] (ids [r], a list, a slice), still factored: A's rows only."""
+        return FactoredMatrix(self.A[..., self._lines(index, -2), :], self.B)
+
+    def columns(self, index: torch.Tensor | list[int] | int | slice) -> FactoredMatrix:
+        """The columns ``index`` of A @ B [..., m, c], still factored: B's columns only."""
+        return FactoredMatrix(self.A, self.B[..., self._lines(index, -1)])
+
+    def _lines(self, index: object, dim: int) -> torch.Tensor | slice:
+        """``index`` as rows/columns of dim ``dim`` (an int becomes a list, so that the dim stays), checked."""
+        size = self.shape[dim]
+        if isinstance(index, slice):
+            return index
+        if is_integer(index):
+            index = [index]
+        ids = torch.as_tensor(index) if isinstance(index, (list, tuple, torch.Tensor)) else None
+        if ids is None or ids.ndim != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"rows and columns are picked by an int, a slice, or a 1-D list or tensor of ints, got "
+                             f"{_describe(index)}")
+        if ids.numel() and not (-size <= int(ids.min()) and int(ids.max()) < size):
+            raise InputError(f"indices must be in [{-size}, {size - 1}] (that dim has {size}), got "
+                             f"{int(ids.min())} to {int(ids.max())}")
+        return ids.to(self.device)
+
     def __getitem__(self, index: int | slice | tuple) -> FactoredMatrix:
         """The batch dims indexed (ints and slices; the last two dims, m and n, cannot be indexed)."""
         parts = index if isinstance(index, tuple) else (index,)

@@ -8,6 +8,7 @@ factored algebra what the full matrices give, and each processed model the input
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,12 @@ def test_factored_products_stay_factored_and_equal_the_full_products() -> None:
     close((other.T @ fm.T).full(), (A @ B @ other.full()).mT)
     close(fm[1].full(), A[1] @ B[1])
     close(fm[-1:].full(), A[-1:] @ B[-1:])
+    full = A @ B
+    close(fm.rows([0, 5, -1]).full(), full[..., [0, 5, -1], :])
+    close(fm.rows(torch.tensor([2])).full(), full[..., [2], :])
+    close(fm.rows(3).full(), full[..., 3:4, :])  # an int keeps the dim
+    close(fm.columns(slice(1, 4)).full(), full[..., 1:4])
+    assert fm.rows([1, 2]).inner == 2
     broadcast = FactoredMatrix(A, B[0])  # B's batch dims broadcast against A's
     close(broadcast.full(), A @ B[0])
 
@@ -188,6 +195,12 @@ def test_factored_refusals() -> None:
         fm[0, 1]
     with pytest.raises(InputError, match="out of range"):
         fm[3]
+    with pytest.raises(InputError, match=r"in \[-6, 5\]"):
+        fm.rows([6])
+    with pytest.raises(InputError, match="1-D list or tensor of ints"):
+        fm.columns(torch.tensor([0.5]))
+    with pytest.raises(InputError, match="1-D list or tensor of ints"):
+        fm.rows("0")
     with pytest.raises(InputError, match=r"GiB .* over max_bytes=100"):
         fm.full(max_bytes=100)
     assert fm.full(max_bytes=None).shape == (3, 6, 5)
@@ -353,3 +366,34 @@ def test_processed_weights_equal_transformer_lens_s() -> None:
     mine_e = views.W_E(ours)
     assert torch.equal(mine_e, views.W_E(model))
     close(mine_e - mine_e.mean(dim=1, keepdim=True), state["embed.W_E"], 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's worked example
+
+
+def test_the_readme_example_runs_and_says_true() -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Weights as circuits\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md (Weights as circuits)", "exec"), namespace)
+    assert namespace["norms"].shape == (8, 4) and namespace["row"].shape == (1, 50257)
+    assert round(namespace["copying"], 2) == 1.0  # as its comment says
+    with pytest.raises(InputError, match=r"18\.82 GiB"):  # as the line after the block says
+        namespace["circuit"].full()
+    assert "18.82 GiB" in section
+
+
+def test_the_views_attach_to_gpt_one_line_each() -> None:
+    """How GPT carries them (``W_Q = property(W_Q)`` in its class body): nn.Module's attribute
+    machinery must not get in the way of the properties."""
+    class Attached(GPT):
+        W_Q, W_U, b_O = property(views.W_Q), property(views.W_U), property(views.b_O)
+        OV = property(ov_circuit)
+        full_ov_circuit = full_ov_circuit
+
+    model = Attached(CONFIGS["plain"])
+    assert torch.equal(model.W_Q, views.W_Q(model)) and model.W_U.data_ptr() == model.embed.weight.data_ptr()
+    assert model.b_O.shape == (2, 12) and model.OV.shape == (2, 3, 12, 12)
+    assert model.full_ov_circuit(layer=0, head=1).shape == (37, 37)
