@@ -134,6 +134,7 @@ class FactoredMatrix:
     def __matmul__(self, other: torch.Tensor | FactoredMatrix) -> torch.Tensor | FactoredMatrix:
         """(A @ B) @ other: factored for a matrix (the inner dim stays the smaller one), a tensor [..., m] for a vector."""
         if isinstance(other, FactoredMatrix):
+            self._check_tensor(other.A)
             self._check_operand(other.shape[-2], self.shape[-1], other, "right")
             middle = self.B @ other.A  # [..., k1, k2]
             if self.inner <= other.inner:
@@ -172,8 +173,8 @@ class FactoredMatrix:
 
         So A @ B and this small matrix have the same nonzero singular values (and Frobenius norm).
         """
-        r_a = torch.linalg.qr(self.A, mode="r").R
-        r_b = torch.linalg.qr(self.B.mT, mode="r").R
+        r_a = torch.linalg.qr(self.A).R  # mode "reduced", not "r": that one has no gradient
+        r_b = torch.linalg.qr(self.B.mT).R
         return r_a @ r_b.mT
 
     @property
@@ -211,7 +212,7 @@ def ov_circuit(model: Model) -> FactoredMatrix:
 
 
 def qk_circuit(model: Model) -> FactoredMatrix:
-    """Each head's QK circuit W_Q @ W_K^T [L, H, D, D] (rank d): ``x_q @ QK[l, h] @ x_k`` is the score of query
+    """Each head's QK circuit W_Q @ W_K^T [L, H, D, D] (rank d): ``x_q @ QK[l, h] @ x_k^T`` is the score of query
     x_q for key x_k, before the model's scale (1/sqrt(d), and 1/(l+1) with scale_attn_by_inverse_layer_idx)
     and without the biases."""
     return FactoredMatrix(W_Q(model), W_K(model).mT)

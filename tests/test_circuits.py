@@ -191,6 +191,8 @@ def test_factored_refusals() -> None:
         fm @ torch.randn(4, 4, dtype=torch.float64)
     with pytest.raises(InputError, match="dtype"):
         fm @ torch.randn(5, 4, dtype=torch.float32)
+    with pytest.raises(InputError, match="dtype"):
+        fm @ FactoredMatrix(torch.randn(5, 2), torch.randn(2, 3))
     with pytest.raises(InputError, match="leading dims"):
         fm[0, 1]
     with pytest.raises(InputError, match="out of range"):
@@ -227,6 +229,12 @@ def test_ov_and_qk_circuits(model: GPT) -> None:
             close((x @ qk[layer, head]).full() @ x.T, q @ k.T)
             close(x @ ov[layer, head].full(), (trace[p + "v"][0, :, head] - views.b_V(model)[layer, head])
                   @ views.W_O(model)[layer, head])
+
+
+def test_gradients_flow_from_the_circuits_to_the_weights(model: GPT) -> None:
+    (ov_circuit(model).norm().sum() + qk_circuit(model).singular_values.sum()).backward()
+    grad = model.blocks[1].attn.qkv.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and model.blocks[0].attn.out.weight.grad.abs().sum() > 0
 
 
 def test_full_ov_circuit_is_factored_and_bounded(model: GPT) -> None:
