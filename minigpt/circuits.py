@@ -132,7 +132,7 @@ class FactoredMatrix:
         return FactoredMatrix(self.A[index], self.B[index])
 
     def __matmul__(self, other: torch.Tensor | FactoredMatrix) -> torch.Tensor | FactoredMatrix:
-        """(A @ B) @ other: factored for a matrix (the inner dim stays the smaller one), a tensor [..., m] for a vector."""
+        """(A @ B) @ other: factored for a matrix (keeping the smaller inner dim), a tensor [..., m] for a vector."""
         if isinstance(other, FactoredMatrix):
             self._check_tensor(other.A)
             self._check_operand(other.shape[-2], self.shape[-1], other, "right")

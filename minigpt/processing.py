@@ -1,21 +1,22 @@
 """Weight processing: a NEW model with weights that are easier to read and compute the same thing.
 
 Each function copies the model, changes the copy's weights and returns it; the model passed in is
-never touched. What stays equal (to float rounding; checked in float64 by tests/test_circuits.py):
+never touched. What stays equal, to float rounding (checked in float64 by tests/test_circuits.py),
+and which taps change:
 
-| function | stays equal | changes |
-|---|---|---|
-| ``fold_ln`` | logits, the residual stream, q, k, v, the MLP | ``ln1``/``ln2`` outputs (now unscaled: weight 1, bias 0) |
-| ``center_writing_weights`` | logits, every LayerNorm output and what follows it | the residual stream, by a multiple of (1, ..., 1) per position (W_E is not centred: it is tied to W_U) |
-| ``center_unembed`` | log-softmax (probabilities, loss), the residual stream | logits, by a constant per position; ``embed``, ``pos_embed`` |
-| ``fold_value_biases`` | logits, the residual stream, ``attn_delta`` | ``attn.v``, ``attn.z``, ``attn.heads`` (b_V now in b_O) |
+- ``fold_ln``: the logits and the residual stream; ``ln1``/``ln2`` outputs change (now weight 1, bias 0).
+- ``center_writing_weights``: the logits and every LayerNorm output; the residual stream changes by a
+  multiple of (1, ..., 1) per position.
+- ``center_unembed``: the log-softmax (probabilities, loss) and the residual stream; the logits move
+  by a constant per position, ``embed`` and ``pos_embed`` change.
+- ``fold_value_biases``: the logits, the residual stream, ``attn_delta``; ``attn.v``, ``attn.z`` and
+  ``attn.heads`` change (b_V is now in b_O). The model must be in eval mode for this equality
+  (dropout on the pattern breaks its rows' sum to 1).
 
 ``process_weights`` applies the four, copying once, in TransformerLens's order but for
-``center_unembed``, which goes before ``center_writing_weights`` so that the mean it moves into W_pos
-is centred too. The model must be in
-eval mode for ``fold_value_biases``' equality (dropout on the pattern breaks rows summing to 1).
-Low-precision models (float16, bfloat16) are processed in their dtype: expect their rounding.
-Shapes: L n_layer, H heads, D d_model, d d_head, M d_mlp, V vocabulary, P n_positions.
+``center_unembed``, which goes before ``center_writing_weights`` so that the mean it moves into
+W_pos is centred too. Low-precision models (float16, bfloat16) are processed in their dtype: expect
+their rounding. Shapes: L n_layer, H heads, D d_model, d d_head, M d_mlp, V vocabulary, P n_positions.
 """
 from __future__ import annotations
 

@@ -293,6 +293,20 @@ def test_processing_keeps_the_logits_and_leaves_the_model_alone(model: GPT, proc
     assert "processed" in new.provenance
 
 
+@pytest.mark.parametrize("process, same", [
+    (fold_ln, ["blocks.*.resid_post", "blocks.*.attn.q", "blocks.*.attn.k", "blocks.*.attn.v", "blocks.*.mlp.pre"]),
+    (center_writing_weights, ["blocks.*.ln1", "blocks.*.ln2", "ln_f", "blocks.*.attn.z", "blocks.*.mlp.post"]),
+    (fold_value_biases, ["blocks.*.resid_post", "blocks.*.attn_delta", "blocks.*.attn.q"]),
+])
+def test_processing_keeps_the_taps_its_docstring_names(model: GPT, process, same: list[str]) -> None:
+    toks = tokens(model.cfg)
+    _, old = model.run(toks, same)
+    _, new = process(model).run(toks, same)
+    assert set(old) == set(new) and len(old) > 1
+    for name in old:
+        close(new[name], old[name])
+
+
 def test_each_step_does_what_it_says(model: GPT) -> None:
     folded = fold_ln(model)
     for block in folded.blocks:
