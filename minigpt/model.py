@@ -16,14 +16,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import UNSET, renamed_keyword
+from .circuits import full_ov_circuit, ov_circuit, qk_circuit
 from .config import ACTIVATIONS, GPTConfig
 from .generate import generate, stream
 from .inputs import as_tokens, check_tokens, str_tokens, token_id, tokens
 from .kv_cache import KVCache
 from .memory import check_budget, estimate_trace_bytes
-from .checks import UNSET, renamed_keyword
 from .taps import NO_TAPS, Edit, Keep, Positions, StopForward, TapCall, select_until, tap_names
 from .trace import Trace
+from .weight_views import W_E, W_in, W_K, W_O, W_out, W_pos, W_Q, W_U, W_V, b_in, b_K, b_O, b_out, b_Q, b_V
 from .weights import load_model, parameter_shapes, random_model, save_pretrained
 
 
@@ -214,7 +216,7 @@ class GPT(nn.Module):
 
     @property
     def unembedding(self) -> torch.Tensor:
-        """W_U [V, D]: row t turns a final (ln_f) vector into token t's logit; tied to the token embedding."""
+        """[V, D] (= ``W_U.T``): row t turns a final (ln_f) vector into token t's logit; tied to the token embedding."""
         return self.embed.weight
 
     # -- The API: everything below calls forward(); none of it is maths. -------------------------
@@ -275,3 +277,12 @@ class GPT(nn.Module):
     # its functions as methods: GPT.from_pretrained(dir), GPT.random("gpt2", seed=0), model.save_pretrained(dir).
     from_pretrained, random = classmethod(load_model), classmethod(random_model)
     parameter_shapes, save_pretrained = classmethod(parameter_shapes), save_pretrained
+
+    # Weights per head and per layer in TransformerLens's conventions (weight_views.py: each also takes
+    # layer= for a one-layer view), and the heads' circuits kept factored (circuits.py).
+    W_Q, W_K, W_V, W_O = property(W_Q), property(W_K), property(W_V), property(W_O)
+    b_Q, b_K, b_V, b_O = property(b_Q), property(b_K), property(b_V), property(b_O)
+    W_in, b_in, W_out, b_out = property(W_in), property(b_in), property(W_out), property(b_out)
+    W_E, W_pos, W_U = property(W_E), property(W_pos), property(W_U)
+    OV, QK = property(ov_circuit), property(qk_circuit)
+    full_ov_circuit = full_ov_circuit
