@@ -48,7 +48,7 @@ class Rows:
         HarvestError."""
         rows = self._row_numbers(which)
         out = torch.empty(rows.numel(), *self.row_shape, dtype=self.dtype)
-        flat = rows.reshape(-1)
+        flat = rows.reshape(-1).contiguous()
         shard = torch.searchsorted(self.starts, flat, right=True) - 1
         for s in shard.unique().tolist():
             here = shard == s
@@ -63,7 +63,7 @@ class Rows:
             if bad or (which.step is not None and which.step < 1):
                 raise HarvestError(f"a slice of rows takes integer bounds and a positive step (as torch's), got "
                                    f"{which}; {usage}")
-            return torch.arange(*which.indices(n))
+            return torch.arange(n)[which]
         if isinstance(which, (bool, float, str, bytes, tuple)) or which is None:
             raise HarvestError(f"{usage}, got {which!r}")
         try:

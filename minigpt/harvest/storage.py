@@ -245,16 +245,20 @@ class ShardWriter:
                 self.free.put(buffers)
 
 
+# A disk full (or a quota reached) and a file over the size limit: the run can go on once the cause is gone.
+_DISK_REFUSED = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
 def write_failed(directory: Path, what: str, error: BaseException) -> str:
     """The message of a write into the harvest that failed: for a full disk or a file too large, what to do."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
-        remedy = ("the filesystem refuses files that large: lower --shard-mb (shard_bytes) in a new --out"
-                  if error.errno == errno.EFBIG else "free some space")
+    resume = "run the same command again: it resumes after the shards already written"
+    if isinstance(error, OSError) and error.errno in _DISK_REFUSED:
+        remedy = (f"raise the file-size limit (ulimit -f) and {resume}; or, where the filesystem itself limits it, "
+                  "harvest with a lower --shard-mb (shard_bytes) into a new --out" if error.errno == errno.EFBIG
+                  else f"free some space and {resume}")
         return (f"writing {what} into {directory} failed: {error.strerror or error} "
-                f"({errno.errorcode[error.errno]}); nothing half-written was left. {remedy[0].upper()}{remedy[1:]} "
-                "and run the same command again: it resumes after the shards already written")
-    return (f"writing {what} into {directory} failed ({type(error).__name__}: {error}); run the same command "
-            "again to resume")
+                f"({errno.errorcode[error.errno]}); nothing half-written was left: {remedy}")
+    return f"writing {what} into {directory} failed ({type(error).__name__}: {error}); {resume}"
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
