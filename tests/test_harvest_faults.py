@@ -287,3 +287,19 @@ def test_everything_else_is_a_harvest_error(rows, which, message) -> None:
 def test_batches_checks_its_arguments(rows, kwargs, message) -> None:
     with pytest.raises(HarvestError, match=message):
         next(rows.batches(**kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# token_id agrees with tokens on a model whose vocabulary is smaller than GPT-2's BPE
+
+
+def test_token_id_refuses_what_tokens_refuses_on_a_small_vocabulary() -> None:
+    from minigpt import GPTConfig, InputError
+
+    small = GPT.random(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=8, n_positions=16), seed=0)
+    assert small.token_id("a") == small.tokens("a")[0, 0].item() < 300  # a byte: in every vocabulary
+    with pytest.raises(InputError, match="only 300 entries"):
+        small.tokens(" Paris")
+    with pytest.raises(InputError, match="' Paris' is GPT-2 token id 6342, but this model's vocabulary has only 300"):
+        small.token_id(" Paris")
+    assert GPT.random(CFG, seed=0).token_id(" Paris") == 6342
