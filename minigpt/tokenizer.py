@@ -35,8 +35,8 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     path = vocab_path()
     if path.exists():
         # Looked at before it is opened: a pipe or a device named by MINIGPT_TOKENIZER_FILE would hang the read.
-        check_regular_file(path, TokenizerError, "point MINIGPT_TOKENIZER_FILE at GPT-2's vocabulary file "
-                           "(gpt2.tiktoken), or unset it and run `minigpt setup`")
+        check_regular_file(path, TokenizerError, "it is not GPT-2's vocabulary: point MINIGPT_TOKENIZER_FILE at "
+                           "a copy of gpt2.tiktoken, or remove what is there and run `minigpt setup`")
         try:
             ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_VOCAB_SHA256)
         except (ValueError, OSError) as e:  # hash mismatch or garbage; a directory or unreadable file

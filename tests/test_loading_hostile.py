@@ -245,8 +245,8 @@ def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused_unread(tmp_path,
     monkeypatch.setenv("MINIGPT_TOKENIZER_FILE", str(path))
     gpt2_tokenizer.cache_clear()
     try:
-        with watchdog(20), pytest.raises(TokenizerError, match=f"{kind}, not a regular file; point "
-                                                                "MINIGPT_TOKENIZER_FILE at GPT-2's vocabulary"):
+        with watchdog(20), pytest.raises(TokenizerError, match=f"{kind}, not a regular file; it is not GPT-2's "
+                                                                "vocabulary: point MINIGPT_TOKENIZER_FILE at"):
             gpt2_tokenizer()
     finally:
         gpt2_tokenizer.cache_clear()  # the next test builds the tokenizer from the real file again
