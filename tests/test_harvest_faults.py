@@ -117,7 +117,8 @@ def test_stray_files_in_shards_are_refused_never_taken_nor_removed(model, corpus
 # Everything read back is checked before it is opened
 
 
-@pytest.mark.parametrize("name", [MARKER_FILE, "settings.json", "shards/shard-000002.json", "manifest.json"])
+@pytest.mark.parametrize("name", [MARKER_FILE, "settings.json", "shards/shard-000002.json",
+                                  "shards/shard-000002.safetensors", "manifest.json"])
 def test_a_pipe_in_place_of_a_file_read_back_is_refused_at_once(model, corpus, done, name) -> None:
     if name != "manifest.json":
         (done / "manifest.json").unlink()  # the resume reads the others
