@@ -58,7 +58,7 @@ class GPTConfig:
         if not isinstance(self.scale_attn_by_inverse_layer_idx, bool):
             problems.append(f"scale_attn_by_inverse_layer_idx must be true or false, "
                             f"got {self.scale_attn_by_inverse_layer_idx!r}")
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             problems.append(f"activation_function {self.activation_function!r} is not supported "
                             f"(supported: {', '.join(ACTIVATIONS)})")
         if not (isinstance(self.layer_norm_epsilon, (int, float)) and not isinstance(self.layer_norm_epsilon, bool)

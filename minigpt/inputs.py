@@ -196,6 +196,9 @@ def token_id(model, text: str) -> int:
     if not isinstance(text, str) or not text:
         raise InputError(f"token_id takes a non-empty text, got {text!r}")
     ids = model.tokenizer.encode(text, allowed_special={END_OF_TEXT})
+    if len(ids) == 1 and ids[0] >= model.cfg.vocab_size:  # as model.tokens refuses it: the model has no such row
+        raise InputError(f"{text!r} is GPT-2 token id {ids[0]}, but this model's vocabulary has only "
+                         f"{model.cfg.vocab_size} entries; choose a text whose id is below {model.cfg.vocab_size}")
     if len(ids) == 1:
         return ids[0]
     pieces = [model.tokenizer.decode([i]) for i in ids]

@@ -16,6 +16,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 
 from .config import END_OF_TEXT, END_OF_TEXT_ID
 from .errors import TokenizerError
+from .files import check_regular_file
 
 GPT2_VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 
@@ -33,6 +34,9 @@ def gpt2_tokenizer() -> tiktoken.Encoding:
     """GPT-2's encoding (50257 tokens, ``<|endoftext|>`` = 50256)."""
     path = vocab_path()
     if path.exists():
+        # Looked at before it is opened: a pipe or a device named by MINIGPT_TOKENIZER_FILE would hang the read.
+        check_regular_file(path, TokenizerError, "it is not GPT-2's vocabulary: point MINIGPT_TOKENIZER_FILE at "
+                           "a copy of gpt2.tiktoken, or remove what is there and run `minigpt setup`")
         try:
             ranks = tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=GPT2_VOCAB_SHA256)
         except (ValueError, OSError) as e:  # hash mismatch or garbage; a directory or unreadable file

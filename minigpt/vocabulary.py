@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import TokenizerError
+from .files import check_regular_file
 from .tokenizer import GPT2_VOCAB_SHA256, gpt2_tokenizer, vocab_path
 
 # Where tiktoken itself takes r50k_base from (tiktoken_ext.openai_public.r50k_base).
@@ -75,6 +76,7 @@ def from_sdist(data: bytes) -> bytes:
 
 def from_file(path: Path) -> bytes:
     """A copy the user has: the vocabulary itself, or an openai-whisper sdist holding it."""
+    check_regular_file(path, TokenizerError, "give the file itself")  # a pipe or a device would hang the read
     data = path.read_bytes()
     return from_sdist(data) if tarfile.is_tarfile(path) else data
 

@@ -71,6 +71,9 @@ def split(n: int, test_fraction: float = 0.2, seed: int = 0,
         n_test = max(1, round(n * test_fraction))
         return order[n_test:].sort().values, order[:n_test].sort().values
     groups = torch.as_tensor(groups)
+    if groups.shape != (n,):
+        raise InputError(f"groups must hold one value per row: shape [{n}], got {list(groups.shape)}; give e.g. "
+                         "rows.document (the same rows as the labels)")
     names = groups.unique()
     if len(names) < 2:
         raise InputError("groups must hold at least two different values to split on them")
@@ -113,6 +116,15 @@ def fit_per_layer(layers: Mapping, y: torch.Tensor, *, kind: str | None = None, 
 
     ``max_rows``: use only the first that many rows (the same for every layer)."""
     y = torch.as_tensor(y)
+    if y.dim() != 1:
+        raise InputError(f"y must hold one label per row, shape [N], got shape {list(y.shape)}")
+    # Checked before max_rows cuts them: rows and labels of different lengths are not the same rows.
+    for layer, rows in layers.items():
+        if len(rows) != len(y):
+            raise InputError(f"layer {layer!r} has {len(rows)} rows but y has {len(y)} labels; give one label per row")
+    if groups is not None and torch.as_tensor(groups).shape != y.shape:
+        raise InputError(f"groups has shape {list(torch.as_tensor(groups).shape)} but y {list(y.shape)}; give one "
+                         "group per row")
     n = len(y) if max_rows is None else min(len(y), max_rows)
     y = y[:n]
     train, test = split(n, test_fraction, seed, None if groups is None else torch.as_tensor(groups)[:n])

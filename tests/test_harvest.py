@@ -338,7 +338,7 @@ def test_other_settings_over_an_existing_directory_are_refused(model, corpus, tm
     assert len(again["shards"]) == len(before) // 2
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(HarvestError, match="not empty and holds no harvest"):
+    with pytest.raises(HarvestError, match="holds files minigpt did not write"):
         harvest(model, corpus, "blocks.0.resid_post", tmp_path / "other", quiet=True)
 
 
@@ -349,8 +349,8 @@ def test_other_settings_over_an_existing_directory_are_refused(model, corpus, tm
     ("empty", "holds no tokens"),
     ("bad_taps", "bad --taps: tap pattern 'blocks.\\*.resid_poast' matches no tap"),
     ("pattern_tap", r"\[B, H, Q, K\]"),
-    ("out_under_a_file", "cannot write into --out"),
-    ("out_is_a_file", "is a file"),
+    ("out_under_a_file", "cannot write into"),
+    ("out_is_a_file", "is not a directory"),
     ("context", "context must be"),
     ("positions", "positions must be"),
     ("tiny_shard", "cannot hold one window"),
@@ -427,9 +427,14 @@ def test_reader_refuses_what_is_not_a_finished_harvest(model, corpus, tmp_path) 
     (tmp_path / "h" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(HarvestError, match="outside the harvest directory"):
         read(tmp_path / "h", "blocks.0.resid_post")
-    manifest["shards"][0]["file"] = "shards/pipe.safetensors"
-    os.mkfifo(tmp_path / "h" / "shards" / "pipe.safetensors")  # opening it would block forever
+    manifest["shards"][0]["file"] = "shards/shard-000000.safetensors"
     (tmp_path / "h" / "manifest.json").write_text(json.dumps(manifest))
+    shard.unlink()
+    shard.symlink_to(tmp_path / "elsewhere.safetensors")  # the right name, but a link out of the directory
+    with pytest.raises(HarvestError, match="outside the harvest directory"):
+        read(tmp_path / "h", "blocks.0.resid_post")
+    shard.unlink()
+    os.mkfifo(shard)  # opening it would block forever
     with pytest.raises(HarvestError, match="a named pipe, not a regular file; a harvest holds plain files"):
         read(tmp_path / "h", "blocks.0.resid_post")
     (tmp_path / "h" / "manifest.json").write_text("[" * 100 + "]" * 100)

@@ -78,3 +78,34 @@ def test_probes_on_harvested_rows(tmp_path) -> None:
     starts = torch.tensor([model.tokenizer.decode([t]).startswith(" ") for t in tokens]).long()
     result = linear.fit_per_layer(layers, starts, groups=layers[0].document, seed=0)
     assert result.probes[0].baseline < 0.8 and result.scores[0] > 0.9
+
+
+@pytest.mark.parametrize("case, message", [
+    ("labels short", "layer 'signal' has 200 rows but y has 199 labels"),
+    ("labels long", "layer 'signal' has 200 rows but y has 201 labels"),
+    ("one layer short", "layer 'noise' has 150 rows but y has 200 labels"),
+    ("groups short", r"groups has shape \[199\] but y \[200\]"),
+    ("groups 2-d", r"groups has shape \[200, 1\]"),
+    ("labels 2-d", r"one label per row, shape \[N\]"),
+])
+def test_labels_or_groups_of_another_length_are_refused(case, message) -> None:
+    signal, noise, w_true, _ = synthetic(n=200)
+    layers = {"signal": signal, "noise": noise}
+    y, groups = (signal @ w_true > 0).long(), torch.arange(200) // 10
+    if case == "labels short":
+        y = y[:-1]
+    elif case == "labels long":
+        y = torch.cat([y, y[:1]])
+    elif case == "one layer short":
+        layers["noise"] = noise[:150]
+    elif case == "groups short":
+        groups = groups[:-1]
+    elif case == "groups 2-d":
+        groups = groups[:, None]
+    elif case == "labels 2-d":
+        y = y[:, None]
+    for max_rows in (None, 100):  # cutting to max_rows first would hide it
+        with pytest.raises(InputError, match=message):
+            linear.fit_per_layer(layers, y, groups=groups, max_rows=max_rows)
+    with pytest.raises(InputError, match=r"groups must hold one value per row: shape \[10\], got \[9\]"):
+        linear.split(10, 0.2, groups=torch.arange(9))

@@ -186,3 +186,76 @@ def test_parameters_are_the_files_tensors_unless_converted(good) -> None:
     with torch.no_grad():
         same.blocks[0].ln1.weight.add_(1.0)
     assert not torch.equal(GPT.from_pretrained(good).blocks[0].ln1.weight, same.blocks[0].ln1.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON of the wrong type or shape: config.json and the shard index are read with limits, checked by type
+
+
+HOSTILE_JSON = {
+    "a list activation": lambda c: json.dumps({**c, "activation_function": ["gelu_new"]}),
+    "a dict activation": lambda c: json.dumps({**c, "activation_function": {"name": "gelu_new"}}),
+    "a 5,000-digit number": lambda c: json.dumps(c)[:-1] + ', "n_ctx": ' + "9" * 5000 + "}",
+    "nesting 100,000 deep": lambda c: json.dumps(c)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+}
+HOSTILE_MESSAGE = {"a list activation": "activation_function ['gelu_new'] is not supported",
+                   "a dict activation": "activation_function {'name': 'gelu_new'} is not supported",
+                   "a 5,000-digit number": "a number of 5000 characters", "nesting 100,000 deep": "nested more than 64"}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_JSON))
+def test_a_hostile_config_is_a_checkpoint_error(ckpt, case) -> None:
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(HOSTILE_JSON[case](config))
+    refused(ckpt, "config.json", HOSTILE_MESSAGE[case])
+
+
+@pytest.mark.parametrize("case", ["a 5,000-digit number", "nesting 100,000 deep", "a list", "a string map"])
+def test_a_hostile_shard_index_is_a_checkpoint_error(ckpt, case) -> None:
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").rename(ckpt / "a.safetensors")
+    index = {"weight_map": {k: "a.safetensors" for k in tensors}}
+    text = {"a list": json.dumps([index]), "a string map": json.dumps({"weight_map": "a.safetensors"})}.get(case)
+    (ckpt / "model.safetensors.index.json").write_text(text or HOSTILE_JSON[case](index))
+    refused(ckpt, "model.safetensors.index.json")
+
+
+def test_a_hostile_config_through_minigpt_trace_is_one_error_line(ckpt) -> None:
+    import subprocess
+    import sys
+
+    config = json.loads((ckpt / "config.json").read_text())
+    for case in HOSTILE_JSON:
+        (ckpt / "config.json").write_text(HOSTILE_JSON[case](config))
+        done = subprocess.run([sys.executable, "-m", "minigpt", "trace", "hi", "--model", str(ckpt)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith("error: ") and HOSTILE_MESSAGE[case] in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["a named pipe", "a device", "a directory"])
+def test_a_tokenizer_file_that_is_not_a_regular_file_is_refused_unread(tmp_path, monkeypatch, kind) -> None:
+    from minigpt.errors import TokenizerError
+    from minigpt.tokenizer import gpt2_tokenizer
+
+    path = {"a named pipe": tmp_path / "pipe", "a device": Path("/dev/zero"), "a directory": tmp_path}[kind]
+    if kind == "a named pipe":
+        os.mkfifo(path)  # reading it would wait forever for a writer
+    monkeypatch.setenv("MINIGPT_TOKENIZER_FILE", str(path))
+    gpt2_tokenizer.cache_clear()
+    try:
+        with watchdog(20), pytest.raises(TokenizerError, match=f"{kind}, not a regular file; it is not GPT-2's "
+                                                                "vocabulary: point MINIGPT_TOKENIZER_FILE at"):
+            gpt2_tokenizer()
+    finally:
+        gpt2_tokenizer.cache_clear()  # the next test builds the tokenizer from the real file again
+
+
+def test_setup_refuses_a_pipe_given_as_file(tmp_path) -> None:
+    from minigpt.errors import TokenizerError
+    from minigpt.vocabulary import setup_vocabulary
+
+    os.mkfifo(tmp_path / "pipe")
+    with watchdog(20), pytest.raises(TokenizerError, match="named pipe, not a regular file"):
+        setup_vocabulary(tmp_path / "pipe", say=lambda line: None)

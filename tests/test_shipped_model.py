@@ -92,3 +92,52 @@ def test_offline_random_still_gives_random_weights(tmp_path) -> None:
     done, page = report_offline(tmp_path, "--random")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "RANDOM weights, not a trained GPT-2" in page and "pydoc-tiny" not in page
+
+
+@pytest.fixture
+def shipped_copy(tmp_path, monkeypatch) -> Path:
+    """A copy of pydoc-tiny that GPT.from_pretrained("pydoc-tiny") loads instead of the installed one."""
+    import shutil
+
+    from minigpt.weights import loading
+
+    copy = Path(shutil.copytree(DIRECTORY, tmp_path / "pydoc-tiny"))
+    monkeypatch.setitem(loading.SHIPPED, "pydoc-tiny", copy)
+    monkeypatch.chdir(tmp_path.parent)  # no directory named pydoc-tiny here: the name is the shipped model's
+    return copy
+
+
+def test_the_shipped_files_have_the_sha256_recorded_beside_them(shipped_copy) -> None:
+    listed = dict(line.split()[::-1] for line in (DIRECTORY / "SHA256SUMS").read_text().splitlines())
+    assert set(listed) == {"config.json", "model.safetensors", "TRAINING.json"}
+    import hashlib
+    assert all(hashlib.sha256((DIRECTORY / name).read_bytes()).hexdigest() == sha for name, sha in listed.items())
+    assert GPT.from_pretrained("pydoc-tiny").cfg.n_layer == 8  # the copy, unchanged, loads
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "TRAINING.json"])
+def test_a_changed_shipped_file_is_refused(shipped_copy, name) -> None:
+    from minigpt import CheckpointError
+
+    data = bytearray((shipped_copy / name).read_bytes())
+    data[len(data) // 2] ^= 1
+    (shipped_copy / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{name} has sha256 .*, not the .* recorded in .*SHA256SUMS: the "
+                                              "shipped model's files were changed or damaged; reinstall minigpt"):
+        GPT.from_pretrained("pydoc-tiny")
+
+
+@pytest.mark.parametrize("change", ["missing", "no weights line", "a pipe"])
+def test_checksums_that_are_missing_or_incomplete_are_refused(shipped_copy, change) -> None:
+    from minigpt import CheckpointError
+
+    sums = shipped_copy / "SHA256SUMS"
+    if change == "missing":
+        sums.unlink()
+    elif change == "no weights line":
+        sums.write_text("".join(line + "\n" for line in sums.read_text().splitlines() if "safetensors" not in line))
+    else:
+        sums.unlink()
+        os.mkfifo(sums)  # never opened
+    with pytest.raises(CheckpointError, match="SHA256SUMS"):
+        GPT.from_pretrained("pydoc-tiny")

@@ -9,8 +9,8 @@
 
 The modules, in the order data flows: minigpt/corpus.py (files -> documents, shared with training),
 windows (documents -> windows -> shards: the plan), runner (the model, the TapCall sink, ranks), guard
-(the memory check), storage (the directory, atomic writes, the background writer), reader
-(memory-mapped rows back), cli (``minigpt harvest``).
+(the memory check), storage (the directory, atomic writes, the background writer), records (what is
+read back, checked field by field), reader (memory-mapped rows back), cli (``minigpt harvest``).
 """
 from ..errors import HarvestError
 from .reader import Rows, read

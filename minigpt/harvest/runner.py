@@ -30,10 +30,10 @@ from ..taps import QUERY_KEY_TAPS, StopForward, TapCall, select
 from .. import corpus
 from . import storage
 from .guard import check_harvest_memory
-from .storage import MANIFEST, Buffers, ShardWriter
+from .records import FORMAT
+from .storage import Buffers, ShardWriter
 from .windows import Shard, rows_of, shards, windows
 
-FORMAT = "minigpt-harvest/1"
 POSITIONS = ("all", "last")
 
 
@@ -331,6 +331,6 @@ def _finish(out: Path, settings: dict, row_shapes: dict, mine: list[dict], rank:
                 "rows": sum(r["rows"] for r in records), "tokens": sum(r["tokens"] for r in records),
                 "bytes": sum(r["bytes"] for r in records), "world_size": world, "shards": records}
     if rank == 0:
-        storage.write_json(out / MANIFEST, manifest)
+        storage.write_manifest(out, manifest)
     distributed.gather(None, world)  # nobody returns before the manifest is there
     return manifest

@@ -1,21 +1,26 @@
 """The output directory: its layout, writes that are never seen half-done, and the background writer.
 
-    DIR/settings.json                 what this harvest is (model, corpus, taps, ...): written first,
+    DIR/.minigpt-run.json             written first, into a new or empty directory only: marks it as
+                                      a harvest's (files.claim_directory); nothing else is ever taken
+    DIR/settings.json                 what this harvest is (model, corpus, taps, ...): written next,
                                       compared on every restart
     DIR/shards/shard-000042.safetensors   rows of every tap plus their index (see ``INDEX``)
     DIR/shards/shard-000042.json          its rows, bytes and sha256 (written just before the shard)
     DIR/manifest.json                 written last, once every shard is there: the harvest is finished
 
 Every file is written under a temporary name, flushed to disk, then renamed (minigpt.files), so a
-run killed at any moment leaves either the whole file or none of it under its name.
-A shard's name is its final state: a restart redoes exactly the shards whose file is missing.
+run killed at any moment leaves either the whole file or none of it under its name; a restart removes
+only those temporaries (``.NAME.minigpt-PID.tmp``), nothing else whatever its name. A shard's name is
+its final state: a restart redoes exactly the shards whose file is missing. Whatever is read back is
+checked first (records.py).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import queue
-import re
 import struct
 import threading
 from collections.abc import Callable
@@ -26,42 +31,60 @@ import torch
 from .. import distributed, files
 from ..errors import HarvestError
 from ..weights.reading import SAFETENSORS_DTYPES
+from .records import DAMAGED, SHARD_NAME, SHARDS, check_record, shard_name
 
 _SAFETENSORS_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
-SETTINGS, MANIFEST, SHARDS = "settings.json", "manifest.json", "shards"
+SETTINGS, MANIFEST = "settings.json", "manifest.json"
 # The index of each row, stored in every shard beside the taps' rows (tap names never start with "index.").
 INDEX = {"index.document": torch.int64, "index.position": torch.int64, "index.token": torch.int32}
+KIND = "harvest"  # the kind in the directory's files.MARKER_FILE
 
 
 def shard_path(directory: Path, index: int) -> Path:
-    return directory / SHARDS / f"shard-{index:06d}.safetensors"
-
-
-def shard_number(name: str) -> int | None:
-    """The shard a file of ``shards/`` belongs to, from its name (its temporary names included), or None."""
-    found = re.search(r"shard-(\d+)", name)
-    return int(found.group(1)) if found else None
+    return directory / SHARDS / shard_name(index)
 
 
 def write_json(path: Path, value: object) -> None:
     files.write_json(path, value, indent=1)
 
 
-def read_json(path: Path) -> dict:
-    return files.read_json(path, HarvestError, "the harvest directory is damaged")
+def read_json(path: Path, directory: Path) -> object:
+    """The JSON of ``path``, a regular file inside the harvest ``directory`` (checked before it is opened)."""
+    path = files.checked_file(path, directory, HarvestError, what="harvest", way_out=DAMAGED)
+    return files.read_json(path, HarvestError, DAMAGED)
 
 
 def finished_shards(directory: Path) -> dict[int, dict]:
-    """Shard number -> its record, for every shard whose file is complete (it has its final name)."""
-    done = {}
-    for path in sorted((directory / SHARDS).glob("shard-*.safetensors")):
-        done[shard_number(path.name)] = read_json(path.with_suffix(".json"))
+    """Shard number -> its checked record, for every shard whose file is complete (it has its final name).
+
+    shards/ holds only what the harvest writes: shards, their records (a record may be there
+    without its shard: written just before it) and temporaries. Anything else is refused, never
+    taken for a shard nor removed.
+    """
+    done, strays = {}, []
+    for path in sorted((directory / SHARDS).iterdir()):
+        found = SHARD_NAME.fullmatch(path.name)
+        if files.temporary_of(path.name) is not None:
+            continue  # a killed writer's, removed by prepare
+        if found is None or found["number"] != f"{int(found['number']):06d}":
+            strays.append(path.name)
+        elif found["kind"] == "safetensors":
+            number = int(found["number"])
+            record = check_record(read_json(path.with_suffix(".json"), directory), path.with_suffix(".json"), number)
+            size = files.checked_file(path, directory, HarvestError, what="harvest", way_out=DAMAGED).stat().st_size
+            if size != record["bytes"]:
+                raise HarvestError(f"{path} holds {size:,} bytes, its record {record['bytes']:,}; {DAMAGED}")
+            done[number] = record
+    if strays:
+        raise HarvestError(f"{directory / SHARDS} holds files the harvest did not write ({', '.join(strays[:5])}); "
+                           "it reads nothing else there and removes nothing it did not write: move them out of the "
+                           "directory and run again")
     return done
 
 
 def prepare(out: Path, settings: dict, rank: int, world: int) -> None:
-    """Create ``out`` or check that it holds this very harvest; remove this rank's half-written files.
+    """Claim ``out`` and check that it holds this very harvest; remove this rank's temporaries.
 
     Rank 0 goes first (the others may share its directory); every rank learns of any rank's error.
     """
@@ -72,37 +95,34 @@ def prepare(out: Path, settings: dict, rank: int, world: int) -> None:
     problems = [p for p in distributed.gather(problem, world) if p]
     if problems:
         raise HarvestError(problems[0])
-    for stale in (out / SHARDS).glob("*.tmp"):
-        if shard_number(stale.name) is not None and shard_number(stale.name) % world == rank:
-            stale.unlink(missing_ok=True)
+
+    def ours(name: str) -> bool:  # only the temporaries of this rank's shards: other ranks may be writing theirs
+        found = SHARD_NAME.fullmatch(name)
+        return found is not None and int(found["number"]) % world == rank
+
+    files.remove_temporaries(out / SHARDS, ours)
+    if rank == 0:
+        files.remove_temporaries(out, lambda name: name in (SETTINGS, MANIFEST))
 
 
 def _check_directory(out: Path, settings: dict) -> str | None:
-    """None if ``out`` is ready for this harvest (created if new), else what is wrong with it."""
+    """None if ``out`` is ready for this harvest (claimed and marked if new), else what is wrong with it."""
     try:
-        if out.exists() and not out.is_dir():
-            return f"--out {out} is a file; give a directory (new, or holding this harvest to resume it)"
-        if (out / SETTINGS).is_file():
-            theirs = read_json(out / SETTINGS)
+        files.claim_directory(out, KIND, HarvestError)
+        if os.path.lexists(out / SETTINGS):
+            theirs = read_json(out / SETTINGS, out)
             differ = _differences(theirs, settings)
             if differ:
                 return (f"{out} holds a harvest made with other settings ({'; '.join(differ[:4])}). Run with the "
                         "same arguments to resume it, or choose another --out")
-        elif out.exists() and not _fresh(out):
-            return (f"{out} is not empty and holds no harvest ({SETTINGS} missing); choose a new or empty "
-                    "directory for --out")
-        (out / SHARDS).mkdir(parents=True, exist_ok=True)
-        if not (out / SETTINGS).is_file():
+        (out / SHARDS).mkdir(exist_ok=True)
+        if not os.path.lexists(out / SETTINGS):
             write_json(out / SETTINGS, settings)
+    except HarvestError as e:
+        return str(e)
     except OSError as e:
         return f"cannot write into --out {out} ({e.strerror or e}); choose a directory you can write to"
     return None
-
-
-def _fresh(out: Path) -> bool:
-    """Whether ``out`` holds nothing but what ranks starting beside this one may have begun to write."""
-    return all(p.name.endswith(".tmp") or (p.name == SHARDS and p.is_dir() and not any(p.iterdir()))
-               for p in out.iterdir())
 
 
 def _differences(theirs: object, ours: object, where: str = "") -> list[str]:
@@ -202,16 +222,16 @@ class ShardWriter:
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
-            raise HarvestError(f"writing a shard into {self.directory} failed: {self.error}") from self.error
+            raise HarvestError(write_failed(self.directory, "a shard", self.error)) from self.error
 
     def _work(self) -> None:
         while (item := self.todo.get()) is not None:
             if self.error is not None:
                 continue  # drain: the main thread raises
             index, buffers, rows, meta = item
+            path = shard_path(self.directory, index)
+            temporary = files.temporary_path(path)
             try:
-                path = shard_path(self.directory, index)
-                temporary = files.temporary_path(path)
                 size, sha256 = write_shard(temporary, buffers.tensors(rows), {"shard": str(index)})
                 record = {"file": f"{SHARDS}/{path.name}", "rows": rows, "bytes": size, "sha256": sha256, **meta}
                 # The record before the shard's final name: a shard file under its name always has one.
@@ -219,6 +239,31 @@ class ShardWriter:
                 files.commit(temporary, path)
                 self.written.append(record)
             except BaseException as e:  # noqa: BLE001 - any failure here must reach the main thread
+                temporary.unlink(missing_ok=True)  # nothing half-written stays (a disk full, a file too large)
                 self.error = e
             finally:
                 self.free.put(buffers)
+
+
+# A disk full (or a quota reached) and a file over the size limit: the run can go on once the cause is gone.
+_DISK_REFUSED = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def write_failed(directory: Path, what: str, error: BaseException) -> str:
+    """The message of a write into the harvest that failed: for a full disk or a file too large, what to do."""
+    resume = "run the same command again: it resumes after the shards already written"
+    if isinstance(error, OSError) and error.errno in _DISK_REFUSED:
+        remedy = (f"raise the file-size limit (ulimit -f) and {resume}; or, where the filesystem itself limits it, "
+                  "harvest with a lower --shard-mb (shard_bytes) into a new --out" if error.errno == errno.EFBIG
+                  else f"free some space and {resume}")
+        return (f"writing {what} into {directory} failed: {error.strerror or error} "
+                f"({errno.errorcode[error.errno]}); nothing half-written was left: {remedy}")
+    return f"writing {what} into {directory} failed ({type(error).__name__}: {error}); {resume}"
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """``manifest.json``, written last: the harvest is finished (HarvestError if the disk refuses it)."""
+    try:
+        write_json(directory / MANIFEST, manifest)
+    except OSError as e:
+        raise HarvestError(write_failed(directory, MANIFEST, e)) from e

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from ..files import read_json
+from .. import files
+from ..files import file_sha256, read_json
 from ..inputs import check_placement
 from .hub import hub_directory
 from .initialise import build_on_meta, parameter_shapes
@@ -24,6 +26,10 @@ from .reading import CONFIG_FILE, WEIGHTS_FILE, checked_file, read_config, read_
 
 # Trained models that come with minigpt (made by scripts/train_small.py), by the name that loads them.
 SHIPPED = {"pydoc-tiny": Path(__file__).parent.parent / "assets" / "pydoc-tiny"}
+# Beside each shipped model: the sha256 of its files, checked on every load (``verified_shipped``).
+CHECKSUMS = "SHA256SUMS"
+_CHECKSUM_LINE = re.compile(r"(?P<sha256>[0-9a-f]{64}) [ *](?P<name>[A-Za-z0-9_.-]+)")
+_REINSTALL = "reinstall minigpt (pip install --force-reinstall minigpt-taps)"
 # Ends the ``source`` of every shipped model, so that whoever shows a model can tell (the report's banner).
 SHIPPED_MARK = "shipped with minigpt; NOT OpenAI's GPT-2"
 
@@ -40,6 +46,32 @@ def shipped_description(name: str) -> str:
         return f"{name}: a small model trained by minigpt, {SHIPPED_MARK}"
 
 
+def verified_shipped(name: str) -> Path:
+    """The directory of the shipped model ``name``, once each file its SHA256SUMS lists has that sha256.
+
+    SHA256SUMS is ``sha256sum``'s format ("HEX  NAME" a line) and must list config.json and the
+    weights; a changed, truncated or missing file is a CheckpointError before anything is loaded.
+    """
+    directory = SHIPPED[name]
+    sums = files.checked_file(directory / CHECKSUMS, directory, CheckpointError, what="shipped model",
+                              way_out=_REINSTALL)
+    if sums.stat().st_size > 2**16:  # a line per file: a few hundred bytes
+        raise CheckpointError(f"{sums} holds {sums.stat().st_size:,} bytes, not a list of checksums; {_REINSTALL}")
+    lines = sums.read_text(encoding="utf-8", errors="replace").splitlines()
+    listed = [_CHECKSUM_LINE.fullmatch(line) for line in lines if line.strip()]
+    if not all(listed) or not {CONFIG_FILE, WEIGHTS_FILE} <= {m["name"] for m in listed}:
+        raise CheckpointError(f"{sums} must list the sha256 of {CONFIG_FILE} and {WEIGHTS_FILE}, a line "
+                              f"'HEX  NAME' each; {_REINSTALL}")
+    for match in listed:
+        path = files.checked_file(directory / match["name"], directory, CheckpointError,
+                                  what="shipped model", way_out=_REINSTALL)
+        found = file_sha256(path)
+        if found != match["sha256"]:
+            raise CheckpointError(f"{path} has sha256 {found}, not the {match['sha256']} recorded in {sums}: the "
+                                  f"shipped model's files were changed or damaged; {_REINSTALL}")
+    return directory
+
+
 def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:
     """(directory of config.json and the weights, the root no file may leave, a description of the source)."""
     if not isinstance(name_or_dir, (str, Path)) or not str(name_or_dir):
@@ -50,7 +82,8 @@ def locate(name_or_dir: str | Path) -> tuple[Path, Path, str]:
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and {WEIGHTS_FILE}")
     if str(name_or_dir) in SHIPPED:
-        return SHIPPED[str(name_or_dir)], SHIPPED[str(name_or_dir)], shipped_description(str(name_or_dir))
+        directory = verified_shipped(str(name_or_dir))
+        return directory, directory, shipped_description(str(name_or_dir))
     snapshot = hub_directory(str(name_or_dir))
     # The hub's cache links each snapshot's files to blobs/ beside snapshots/: the repository's folder is the root.
     return snapshot, snapshot.parent.parent, f"weights of {name_or_dir} (HuggingFace hub)"
