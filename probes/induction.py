@@ -9,11 +9,13 @@ T = 2n (+1 with a BOS) positions.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
+from minigpt.taps import Edit
 from minigpt.checks import check_int
 from minigpt.errors import InputError
 
@@ -76,14 +78,18 @@ def chance_score(n: int, bos: bool = False) -> float:
     return (1 / torch.arange(first + 1, first + n + 1, dtype=torch.float64)).mean().item()
 
 
-def induction_scores(model: GPT, n: int = 50, *, batch: int = 4, seed: int = 0, bos: int | None = None) -> Induction:
-    """Every head's induction score [L, H] and the per-token losses, on ``repeated_tokens`` (see there)."""
+def induction_scores(model: GPT, n: int = 50, *, batch: int = 4, seed: int = 0, bos: int | None = None,
+                     edits: Mapping[str, Edit] | None = None) -> Induction:
+    """Every head's induction score [L, H] and the per-token losses, on ``repeated_tokens`` (see there).
+
+    ``edits``: applied to the run as in ``model.run`` (e.g. an ablation, to see what it does to the scores).
+    """
     b = int(bos is not None)
     check_int(n, "n", 1, (model.cfg.n_positions - b) // 2,
               way_out=f"the two halves{' and the BOS' if b else ''} must fit in {model.cfg.n_positions} positions")
     tokens = repeated_tokens(model.cfg.vocab_size, n, batch=batch, seed=seed, bos=bos)
     dtype = work_dtype(model)
-    logits, trace = model.run(tokens, taps="blocks.*.attn.pattern", to="cpu", store_dtype=dtype)
+    logits, trace = model.run(tokens, taps="blocks.*.attn.pattern", edits=edits, to="cpu", store_dtype=dtype)
     scores = induction_stripe(trace.stack("attn.pattern"), n, bool(b)).mean(dim=(1, 3))  # [L, B, H, n] -> [L, H]
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].to("cpu", dtype).transpose(1, 2), tokens[:, 1:],
                                                reduction="none")  # [B, T - 1]: position p predicts token p + 1
