@@ -95,7 +95,8 @@ def _head_outputs(model: GPT, tokens: torch.Tensor) -> Trace:
 
 
 def _checked(model: GPT, clean: object, corrupt: object, receivers: Head | Sequence[Head],
-             receiver_inputs: str | Sequence[str], frozen: str) -> tuple[torch.Tensor, torch.Tensor, list[Head], list[str]]:
+             receiver_inputs: str | Sequence[str],
+             frozen: str) -> tuple[torch.Tensor, torch.Tensor, list[Head], list[str]]:
     """(base tokens, source tokens, receivers, receiver inputs) checked; InputError naming what does not fit."""
     check_choice(frozen, "frozen", ["clean", "corrupt"])
     inputs = [receiver_inputs] if isinstance(receiver_inputs, str) else list(receiver_inputs)

@@ -136,8 +136,30 @@ def test_the_bench_concern_runs_on_tiny_shapes(tmp_path) -> None:
     args = cli.parse_args(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-forward", "--no-load",
                            "--patching"])
     section = bench.measure(args, log=lambda _: None)
-    assert [r["contender"] for r in section["rows"]] == ["minigpt path_patch_sweep", "HF GPT2LMHeadModel (sdpa) + hooks",
-                                                         "HF GPT2LMHeadModel (eager) + hooks"]
+    assert [r["contender"] for r in section["rows"]] == [
+        "minigpt path_patch_sweep", "HF GPT2LMHeadModel (sdpa) + hooks", "HF GPT2LMHeadModel (eager) + hooks"]
     assert all(r["median_s"] > 0 and r["calls"] >= 2 and r["max_abs_diff_vs_minigpt"] < 1e-4 for r in section["rows"])
     assert math.isfinite(section["target_values"]["patching.sweep_vs_hf"])
     assert "path_patch_sweep" in bench.markdown(section)
+
+
+def test_the_readme_example_runs_and_says_what_it_finds() -> None:
+    """README's "Circuits in experiments" block on pydoc-tiny, and the numbers the text gives."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    heading = "\n## Circuits in experiments: induction heads and path patching\n"
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {}
+    exec(compile(block, "README.md (Circuits in experiments)", "exec"), namespace)
+    found, grid, metric, model = namespace["found"], namespace["grid"], namespace["metric"], namespace["model"]
+    assert found.scores.shape == (8, 4) and 0.008 <= found.scores.min() and found.scores.max() <= 0.015
+    assert round(found.chance, 4) == 0.0136
+    assert round(found.induction_loss, 1) == 13.2 and round(found.loss_first.mean().item(), 1) == 13.0
+    clean, corrupt = (float(metric(model.run(namespace[name])[0])) for name in ("clean", "corrupt"))
+    assert (round(clean, 3), round(corrupt, 3)) == (0.783, 0.781)
+    assert grid.shape == (8, 4) and (grid - clean).abs().max() < 1e-3
+    assert_close(grid[7], torch.full((4,), clean, dtype=torch.float64), torch.float32)  # the receivers' own block sends nothing into their queries
+    assert isinstance(namespace["one"], float)
