@@ -161,5 +161,6 @@ def test_the_readme_example_runs_and_says_what_it_finds() -> None:
     clean, corrupt = (float(metric(model.run(namespace[name])[0])) for name in ("clean", "corrupt"))
     assert (round(clean, 3), round(corrupt, 3)) == (0.783, 0.781)
     assert grid.shape == (8, 4) and (grid - clean).abs().max() < 1e-3
-    assert_close(grid[7], torch.full((4,), clean, dtype=torch.float64), torch.float32)  # the receivers' own block sends nothing into their queries
+    # The receivers' own block sends nothing into their queries.
+    assert_close(grid[7], torch.full((4,), clean, dtype=torch.float64), torch.float32)
     assert isinstance(namespace["one"], float)
