@@ -52,7 +52,8 @@ def path_patch_sweep(model: GPT, clean: object, corrupt: object, receivers: Head
                      senders_per_run: int = 8) -> torch.Tensor:
     """``path_patch`` with each single head as the sender: the metric per sender head, [L, H] (float64).
 
-    ``senders_per_run`` senders share one run (the batch repeated that many times): fewer, larger runs.
+    ``senders_per_run`` senders share one run (the batch repeated that many times): fewer, larger runs;
+    lower it if the memory guard refuses a run (its logits are [senders_per_run * B, S, V]).
     """
     base, source, receivers, inputs = _checked(model, clean, corrupt, receivers, receiver_inputs, frozen)
     check_int(senders_per_run, "senders_per_run", 1, way_out="1 runs one sender at a time")
