@@ -4,6 +4,7 @@
     .venv/bin/python -m scripts.bench --quick           # tiny model and shapes: a smoke run
     .venv/bin/python -m scripts.bench --decode          # plus greedy decode tokens/s
     .venv/bin/python -m scripts.bench --harvest --train # plus harvest throughput and a training step
+    .venv/bin/python -m scripts.bench --patching        # plus path patching beside HF + hooks
     .venv/bin/python -m scripts.bench.decode            # decode alone, with its own options
 
 The modules:
@@ -21,6 +22,7 @@ The modules:
     decode       greedy generation beside HF generate, against the memory-bandwidth floor
     harvest      ``minigpt.harvest`` to disk beside the plain forward and an HF + hooks harvester
     train        the training loop's own optimizer step beside the same step on HF's model
+    path_patching  probes.path_patching's sweep over sender heads beside the same sweep by hand with HF hooks
 
 A new concern (a row of the table) is a module exposing ``CONCERN = Concern(...)`` (see
 ``concern.Concern``) plus one line in ``registry.CONCERNS``; its targets go into

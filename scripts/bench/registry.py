@@ -6,7 +6,7 @@ for it, and its section lands in bench.json and bench.md.
 """
 from __future__ import annotations
 
-from . import decode, forward, harvest, load, train
+from . import decode, forward, harvest, load, path_patching, train
 from .concern import Concern
 
 CONCERNS: dict[str, Concern] = {c.name: c for c in [
@@ -15,4 +15,5 @@ CONCERNS: dict[str, Concern] = {c.name: c for c in [
     decode.CONCERN,
     harvest.CONCERN,
     train.CONCERN,
+    path_patching.CONCERN,
 ]}
