@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from minigpt import GPT, GPTConfig
-from minigpt.errors import CheckpointError, InputError, TrainingError
+from minigpt.errors import CheckpointError, EditError, InputError, TrainingError
 from minigpt.harvest import harvest, read
 from probes.sae import SAE, SAESettings, geometric_median, loss_recovered, measure, splice, top_activations, train
 from probes.sae.loop import _remove_parallel_gradient, aux_loss
@@ -127,6 +127,15 @@ def test_settings_and_sae_refuse_what_cannot_work() -> None:
         SAE(4, 8, "topk", k=9)
     with pytest.raises(InputError, match="row_shape"):
         SAE(4, 8, row_shape=(3, 2))
+    sae = SAE(4, 8)
+    with pytest.raises(EditError, match="encode and decode"):
+        splice(torch.zeros(3), "blocks.0.resid_post")
+    with pytest.raises(InputError, match="a latent must be an integer in \\[0, 7\\], got 8"):
+        top_activations(sae, torch.zeros(5, 4), [1, 8])
+    with pytest.raises(InputError, match="no rows"):
+        measure(sae, torch.zeros(0, 4))
+    with pytest.raises(InputError, match="two tokens or more"):
+        loss_recovered(GPT.random(CFG, seed=0), sae, TAP, "the")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +250,8 @@ def test_splice_with_the_error_term_changes_nothing_and_without_it_changes_the_l
     heads = SAE(16, 24, dtype=torch.float64, row_shape=(2, 8)).initialise(read(harvested, "blocks.1.attn.z")[:100])
     same, _ = model.run(text, edits=splice(heads, "blocks.1.attn.z", error_term=True))
     torch.testing.assert_close(same, clean, rtol=0, atol=1e-12)
+    with pytest.raises(EditError, match="rows of 16 values, but tap 'blocks.1.mlp.post' has 64"):
+        model.run(text, edits=splice(heads, "blocks.1.mlp.post"))
 
 
 def test_top_activations_are_the_largest(harvested) -> None:

@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ def train(rows, out: str | Path, settings: SAESettings = SAESettings(), *, model
                   model_name=model_name if model_name is not None else rows.manifest["settings"]["model"]["source"],
                   row_shape=rows.row_shape)
         optimizer = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2))
-        identity = {"settings": s.__dict__, "tap": rows.tap, "rows": len(rows), "harvest": _harvest_hash(rows)}
+        identity = {"settings": asdict(s), "tap": rows.tap, "rows": len(rows), "harvest": _harvest_hash(rows)}
         state = checkpoint.resume(out, identity, sae, optimizer)
         if state is None:
             sae.initialise(next(rows.batches(s.init_rows, seed=s.seed))[0], seed=s.seed, b_dec_init=s.b_dec_init)

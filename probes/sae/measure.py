@@ -1,4 +1,4 @@
-"""How good an SAE is: sparsity, reconstruction, dead and dense latents, the loss when spliced in, and what its latents read."""
+"""How good an SAE is: sparsity, reconstruction, dead and dense latents, the loss spliced in, what its latents read."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from minigpt.checks import check_float, check_int
 from minigpt.edits import zero_ablate
+from minigpt.errors import InputError
 
 from .splice import splice
 
@@ -42,7 +43,7 @@ def measure(sae, rows, *, max_rows: int | None = None, batch_size: int = 4096, d
     """``Stats`` of ``sae`` on the first ``max_rows`` rows (all by default) of ``rows`` (Rows, or a tensor [N, *row])."""
     check_int(batch_size, "batch_size", 1)
     check_float(dense_threshold, "dense_threshold", 0, 1)
-    count = len(rows) if max_rows is None else min(check_int(max_rows, "max_rows", 1), len(rows))
+    count = _row_count(rows, max_rows)
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
     totals = torch.zeros(4, dtype=torch.float64)  # squared error, active latents, sum of ||x||^2, rows
     x_sum = torch.zeros(sae.d_in, dtype=torch.float64)
@@ -62,6 +63,14 @@ def measure(sae, rows, *, max_rows: int | None = None, batch_size: int = 4096, d
                  dense=(frequency > dense_threshold).nonzero().flatten(), dense_threshold=dense_threshold)
 
 
+def _row_count(rows, max_rows: int | None) -> int:
+    """How many of ``rows`` to read: all, or the first ``max_rows``; InputError if that is none."""
+    count = len(rows) if max_rows is None else min(check_int(max_rows, "max_rows", 1), len(rows))
+    if count == 0:
+        raise InputError(f"{rows!r} holds no rows to measure on; harvest some text first")
+    return count
+
+
 @dataclass
 class Recovered:
     """Next-token cross-entropy (nats per token) clean, with the SAE spliced in (no error term) and with the
@@ -77,6 +86,8 @@ def loss_recovered(model, sae, tap: str, inputs) -> Recovered:
     """The cross-entropy loss recovered by ``sae`` at ``tap`` on ``inputs`` (text, texts or ids, as ``model.run``
     takes them; padding is left out)."""
     ids, mask = model.tokens(inputs, return_mask=True)
+    if not (mask[:, :-1] & mask[:, 1:]).any():
+        raise InputError("loss_recovered needs inputs of two tokens or more (a token and the next one to predict)")
     losses = [_next_token_loss(model.run(ids, edits=edits, attention_mask=mask)[0], ids, mask)
               for edits in (None, splice(sae, tap), zero_ablate(tap))]
     clean, spliced, zero = losses
@@ -98,8 +109,8 @@ def top_activations(sae, rows, latents: list[int], *, n: int = 5, max_rows: int 
     The row numbers index ``rows.token``, ``rows.document`` and ``rows.position`` (``context`` shows the text).
     """
     check_int(n, "n", 1)
-    count = len(rows) if max_rows is None else min(check_int(max_rows, "max_rows", 1), len(rows))
-    chosen = torch.as_tensor(latents, dtype=torch.long)
+    count = _row_count(rows, max_rows)
+    chosen = torch.tensor([check_int(latent, "a latent", 0, sae.d_sae - 1) for latent in latents], dtype=torch.long)
     values = torch.full((len(chosen), 0), -math.inf, dtype=torch.float64)
     where = torch.zeros((len(chosen), 0), dtype=torch.long)
     for start in range(0, count, batch_size):

@@ -124,7 +124,7 @@ class SAE(torch.nn.Module):
                                      way_out=LOAD_WAY_OUT), CheckpointError, LOAD_WAY_OUT)
         try:
             sae = cls(**_arguments(cfg, directory), device=device)
-        except InputError as e:  # sizes or an activation out of range: a damaged or foreign config
+        except (InputError, TypeError, ValueError) as e:  # sizes, shapes or an activation out of range
             raise CheckpointError(f"{directory / CONFIG_FILE}: {e}; {LOAD_WAY_OUT}") from None
         path = checked_file(directory / WEIGHTS_FILE, directory, CheckpointError, what="SAE", way_out=LOAD_WAY_OUT)
         try:
