@@ -46,6 +46,8 @@ def corpus_files(data: str | Path | Iterable[str | Path], error: Error) -> list[
         raise error("no corpus given: pass one or more files (or directories) of text, JSONL or Parquet")
     files: list[Path] = []
     for given in paths:
+        if not str(given).strip():  # Path("") is ".": the working directory would be read as the corpus
+            raise error(f"an empty corpus path ({given!r}): name a file or directory")
         path = Path(given)
         try:
             is_dir, is_file = path.is_dir(), path.is_file()
