@@ -14,6 +14,7 @@ import torch
 
 from minigpt import GPT, EditError, GPTConfig, HarvestError, InputError, MemoryBudgetError, TrainingError, edits
 from minigpt.checks import check_int, is_integer
+from minigpt.cli import main
 from minigpt.corpus import corpus_files, documents
 from minigpt.inputs import check_mask
 from minigpt.memory import available_memory
@@ -151,6 +152,25 @@ def test_a_training_step_that_cannot_fit_is_refused_before_the_model_is_built(
                                                 r"smaller --batch-size"):
         train(tmp_path / "docs.txt", cfg, tmp_path / "run", settings, quiet=True)
     assert not (tmp_path / "run" / "data").exists()  # refused before the corpus was tokenized
+
+
+@pytest.mark.skipif(not MEMORY_READABLE, reason="free memory cannot be read here")
+def test_the_command_refuses_absurd_sizes_and_hostile_options_with_one_error_line(tmp_path, capsys) -> None:
+    (tmp_path / "docs.txt").write_text("a few words of text " * 50)
+    absurd = tmp_path / "absurd.json"
+    absurd.write_text(json.dumps({"n_layer": 10**9, "n_head": 2, "n_embd": 8, "n_positions": 256}))
+    common = ["train", "--data", str(tmp_path / "docs.txt"), "--out", str(tmp_path / "run"), "--quiet", "--device", "cpu"]
+    for extra, message in [(["--size", str(absurd)], "training would need about"),
+                           (["--size", "gpt2", "--lr", "inf"], "lr must be a finite number >= 0, got inf"),
+                           (["--size", "gpt2", "--beta1", "nan"], "beta1 must be a finite number in [0, 1], got nan"),
+                           (["--size", "gpt2", "--seed", str(2**64)], "seed must be an integer in"),
+                           (["--size", "gpt2", "--threads", str(2**40)], "--threads must be an integer in [1, 65536]")]:
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "data").exists()
+    assert main(["train", "--data", "", "--size", "gpt2", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "empty corpus path" in capsys.readouterr().err
 
 
 def test_a_training_step_that_fits_passes_the_memory_check() -> None:
