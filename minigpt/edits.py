@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy
 import torch
 
-from .checks import is_integer
+from .checks import check_int, is_integer
 from .errors import EditError, TapError
 from .taps import Edit, select, takes_tap_name, tap_axes, tap_names, tap_shape
 from .trace import Trace
@@ -175,6 +175,7 @@ def noise_neurons(block: int, neurons: Neurons = "even", mean: float = 10.0, std
     The noise is drawn anew from ``seed`` at each call, so a run is reproducible.
     """
     _neuron_choice(neurons)  # a float or bool index refused now, not truncated at the first run
+    seed = check_int(seed, "seed", -2**63, 2**64 - 1, error=EditError)  # a generator's range, Python's ints only
 
     def edit(post: torch.Tensor) -> torch.Tensor:
         index = neuron_index(neurons, post.shape[-1])

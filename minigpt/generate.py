@@ -87,7 +87,7 @@ class Decoding:
         if self.seed is None:
             return None
         seeds = self.seed if isinstance(self.seed, (list, tuple)) else [self.seed + b for b in range(batch)]
-        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]  # NumPy's ints as Python's
 
 
 Sampling = Decoding  # the former name, kept for one release

@@ -187,9 +187,10 @@ def tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = 
     return ids, mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
 
 
-def check_seed(seed: object, what: str = "seed") -> None:
-    """Raise InputError unless ``seed`` is an integer a torch.Generator takes."""
-    check_int(seed, what, 0, 2**63 - 1)
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as a Python int (a torch.Generator refuses NumPy's), if it is an integer a generator takes;
+    else InputError."""
+    return check_int(seed, what, 0, 2**63 - 1)
 
 
 def str_tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False) -> list[str] | list[list[str]]:

@@ -258,6 +258,19 @@ def test_numpy_integers_are_taken_wherever_python_ints_are() -> None:
                        logits(edits=edits.zero_head_keys(1, 1)))
 
 
+def test_numpy_integers_reach_torch_and_json_as_python_ones(tmp_path) -> None:
+    """Accepted means it works: a seed reaches torch.Generator (which refuses NumPy's ints) and a
+    size reaches the JSON files written (which json.dumps refuses)."""
+    i = np.int64
+    model = GPT.random(GPTConfig(vocab_size=i(50), n_positions=i(12), n_embd=i(8), n_layer=i(2), n_head=i(2)), seed=i(4))
+    assert torch.equal(logits(), model.run(TOKENS)[0])
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["n_layer"] == 2
+    ids = MODEL.generate(TOKENS, i(3), top_k=i(5), seed=i(2), stop_at_eos=True, eos_id=i(7))
+    assert torch.equal(ids, MODEL.generate(TOKENS, 3, top_k=5, seed=2, stop_at_eos=True, eos_id=7))
+    assert torch.equal(MODEL.generate(TOKENS, 2, seed=[i(1), i(2)]), MODEL.generate(TOKENS, 2, seed=[1, 2]))
+
+
 @pytest.mark.parametrize("neurons", [[1.5, 2], [0.0], torch.tensor([1.0, 2.0]), [True, False], torch.tensor([True]),
                                      slice(0.5, 4), slice(0, 8, 0), [[0, 1], [2, 3]], object()])
 def test_noise_neurons_refuses_indices_that_are_not_integers(neurons) -> None:
@@ -265,8 +278,11 @@ def test_noise_neurons_refuses_indices_that_are_not_integers(neurons) -> None:
         edits.noise_neurons(0, neurons)
 
 
-def test_noise_neurons_takes_numpy_indices_as_python_ones() -> None:
-    a = logits(edits=edits.noise_neurons(0, np.array([1, 5]), seed=2))
+def test_noise_neurons_takes_numpy_indices_and_seeds_as_python_ones() -> None:
+    a = logits(edits=edits.noise_neurons(0, np.array([1, 5]), seed=np.int64(2)))
     assert torch.equal(a, logits(edits=edits.noise_neurons(0, [1, 5], seed=2)))
+    for seed in (1.0, True, 2**64, "2"):
+        with pytest.raises(EditError, match="seed must be an integer"):
+            edits.noise_neurons(0, seed=seed)
     with pytest.raises(EditError, match=r"neuron indices must lie in \[0, 32\)"):
         MODEL.run(TOKENS, edits=edits.noise_neurons(0, [40]))
