@@ -56,7 +56,8 @@ class Settings:
             if type(value) not in (int, float, type(None)):  # NumPy's numbers as Python's: the run's JSON holds them
                 object.__setattr__(self, f.name, checked)
         if not problems and self.min_lr > self.lr:
-            problems.append(f"min_lr ({self.min_lr!r}) must be <= lr ({self.lr!r}): the cosine decays from lr to min_lr")
+            problems.append(f"min_lr ({self.min_lr!r}) must be <= lr ({self.lr!r}): the cosine decays from lr to "
+                            f"min_lr; with a small --lr give --min-lr too (e.g. a tenth of it: {self.lr / 10:g})")
         if problems:
             raise TrainingError("bad training settings: " + "; ".join(problems))
 
