@@ -178,6 +178,6 @@ def _parquet(path: Path, error: Error) -> Iterator[str]:
             return
         for text in texts:
             if not isinstance(text, str):
-                raise error(f"{path}, row {row}: the 'text' value is {text!r}, not a string")
+                raise error(f"{path}, row {row}: the 'text' value is {_short(text)}, not a string")
             yield text
             row += 1

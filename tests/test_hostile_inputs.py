@@ -77,6 +77,12 @@ def test_a_parquet_file_with_damaged_pages_is_refused_naming_it(tmp_path) -> Non
     (tmp_path / "bad.parquet").write_bytes(bytes(damaged))
     with pytest.raises(HarvestError, match=r"bad\.parquet(: rows from \d+ cannot be read| is not a readable)"):
         read_all(tmp_path / "bad.parquet", HarvestError)
+    parquet.write_table(pa.table({"text": ["fine", None, "also fine"]}), tmp_path / "null.parquet")
+    with pytest.raises(HarvestError, match=r"null\.parquet, row 1: the 'text' value is None, not a string"):
+        read_all(tmp_path / "null.parquet", HarvestError)
+    parquet.write_table(pa.table({"text": [b"\x00" * 10**6]}), tmp_path / "bytes.parquet")
+    with pytest.raises(HarvestError, match=r"row 0: the 'text' value is b'[\\x0]{60,80}\.\.\. \(4,000,003 characters\), not a string"):
+        read_all(tmp_path / "bytes.parquet", HarvestError)
 
 
 @pytest.mark.parametrize("data, message", [
