@@ -15,14 +15,19 @@ names the value, the valid range and the way out. A guard is then one line::
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import warnings
 from collections.abc import Iterable
 
+import numpy
 import torch
 
 from .errors import InputError, MiniGPTError, closest
 
 ErrorClass = type[MiniGPTError]
+# NumPy's bool is no more an integer than Python's.
+_NUMPY_BOOL = numpy.bool_
 
 
 def _then(way_out: str) -> str:
@@ -39,8 +44,12 @@ def _span(low: float | None, high: float | None) -> str:
 
 
 def is_integer(value: object) -> bool:
-    """A Python int that is not a bool (``True`` is an int to Python, never a size or an index to us)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer that is not a bool: a Python int, or any ``numbers.Integral`` (NumPy's ``int64``, ...).
+
+    ``True`` is an int to Python (and ``numpy.bool_`` an integer to some code), never a size or an
+    index to us; a float, even ``2.0``, is not an integer.
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, _NUMPY_BOOL))
 
 
 def check_bool(value: object, what: str, *, error: ErrorClass = InputError) -> bool:
@@ -52,16 +61,16 @@ def check_bool(value: object, what: str, *, error: ErrorClass = InputError) -> b
 
 def check_int(value: object, what: str, low: int | None = None, high: int | None = None, *,
               way_out: str = "", error: ErrorClass = InputError) -> int:
-    """``value`` if it is an int (not a bool, not a float) with ``low <= value <= high``; a bound None is open."""
+    """``value`` as a Python int if it is an integer (``is_integer``: not a bool, not a float) with ``low <= value <= high``; a bound None is open."""
     if not is_integer(value) or (low is not None and value < low) or (high is not None and value > high):
         raise error(f"{what} must be an integer{_span(low, high)}, got {value!r}{_then(way_out)}")
-    return value
+    return operator.index(value)  # a Python int: NumPy's would not go into JSON, nor compare as one
 
 
 def check_float(value: object, what: str, low: float | None = None, high: float | None = None, *,
                 way_out: str = "", error: ErrorClass = InputError) -> float:
-    """``value`` as a float if it is a finite real number (an int or a float, not a bool) in [low, high]."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """``value`` as a float if it is a finite real number (an int or a float, NumPy's too, not a bool) in [low, high]."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, (bool, _NUMPY_BOOL)) and math.isfinite(value)
             and (low is None or value >= low) and (high is None or value <= high)):
         raise error(f"{what} must be a finite number{_span(low, high)}, got {value!r}{_then(way_out)}")
     return float(value)

@@ -17,6 +17,7 @@ file, what is wrong and the way out.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,24 +37,40 @@ class Document:
 
 def corpus_files(data: str | Path | Iterable[str | Path], error: Error) -> list[Path]:
     """The files ``data`` names (a path, or a list of them; a directory gives its files, sorted), checked."""
-    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    paths = ([data] if isinstance(data, (str, os.PathLike)) else None if isinstance(data, (bytes, bytearray))
+             else list(data) if isinstance(data, Iterable) else None)
+    if paths is None or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise error(f"the corpus must be a path (a str or a pathlib.Path) or a list of them, got {_short(data)}; "
+                    "e.g. 'corpus/' or ['a.txt', 'b.jsonl']")
     if not paths:
         raise error("no corpus given: pass one or more files (or directories) of text, JSONL or Parquet")
     files: list[Path] = []
     for given in paths:
+        if not str(given).strip():  # Path("") is ".": the working directory would be read as the corpus
+            raise error(f"an empty corpus path ({given!r}): name a file or directory")
         path = Path(given)
-        if path.is_dir():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as e:  # a name too long for the file system, a path it cannot look at
+            raise error(f"cannot look at corpus file {_short(path)} ({e.strerror or e}); check the path") from None
+        if is_dir:
             inside = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not inside:
                 raise error(f"corpus directory {path} holds no files")
             files += inside
-        elif path.is_file():
+        elif is_file:
             files.append(path)
         else:
-            raise error(f"corpus file {path} does not exist (or is not a regular file); check the path")
+            raise error(f"corpus file {_short(path)} does not exist (or is not a regular file); check the path")
         if files and files[-1].suffix == ".parquet":
             _pyarrow(files[-1], error)  # say at once that pyarrow is missing, not after hours of other files
     return files
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to 100 characters (a 5,000-character name would drown the message)."""
+    text = repr(str(value) if isinstance(value, Path) else value)
+    return text if len(text) <= 100 else f"{text[:80]}... ({len(text):,} characters)"
 
 
 def fingerprint(files: list[Path]) -> list[dict]:
@@ -84,31 +101,47 @@ def documents(files: list[Path], lines: bool, error: Error) -> Iterator[Document
             texts = _parquet(path, error)
         else:
             texts = _text(path, lines, error)
-        for text in texts:
-            yield Document(index, text, str(path))
-            index += 1
+        try:
+            for text in texts:
+                yield Document(index, text, str(path))
+                index += 1
+        except OSError as e:  # the file vanished, or the disk failed, halfway through
+            raise error(f"cannot read {_short(path)} ({type(e).__name__}: {e}); check the file") from None
+
+
+# Lines are read with undecodable bytes kept as lone surrogates, so that a file that is not UTF-8
+# is refused at the very line that holds them (and lines split exactly as in strict text mode).
+_UTF8 = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def _utf8(text: str, path: Path, where: str, error: Error) -> str:
+    """``text`` if it was valid UTF-8 (no byte escaped as a surrogate), else ``error`` naming the place."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(f"{path}, {where}: not UTF-8 (byte {text[e.start].encode('utf-8', 'surrogateescape')!r} at "
+                    f"character {e.start + 1}); convert the file to UTF-8") from None
+    return text
 
 
 def _text(path: Path, lines: bool, error: Error) -> Iterator[str]:
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            if not lines:
-                yield f.read()
-                return
-            for line in f:
-                yield line.rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise error(f"{path} is not UTF-8 text ({e}); convert it, or give JSONL or Parquet") from None
+    with path.open(newline="", **_UTF8) as f:
+        if not lines:
+            yield _utf8(f.read(), path, "the text", error)
+            return
+        for number, line in enumerate(f, start=1):
+            yield _utf8(line.rstrip("\r\n"), path, f"line {number}", error)
 
 
 def _jsonl(path: Path, error: Error) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(**_UTF8) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            _utf8(line, path, f"line {number}", error)
             try:
                 record = parse_json(line)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise error(f"{path}, line {number}: not JSON ({getattr(e, 'msg', e)}); each line of a .jsonl file "
                             "must be one JSON object with a 'text' field") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
@@ -133,8 +166,18 @@ def _parquet(path: Path, error: Error) -> Iterator[str]:
         raise error(f"{path} is not a readable Parquet file ({e})") from None
     if "text" not in table.schema_arrow.names:
         raise error(f"{path} has no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
-    for batch in table.iter_batches(columns=["text"], batch_size=1024):
-        for text in batch.column(0).to_pylist():
+    batches, row = table.iter_batches(columns=["text"], batch_size=1024), 0
+    while True:
+        try:
+            batch = next(batches, None)
+            texts = [] if batch is None else batch.column(0).to_pylist()
+        except Exception as e:  # pyarrow's errors (OSError, ArrowInvalid, ...) for a damaged page
+            raise error(f"{path}: rows from {row} cannot be read ({type(e).__name__}: {e}); the file is damaged: "
+                        "write it again, or leave it out") from None
+        if batch is None:
+            return
+        for text in texts:
             if not isinstance(text, str):
-                raise error(f"{path}: a 'text' value is {text!r}, not a string")
+                raise error(f"{path}, row {row}: the 'text' value is {_short(text)}, not a string")
             yield text
+            row += 1

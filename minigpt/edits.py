@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy
 import torch
 
-from .config import is_integer
+from .checks import check_int, is_integer
 from .errors import EditError, TapError
 from .taps import Edit, select, takes_tap_name, tap_axes, tap_names, tap_shape
 from .trace import Trace
@@ -103,18 +104,60 @@ def zero_head_keys(block: int, head: int) -> Edits:
 
 
 def neuron_index(neurons: Neurons, d_mlp: int) -> torch.Tensor | slice:
-    """'even', 'odd', 'all', a slice, or explicit indices -> an index into the last axis."""
+    """'even', 'odd', 'all', a slice, or explicit indices -> an index into the last axis (checked: EditError)."""
+    index = _neuron_choice(neurons)
+    if isinstance(index, torch.Tensor) and index.numel() and (index.min() < 0 or index.max() >= d_mlp):
+        raise EditError(f"neuron indices must lie in [0, {d_mlp}), got {index.min().item()}..{index.max().item()}")
+    return index
+
+
+def _neuron_choice(neurons: Neurons) -> torch.Tensor | slice:
+    """``neuron_index`` before the layer's width is known: the name, slice or integer indices checked."""
     named = {"even": slice(0, None, 2), "odd": slice(1, None, 2), "all": slice(None)}
     if isinstance(neurons, str):
         if neurons not in named:
             raise EditError(f"unknown neuron set {neurons!r}; use 'even', 'odd', 'all', a slice or indices")
         return named[neurons]
     if isinstance(neurons, slice):
-        return neurons
-    index = torch.as_tensor(neurons, dtype=torch.long)
-    if index.numel() and (index.min() < 0 or index.max() >= d_mlp):
-        raise EditError(f"neuron indices must lie in [0, {d_mlp}), got {index.min().item()}..{index.max().item()}")
-    return index
+        return _checked_slice(neurons, "neurons")
+    try:
+        index = torch.as_tensor(neurons)
+    except Exception as e:  # torch's TypeError, ValueError or RuntimeError for what holds no numbers
+        raise EditError(f"neurons must be 'even', 'odd', 'all', a slice or integer indices, got {neurons!r} ({e})") from None
+    if not _integral(index) or index.dim() > 1:
+        raise EditError(f"neuron indices must be integers (a list or a 1-D integer tensor), got {neurons!r}; a float "
+                        "or a bool is not an index (round it yourself: int(i))")
+    return index.long()
+
+
+def _integral(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _checked_slice(chosen: slice, what: str) -> slice:
+    """``chosen`` if its bounds and step are integers (or None) and the step is not 0; else EditError."""
+    parts = (chosen.start, chosen.stop, chosen.step)
+    if not all(part is None or is_integer(part) for part in parts) or chosen.step == 0:
+        raise EditError(f"{what}={chosen!r}: a slice's start, stop and step must be integers or None, and the step "
+                        "not 0; e.g. slice(0, None, 2)")
+    return chosen
+
+
+def _check_chosen(chosen: Chosen, what: str) -> Chosen:
+    """Positions or heads as an edit takes them, checked when the edit is made: None, an integer, a slice
+    of integers, or a list, tuple or 1-D tensor of integers (NumPy's too); never a bool or a float."""
+    if chosen is None or is_integer(chosen):
+        return chosen
+    if isinstance(chosen, slice):
+        return _checked_slice(chosen, what)
+    if isinstance(chosen, torch.Tensor):
+        picks_ok = _integral(chosen) and chosen.dim() <= 1 and chosen.layout == torch.strided
+    else:
+        picks_ok = isinstance(chosen, (list, tuple, range, numpy.ndarray)) and all(is_integer(i) for i in chosen)
+    if not picks_ok:
+        raise EditError(f"{what}={chosen!r}: give an integer, a slice, a list of integers or a 1-D integer tensor "
+                        "(negative ones count from the end), or None for all; a bool or a float is not an index")
+    return chosen
 
 
 def gaussian(shape: torch.Size | tuple[int, ...], mean: float, std: float, seed: int,
@@ -131,6 +174,8 @@ def noise_neurons(block: int, neurons: Neurons = "even", mean: float = 10.0, std
     The notes' exercise: every even neuron, mean 10 (far outside the real distribution).
     The noise is drawn anew from ``seed`` at each call, so a run is reproducible.
     """
+    _neuron_choice(neurons)  # a float or bool index refused now, not truncated at the first run
+    seed = check_int(seed, "seed", -2**63, 2**64 - 1, error=EditError)  # a generator's range, Python's ints only
 
     def edit(post: torch.Tensor) -> torch.Tensor:
         index = neuron_index(neurons, post.shape[-1])
@@ -171,6 +216,10 @@ def patch(source: Source, taps: Patterns, *, positions: Chosen = None, heads: Ch
     ``positions`` are chosen. Raises TapError if a source trace lacks a tap; EditError (naming the
     tap and both shapes) at run time if the shapes do not fit.
     """
+    if source is None:
+        raise EditError("patch needs a source: the Trace of the run to patch from (run(..., taps=...)), a "
+                        "{tap name: tensor} dict or a tensor shaped like the tap; to zero a tap use zero_ablate")
+    positions, heads = _check_chosen(positions, "positions"), _check_chosen(heads, "heads")
     patterns = _patterns(taps)
     _check_recorded(source, patterns, "patch")
 
@@ -185,6 +234,7 @@ def patch(source: Source, taps: Patterns, *, positions: Chosen = None, heads: Ch
 
 def zero_ablate(taps: Patterns, *, positions: Chosen = None, heads: Chosen = None) -> Edits:
     """Set a tap to zero: everywhere, at chosen ``positions``, or for chosen ``heads`` of a head-shaped tap."""
+    positions, heads = _check_chosen(positions, "positions"), _check_chosen(heads, "heads")
 
     def zero(x: torch.Tensor, name: str) -> torch.Tensor:
         region = _region(x, name, positions, heads)
@@ -204,6 +254,7 @@ def mean_ablate(taps: Patterns, source: Source | None = None, *, positions: Chos
     length must then equal the run's). ``attn.scores``/``attn.pattern`` are always averaged per query
     position, since a query's pattern belongs to its position.
     """
+    positions, heads = _check_chosen(positions, "positions"), _check_chosen(heads, "heads")
     patterns = _patterns(taps)
     recorded = _check_recorded(source, patterns, "mean_ablate")
     # Tap name -> the source's mean, computed once: now for a trace (so that a compiled forward

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import stat
@@ -73,8 +74,17 @@ def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
 
 def write_json(path: Path, value: object, *, indent: int = 2) -> None:
     """``value`` as JSON (then a newline) to ``path``, atomically."""
-    text = json.dumps(value, indent=indent) + "\n"
+    text = json.dumps(value, indent=indent, default=_plain_number) + "\n"
     write_atomically(Path(path), lambda temporary: temporary.write_bytes(text.encode("utf-8")))
+
+
+def _plain_number(value: object) -> object:
+    """NumPy's integers and floats (taken wherever Python's are) as Python's; anything else TypeError, as json's."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def file_sha256(path: Path) -> str:

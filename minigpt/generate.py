@@ -6,8 +6,8 @@ the whole sequence's. Taps and edits work as in ``model.run``: an edit is applie
 call (the prefill and each step), each time to the tensor of the positions computed in that call,
 so a position-wise edit (scale, add a vector, silence a head's keys) gives exactly what the same
 edit gives in a full forward over the final sequence. Edits that mix positions or depend on the
-sequence length (a replacement tensor, ``noise_neurons``, which draws noise of the call's shape)
-see one position at a time and do not equal their full-forward version.
+sequence length (``noise_neurons``, which draws noise of the call's shape) see one position at a
+time and do not equal their full-forward version; a replacement tensor is refused (EditError).
 
 Read top to bottom: how the next token is chosen (``Decoding``, ``sample``), the checks before
 anything runs (``Plan``), ``generate`` and ``stream``, then the loop. ``compile=True`` swaps the
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import END_OF_TEXT_ID, is_integer
-from .errors import InputError
+from .errors import EditError, InputError
 from .fast_decode import CompiledStep, one_at_a_time
 from .inputs import as_tokens, check_tokens
 from .kv_cache import KVCache
@@ -87,7 +87,7 @@ class Decoding:
         if self.seed is None:
             return None
         seeds = self.seed if isinstance(self.seed, (list, tuple)) else [self.seed + b for b in range(batch)]
-        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]  # NumPy's ints as Python's
 
 
 Sampling = Decoding  # the former name, kept for one release
@@ -116,7 +116,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     for the batch, or a list of one per row.
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        ids = logits.argmax(dim=-1)
+        _check_finite(logits.gather(-1, ids[:, None]).squeeze(-1))  # NaN and +inf win argmax; -inf only in a row of them
+        return ids
     # In float64 (a tiny temperature or top_p would round to 0 in float32), shifted so the largest is 0
     # before dividing: a tiny temperature gives -inf, never +inf or NaN, and acts as greedy.
     logits = logits.double()
@@ -131,9 +133,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
+    _check_finite(probs)  # NaN or +inf logits, or a row all -inf, give NaN here: multinomial would fail on them
     if isinstance(generator, list):
         return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_finite(values: torch.Tensor) -> None:
+    """InputError unless every value (per row [B, ...]) is finite: the model's logits gave no distribution."""
+    bad = ~torch.isfinite(values).flatten(1).all(dim=-1) if values.dim() > 1 else ~torch.isfinite(values)
+    if bad.any():
+        raise InputError(f"the next-token logits of row {bad.nonzero()[0].item()} are not finite (NaN, +inf, or -inf "
+                         "for every token), so no token can be chosen; the weights or an edit made them: check "
+                         "the weights (model(tokens).isfinite().all()) and the edits")
 
 
 @dataclass(frozen=True)
@@ -148,11 +160,17 @@ class Plan:
     compile: bool = False
 
     def check(self, model: GPT) -> None:
-        """Refuse taps, edits or padding under ``compile``, and a call whose trace would not fit in memory."""
+        """Refuse taps, edits or padding under ``compile``, a replacement tensor as an edit (EditError), and a
+        call whose trace would not fit in memory."""
         if self.compile and (self.request.wanted or self.mask is not None):
             what = ("taps and edits run in eager mode" if self.request.wanted
                     else "it takes prompts of equal length only")
             raise InputError(f"compile=True runs the plain model and {what}: drop compile=True")
+        replaced = [name for name, edit in self.request.edits.items() if isinstance(edit, torch.Tensor)]
+        if replaced:  # it would stand in for the prompt's positions, then for each new one: never what was meant
+            raise EditError(f"the edit of {replaced[0]!r} is a tensor; generation runs the prompt, then one position "
+                            "at a time, and a fixed tensor fits none of those calls alike: give a function instead "
+                            "(e.g. lambda x: x + delta, or one of minigpt.edits)")
         B, S = self.tokens.shape
         check_budget(model, self.request, B, S + self.max_new_tokens, prompt=S)
 

@@ -51,7 +51,7 @@ def as_tokens(inputs: str | Sequence | torch.Tensor, cfg: GPTConfig, device: tor
                          f"has only {cfg.vocab_size} entries; pass token ids below {cfg.vocab_size}")
     check_form(inputs)
     if attention_mask is not None:
-        mask = check_mask(attention_mask, tuple(inputs.shape))
+        mask = check_mask(attention_mask, tuple(inputs.shape), (inputs.device, torch.device(device)))
     return inputs.to(device=device, dtype=torch.long), None if mask is None else mask.to(device)
 
 
@@ -86,19 +86,33 @@ def _to_tensor(rows: list, what: str) -> torch.Tensor:
     return tensor
 
 
-def check_mask(mask: torch.Tensor | Sequence, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """An HF-style attention mask [B, S] (1/True = real token, 0/False = padding) -> bool, or None if all real."""
+def check_mask(mask: torch.Tensor | Sequence, shape: tuple[int, ...],
+               devices: Sequence[torch.device] = ()) -> torch.Tensor | None:
+    """An HF-style attention mask [B, S] (1/True = real token, 0/False = padding) -> bool, or None if all real.
+
+    Refused (InputError): a mask that is not dense, not on one of ``devices`` (the tokens' and the
+    model's; any if empty), not of ``shape``, holding anything but 0 and 1 (a float 0.5, NaN), or
+    with a row of padding only (there is no token to continue or to read the output at).
+    """
     try:
         mask = torch.as_tensor(mask)
     except Exception as e:
         raise InputError(f"attention_mask must be a tensor [batch, seq] of 0s and 1s ({e})") from None
+    if mask.layout != torch.strided or mask.device.type == "meta":
+        what = "on the meta device (no values)" if mask.device.type == "meta" else f"of layout {mask.layout}"
+        raise InputError(f"attention_mask must be a dense tensor of 0s and 1s, got one {what}; pass "
+                         "mask.to_dense() (on the tokens' device)")
+    if devices and mask.device not in [torch.device(d) for d in devices]:
+        raise InputError(f"attention_mask is on {mask.device}, the tokens on {devices[0]} and the model on "
+                         f"{devices[-1]}; move it: attention_mask.to({str(devices[-1])!r})")
     if mask.dim() == 1 and shape[0] == 1:
         mask = mask[None]  # one sequence [S], as the tokens may be
     if tuple(mask.shape) != shape:
         raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape {shape}; "
                          "give one 0/1 per token")
     if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
-        raise InputError("attention_mask must hold only 0 (padding) and 1 (real token), or False and True")
+        bad = "" if mask.dtype.is_complex else f", got {mask[(mask != 0) & (mask != 1)][0].item()!r}"
+        raise InputError(f"attention_mask must hold only 0 (padding) and 1 (real token), or False and True{bad}")
     mask = mask.bool()
     if not mask.any(dim=-1).all():
         empty = (~mask.any(dim=-1)).nonzero()[0].item()
@@ -173,9 +187,10 @@ def tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = 
     return ids, mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
 
 
-def check_seed(seed: object, what: str = "seed") -> None:
-    """Raise InputError unless ``seed`` is an integer a torch.Generator takes."""
-    check_int(seed, what, 0, 2**63 - 1)
+def check_seed(seed: object, what: str = "seed") -> int:
+    """``seed`` as a Python int (a torch.Generator refuses NumPy's), if it is an integer a generator takes;
+    else InputError."""
+    return check_int(seed, what, 0, 2**63 - 1)
 
 
 def str_tokens(model, inputs: str | Sequence | torch.Tensor, *, prepend_bos: bool = False) -> list[str] | list[list[str]]:

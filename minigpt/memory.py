@@ -139,6 +139,32 @@ def check_budget(model: GPT, call: TapCall, batch: int, seq: int, *, prompt: int
             f"Use a smaller batch or fewer tokens, or {_WAY_OUT[0].lower()}{_WAY_OUT[1:]}")
 
 
+def training_bytes(cfg: GPTConfig, values: int, batch: int, context: int, grad_accum: int,
+                   activation_itemsize: int) -> dict[str, int]:
+    """Bytes one training step holds at its peak, by part, for a model of ``values`` float32 values.
+
+    The weights, their gradients and AdamW's two states (4 bytes a value each), one micro-batch's
+    activations kept for the backward (``forward_bytes`` with ``grad``) and the step's windows
+    ([grad_accum * batch, context + 1] int64, all taken at the start of the step).
+    """
+    return {"the weights": 4 * values, "their gradients": 4 * values, "AdamW's two states": 8 * values,
+            "one micro-batch's activations": forward_bytes(cfg, batch, context, activation_itemsize, grad=True),
+            "the step's windows": 8 * grad_accum * batch * (context + 1)}
+
+
+def check_training_fits(parts: dict[str, int], device: torch.device, way_out: str) -> None:
+    """Refuse (MemoryBudgetError), before anything is allocated, a training step whose ``parts``
+    (``training_bytes``) add up to more than 90% of the memory free on ``device`` now.
+    Where free memory cannot be read (not Linux, not CUDA), nothing is refused."""
+    free = available_memory(torch.device(device))
+    total = sum(parts.values())
+    if free is not None and total > 0.9 * free:
+        raise MemoryBudgetError(
+            f"training would need about {fmt_bytes(total)} ("
+            + ", ".join(f"{what} {fmt_bytes(n)}" for what, n in parts.items())
+            + f"), more than 90% of the {fmt_bytes(free)} free on {device} now; {way_out}")
+
+
 # A harvest's own bookkeeping beside the forward and the shard buffers (the writer thread, the
 # document being tokenized, the open file): about 4 MiB measured with GPT-2 small, counted as 8
 # (by minigpt.harvest.guard, and by the harvest bench's bound).

@@ -10,7 +10,7 @@ from hf_reference import Case, assert_close, cases, make_hf, to_minigpt
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minigpt import GPT, GPTConfig, InputError, MiniGPTError, edits
+from minigpt import GPT, EditError, GPTConfig, InputError, MiniGPTError, edits
 from minigpt.cli import main
 from minigpt.fast_decode import StaticKVCache
 from minigpt.generate import sample
@@ -276,11 +276,36 @@ def test_bad_settings_are_refused_before_anything_runs(settings: dict, message: 
         model.generate([1, 2], **settings)
 
 
-def test_a_replacement_tensor_edit_is_an_edit_error_during_generation() -> None:
-    """A replacement tensor fits the prompt's shape but not one new position's: refused, not misapplied."""
+def test_a_replacement_tensor_edit_is_an_edit_error_before_the_prefill() -> None:
+    """A replacement tensor fits the prompt's shape but not one new position's (and a 1-token prompt's
+    shape would fit every step, silently): refused before anything runs, with the way out."""
     model = tiny()
-    with pytest.raises(MiniGPTError, match="shape"):
-        model.generate([[1, 2, 3]], 2, edits={"blocks.0.resid_post": torch.zeros(1, 3, 16, dtype=torch.float64)})
+    ran = []
+    model.blocks[0].register_forward_hook(lambda *_: ran.append(1))
+    for prompt in ([[1, 2, 3]], [[1]]):
+        edit = torch.zeros(1, len(prompt[0]), 16, dtype=torch.float64)
+        for call in (model.generate, model.stream):
+            with pytest.raises(EditError, match=r"'blocks\.0\.resid_post' is a tensor.*give a function instead"):
+                call(prompt, 2, edits={"blocks.0.resid_post": edit})
+    assert not ran
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+@pytest.mark.filterwarnings("ignore:the edit at tap 'logits' produced")  # the edit's own warning, said elsewhere
+def test_logits_that_give_no_distribution_are_an_input_error(poison: float, temperature: float) -> None:
+    """NaN or +inf logits (or every one -inf) are refused by name, greedy or sampled, never torch's
+    multinomial error; a row with some -inf (tokens banned by an edit) still samples."""
+    logits = torch.zeros(2, 5)
+    logits[1] = poison if poison == float("-inf") else 0
+    logits[1, 2] = poison
+    with pytest.raises(InputError, match="logits of row 1 are not finite"):
+        sample(logits, temperature, generator=torch.Generator().manual_seed(0))
+    banned = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf"), 0.0]])
+    assert sample(banned, temperature, generator=torch.Generator().manual_seed(0)).item() in (0, 2, 4)
+    model = tiny()
+    with pytest.raises(InputError, match="not finite"):
+        model.generate([[1, 2, 3]], 2, temperature=temperature, seed=0, edits={"logits": lambda x: x * poison})
 
 
 # ---------------------------------------------------------------------------------------------

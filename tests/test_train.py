@@ -208,14 +208,14 @@ def test_init_goes_on_from_a_checkpoint(corpus, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"steps": 0}, "steps must be a positive integer"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
     ({"batch_size": -1}, "batch_size"),
-    ({"lr": -1.0}, "lr must be >= 0"),
+    ({"lr": -1.0}, "lr must be a finite number >= 0"),
     ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"),
     ({"dropout": 2.0}, "dropout"),
     ({"context": 64}, "longer than the model's 32 positions"),
     ({"val_fraction": 0.0}, "some text must be held out"),
-    ({"lr": "fast"}, "lr must be a number"),
+    ({"lr": "fast"}, "lr must be a finite number"),
 ])
 def test_bad_settings_are_training_errors(corpus, tmp_path, change, message) -> None:
     with pytest.raises(TrainingError, match=message):
@@ -223,11 +223,11 @@ def test_bad_settings_are_training_errors(corpus, tmp_path, change, message) -> 
 
 
 def test_settings_check_themselves_when_built_and_list_every_problem() -> None:
-    with pytest.raises(TrainingError, match=r"steps must be a positive integer, got 0; .*lr must be >= 0, got -1"):
+    with pytest.raises(TrainingError, match=r"steps must be an integer >= 1, got 0; .*lr must be a finite number >= 0, got -1"):
         Settings(steps=0, lr=-1)
-    with pytest.raises(TrainingError, match=r"seed must be a number, got '0'"):
+    with pytest.raises(TrainingError, match=r"seed must be an integer in \[0, 17592186044415\], got '0'"):
         Settings(seed="0")
-    with pytest.raises(TrainingError, match=r"warmup must be an integer, got 2.5"):
+    with pytest.raises(TrainingError, match=r"warmup must be an integer >= 0, got 2.5"):
         Settings(warmup=2.5)
     assert Settings(dropout=None).dropout is None and Settings(dropout=0.5).dropout == 0.5
     with pytest.raises(TrainingError, match="save_every must be a positive integer"):
@@ -282,7 +282,7 @@ def test_command_line_trains_and_fails_with_one_error_line(corpus, tmp_path) -> 
     assert done.returncode == 0, done.stderr
     assert "trained to step 2" in done.stderr and json.loads((tmp_path / "run" / "config.json").read_text())["n_layer"] == 1
     for args, message in [(["--size", str(config), "--init", str(tmp_path / "run")], "one of them"),
-                          (["--size", str(config), "--steps", "0"], "steps must be a positive integer"),
+                          (["--size", str(config), "--steps", "0"], "steps must be an integer >= 1"),
                           (["--size", str(tmp_path / "missing.json")], "neither an official size")]:
         failed = run_cli("--data", str(corpus), "--out", str(tmp_path / "bad"), "--quiet", "--device", "cpu", *args)
         assert failed.returncode == 2 and failed.stderr.startswith("error: ") and message in failed.stderr, failed.stderr

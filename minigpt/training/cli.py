@@ -49,14 +49,12 @@ def add_command(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..errors import InputError
+    from ..checks import check_int
     from .loop import train
     from .settings import Settings
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:  # torch takes a C int: a huge count would overflow there, not here
+        torch.set_num_threads(check_int(args.threads, "--threads", 1, 2**16, way_out="e.g. --threads 8"))
     out = output_dir(args.out)
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     started = time.perf_counter()

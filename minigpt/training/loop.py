@@ -24,7 +24,7 @@ from ..files import read_json
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data
-from .settings import Settings
+from .settings import Settings, check_fits
 
 
 def learning_rate(step: int, s: Settings) -> float:
@@ -180,6 +180,7 @@ def _model(size, init, s: Settings, device: str) -> GPT:
     if s.context > cfg.n_positions:
         raise TrainingError(f"--context {s.context} is longer than the model's {cfg.n_positions} positions; "
                             "lower it or use a config with more positions")
+    check_fits(s, cfg, device)  # before anything is allocated: an absurd config or batch fails here
     model = GPT.random(cfg, seed=s.seed, device=device)
     if start is not None:
         model.load_state_dict(start.state_dict())

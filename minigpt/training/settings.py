@@ -1,10 +1,21 @@
-"""``Settings``: what a training run is, each field a ``minigpt train`` option, checked when built."""
+"""``Settings``: what a training run is, each field a ``minigpt train`` option, checked when built;
+``check_fits``: whether its step fits in memory, told before the model is built."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from ..config import is_integer
+import torch
+
+from ..checks import check_float, check_int
+from ..config import GPTConfig
 from ..errors import TrainingError
+from ..memory import check_training_fits, training_bytes
+from ..weights.names import least_values
+
+# The window order seeds a 64-bit generator with seed * 1_000_003 + epoch (training/data.py's Order):
+# below 2**44, that leaves room for 2**59 epochs.
+MAX_SEED = 2**44 - 1
 
 
 def _knob(default, help: str):
@@ -34,7 +45,19 @@ class Settings:
     seed: int = _knob(0, "seed of the initial weights, the split, the window order and dropout")
 
     def __post_init__(self) -> None:
-        problems = _not_numbers(self) or _out_of_range(self)
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                checked = _RULES[f.name](value, f.name)
+            except TrainingError as e:
+                problems.append(str(e))
+                continue
+            if type(value) not in (int, float, type(None)):  # NumPy's numbers as Python's: the run's JSON holds them
+                object.__setattr__(self, f.name, checked)
+        if not problems and self.min_lr > self.lr:
+            problems.append(f"min_lr ({self.min_lr!r}) must be <= lr ({self.lr!r}): the cosine decays from lr to "
+                            f"min_lr; with a small --lr give --min-lr too (e.g. a tenth of it: {self.lr / 10:g})")
         if problems:
             raise TrainingError("bad training settings: " + "; ".join(problems))
 
@@ -43,30 +66,50 @@ class Settings:
         return self.batch_size * self.grad_accum * world
 
 
-# Which rule each field follows (``dropout`` may also be None: the config's own).
-_POSITIVE_INTEGERS = ("steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows")
-_NOT_NEGATIVE = ("warmup", "lr", "min_lr", "weight_decay", "grad_clip")
-_INTEGERS = ("warmup", "seed")
-_BETAS = ("beta1", "beta2")
+def _size(low: int) -> Callable[[object, str], int]:
+    return lambda value, name: check_int(value, name, low, error=TrainingError)
 
 
-def _not_numbers(s: Settings) -> list[str]:
-    """A problem for each field that is not a number (checked first: the ranges compare numbers)."""
-    return [f"{f.name} must be a number, got {getattr(s, f.name)!r}" for f in fields(s)
-            if not (f.name == "dropout" and s.dropout is None)
-            and (isinstance(getattr(s, f.name), bool) or not isinstance(getattr(s, f.name), (int, float)))]
+def _rate(value: object, name: str) -> float:
+    return check_float(value, name, low=0, error=TrainingError)
 
 
-def _out_of_range(s: Settings) -> list[str]:
-    """A problem for each field outside its range, saying the range."""
-    v = {f.name: getattr(s, f.name) for f in fields(s)}
-    problems = [f"{n} must be a positive integer, got {v[n]!r}" for n in _POSITIVE_INTEGERS
-                if not (is_integer(v[n]) and v[n] >= 1)]
-    problems += [f"{n} must be >= 0, got {v[n]!r}" for n in _NOT_NEGATIVE if not v[n] >= 0]
-    problems += [f"{n} must be an integer, got {v[n]!r}" for n in _INTEGERS if not is_integer(v[n])]
-    problems += [f"{n} must be in [0, 1), got {v[n]!r}" for n in _BETAS if not 0 <= v[n] < 1]
-    if not 0 < s.val_fraction < 1:
-        problems.append(f"val_fraction must be in (0, 1): some text must be held out, got {s.val_fraction!r}")
-    if s.dropout is not None and not 0 <= s.dropout <= 1:
-        problems.append(f"dropout must be in [0, 1], got {s.dropout!r}")
-    return problems
+def _below_one(value: object, name: str) -> float:
+    """A beta: in [0, 1) (at 1, AdamW's averages would never move)."""
+    if check_float(value, name, 0, 1, error=TrainingError) == 1:
+        raise TrainingError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _held_out(value: object, name: str) -> float:
+    if check_float(value, name, 0, 1, error=TrainingError) in (0, 1):
+        raise TrainingError(f"{name} must be in (0, 1): some text must be held out, got {value!r}")
+    return float(value)
+
+
+def _dropout(value: object, name: str) -> float | None:
+    return None if value is None else check_float(value, name, 0, 1, way_out="or None: the config's",
+                                                  error=TrainingError)
+
+
+def _seed(value: object, name: str) -> int:
+    return check_int(value, name, 0, MAX_SEED, error=TrainingError)
+
+
+# The rule of each field, by name.
+_RULES: dict[str, Callable[[object, str], object]] = {
+    **dict.fromkeys(("steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"), _size(1)),
+    "warmup": _size(0), **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip"), _rate),
+    "beta1": _below_one, "beta2": _below_one, "dropout": _dropout, "val_fraction": _held_out, "seed": _seed}
+
+
+def check_fits(s: Settings, cfg: GPTConfig, device: torch.device) -> None:
+    """Refuse (MemoryBudgetError), before the model is built, a model of ``cfg`` whose training step
+    with ``s`` would not fit in the memory free on ``device``: an absurd config (n_layer=10**9), a
+    batch too big. Counts at least the weights, gradients and AdamW states (``least_values``), one
+    micro-batch's activations (bf16 under a GPU's autocast) and the step's windows."""
+    device = torch.device(device)
+    parts = training_bytes(cfg, least_values(cfg), s.batch_size, s.context, s.grad_accum,
+                           2 if device.type == "cuda" else 4)
+    check_training_fits(parts, device, "use a smaller --batch-size or --context (more --grad-accum keeps the "
+                        "global batch), fewer --grad-accum if the step's windows are the most, or a smaller model (--size)")

@@ -31,7 +31,7 @@ def random_model(model_class: type, size: str | GPTConfig = "gpt2", *, seed: int
     """``GPT.random``: a GPT-2 of an official size (or any config) with seeded random weights, as HF
     initialises them (and as ``minigpt train`` starts)."""
     check_placement(dtype, device)
-    check_seed(seed)
+    seed = check_seed(seed)
     if not (isinstance(size, GPTConfig) or (isinstance(size, str) and size in OFFICIAL)):
         raise InputError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OFFICIAL)}, or pass a GPTConfig")
     model = model_class(OFFICIAL[size] if isinstance(size, str) else size)

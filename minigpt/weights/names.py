@@ -91,6 +91,12 @@ def plan(header: Header, cfg: GPTConfig, shapes_of: ShapesOf) -> tuple[dict[str,
     return chosen, twins
 
 
+def least_values(cfg: GPTConfig) -> int:
+    """At least how many values a GPT-2 of ``cfg`` holds (its tables, LayerNorm and MLP weights), by
+    arithmetic alone: an absurd config (n_layer=10**9) is told before anything is built."""
+    return (cfg.vocab_size + cfg.n_positions + 2 + cfg.n_layer * 2 * cfg.d_mlp) * cfg.n_embd
+
+
 def _check_agreement(header: Header, cfg: GPTConfig) -> None:
     """One clear CheckpointError when config.json and the weights describe different models.
 
@@ -107,7 +113,7 @@ def _check_agreement(header: Header, cfg: GPTConfig) -> None:
         if shape is not None and len(shape) == 2 and tuple(shape) != want:
             found.append(f"{axis0}={want[0]}, n_embd={want[1]} but {table} is {list(shape)} ([{axis0}, n_embd])")
     declared = 4 + 12 * cfg.n_layer  # tensors a GPT-2 of this depth has
-    values = (cfg.vocab_size + cfg.n_positions + 2 + cfg.n_layer * 2 * cfg.d_mlp) * cfg.n_embd
+    values = least_values(cfg)
     held = sum(math.prod(shape) for shape, _ in header.values())
     if not found and (declared > len(header) or values > held):
         found.append(f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, vocab_size={cfg.vocab_size}: {declared} tensors "
