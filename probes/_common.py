@@ -108,8 +108,7 @@ def ln_f_own_stats(model: GPT, x: torch.Tensor) -> torch.Tensor:
     ``ln_f_frozen`` (the run's recorded scale, linear), this is ln_f as the model would apply it.
     Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
     """
-    w = model.unembedding
-    return model.ln_f(x.to(w.device, w.dtype)).detach().to("cpu", work_dtype(model))
+    return Trace.ln_f_own_stats(x, model).detach().to("cpu", work_dtype(model))
 
 
 def unembedding(model: GPT) -> torch.Tensor:
