@@ -182,7 +182,7 @@ class Trace(Mapping[str, torch.Tensor]):
         normed = self.ln_f_own_stats(self.accumulated_residual(), model)
         if tokens is not None:
             return (normed * self._unembedding_of(model, tokens, normed)).sum(dim=-1)
-        return normed @ _parameter(model.unembedding, normed).T
+        return F.linear(normed, _parameter(model.unembedding, normed))  # the model's own product
 
     def apply_ln_f(self, stack: torch.Tensor, model: GPT | LayerNorm, *, bias: bool = False) -> torch.Tensor:
         """The old name of ``ln_f_frozen`` (deprecated)."""
