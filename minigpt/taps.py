@@ -70,8 +70,7 @@ def _predicate_hits(predicate: Callable[[str], bool], names: list[str]) -> list[
         if not isinstance(answer, bool):
             raise TapError(f"the tap predicate {predicate!r} returned {answer!r} for {name!r}; a predicate takes a tap "
                            "name and returns True (record it) or False")
-        if answer:
-            hits.append(name)
+        hits += [name] * answer
     if not hits:
         raise TapError(f"the tap predicate {predicate!r} selects no tap {_LIST_HINT}")
     return hits

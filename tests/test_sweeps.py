@@ -71,7 +71,6 @@ def test_patching_the_clean_run_into_itself_changes_nothing(model):
     clean_value = METRIC(model(torch.tensor([CLEAN])))[0]
     grid = patch_positions(model, CLEAN, CLEAN, METRIC, "resid_pre", batch=4)
     torch.testing.assert_close(grid, clean_value.expand(3, len(CLEAN)), rtol=1e-12, atol=1e-12)
-    # Patching every position of block 0's input is the clean run: the last column only matters at the end.
     assert "resid_pre" in POSITION_TAPS and "attn.z" in HEAD_TAPS and "attn.pattern" not in HEAD_TAPS
 
 
