@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import UNSET, check_bool, renamed_keyword
-from .errors import InputError
 from .circuits import full_ov_circuit, ov_circuit, qk_circuit
 from .config import ACTIVATIONS, GPTConfig
+from .errors import InputError
 from .generate import generate, stream
 from .inputs import as_tokens, check_tokens, str_tokens, token_id, tokens
 from .kv_cache import KVCache

@@ -38,8 +38,8 @@ def select(patterns: TapFilter | Iterable[TapFilter], names: list[str]) -> list[
     if isinstance(patterns, str) or callable(patterns):
         patterns = [patterns]
     elif not isinstance(patterns, Iterable):
-        raise TapError(f"taps must be a tap name, a glob pattern, a predicate (a function of the name) or a list of "
-                       f"them, got {type(patterns).__name__} {patterns!r}")
+        raise TapError(f"taps must be a tap name, a glob pattern or a list of them (or a predicate: a function of "
+                       f"the name), got {type(patterns).__name__} {patterns!r}")
     chosen: set[str] = set()
     for pattern in patterns:
         if callable(pattern):
