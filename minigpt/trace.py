@@ -3,7 +3,9 @@
 The algebra is the residual stream's bookkeeping, each step exact: the stream after block L is
 ``embed + pos_embed + sum over blocks <= L of (attn_delta + mlp_delta)`` (in eval mode, with the
 stream itself unedited), and ``ln_f`` is affine once its scale is frozen at the value it had in this
-run, so the logit of a token splits into one term per part plus one for ``ln_f``'s bias.
+run, so the logit of a token splits into one term per part plus one for ``ln_f``'s bias
+(``ln_f_frozen``). The logit lens reads each state instead through ln_f with that state's own
+statistics (``ln_f_own_stats``, ``logit_lens``): the two differ everywhere but at the final residual.
 Shapes: P parts, B batch, S sequence, D d_model, H heads.
 """
 from __future__ import annotations

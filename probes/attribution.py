@@ -67,8 +67,8 @@ def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = 
     last = f"blocks.{n - 1}.resid_post"
     taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last,
             "ln_f.scale"]
-    # Only the positions read are kept; row r's is kept[r] of them. Stored in float64 (exact for any
-    # model dtype), so the trace's algebra below runs in float64.
+    # Only the positions read are kept (row r's is read[r] among them). Stored in float64 (exact for
+    # any model dtype), so the trace's algebra below runs in float64.
     kept = sorted(set(columns))
     logits, trace = record_rows(model, tokens, taps, mask, positions=kept, store_dtype=torch.float64)
     rows = torch.arange(len(columns))

@@ -30,6 +30,8 @@ HEAD_TAPS = tuple(info.name for info in BLOCK_TAPS if info.shape.split()[:3] == 
 
 def logit_difference(answer: int, wrong: int, position: int = -1) -> Metric:
     """A metric: logits[:, position, answer] - logits[:, position, wrong] -> [B]."""
+    answer, wrong = check_int(answer, "answer", 0), check_int(wrong, "wrong", 0)
+    position = check_int(position, "position")
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
         return logits[:, position, answer] - logits[:, position, wrong]
