@@ -124,8 +124,11 @@ def check_budget(model: GPT, call: TapCall, batch: int, seq: int, *, prompt: int
     explicit = any(call.wants(n) for n in call.wanted if n.endswith(QUERY_KEY_TAPS))
     parts = {"the trace": trace}
     if prompt is None:
-        parts["the forward's activations and logits"] = forward_bytes(cfg, batch, seq, itemsize, grad=keep.grad,
-                                                                     explicit_attention=explicit)
+        # A run that stops before the unembedding (stop_at, or run's logits=False) never holds the logits.
+        logits = keep.stop_at in (None, "logits")
+        what = "the forward's activations" + (" and logits" if logits else "")
+        parts[what] = forward_bytes(cfg, batch, seq, itemsize, grad=keep.grad, explicit_attention=explicit,
+                                    logits=logits)
     else:  # generation: the prefill, the cache, and the per-step traces joined into one (a second copy)
         parts["the trace"] = 2 * trace
         parts["the prompt's forward"] = forward_bytes(cfg, batch, prompt, itemsize, explicit_attention=explicit)

@@ -22,33 +22,58 @@ from .tap_table import (  # noqa: F401 (the table lived here: importers of these
     tap_names, tap_shape)
 
 Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
+# What run(..., taps=) takes: a tap name, a glob pattern, a predicate of the name (True = record), or a list of them.
+TapFilter = str | Callable[[str], bool]
 # Sequence positions a run keeps: a slice, a list, "last" (each row's last real token), or None (all).
 Positions = slice | list[int] | str | None
 
 
-def select(patterns: str | Iterable[str], names: list[str]) -> list[str]:
-    """Expand tap names and glob patterns (``blocks.*.resid_post``) into names, in forward order.
+def select(patterns: TapFilter | Iterable[TapFilter], names: list[str]) -> list[str]:
+    """Expand tap names, glob patterns (``blocks.*.resid_post``) and predicates into names, in forward order.
 
-    Raises TapError for an unknown name, a block that does not exist, or a pattern that matches nothing.
+    A predicate is a function of a tap name returning True for the taps it selects
+    (``lambda name: name.endswith("resid_post")``); a list may mix the three. Raises TapError for
+    an unknown name, a block that does not exist, or a pattern or predicate that matches nothing.
     """
-    if isinstance(patterns, str):
+    if isinstance(patterns, str) or callable(patterns):
         patterns = [patterns]
     elif not isinstance(patterns, Iterable):
-        raise TapError(f"taps must be a tap name, a glob pattern or a list of them, got "
-                       f"{type(patterns).__name__} {patterns!r}")
+        raise TapError(f"taps must be a tap name, a glob pattern or a list of them (or a predicate: a function of "
+                       f"the name), got {type(patterns).__name__} {patterns!r}")
     chosen: set[str] = set()
     for pattern in patterns:
-        if not isinstance(pattern, str):
+        if callable(pattern):
+            hits = _predicate_hits(pattern, names)
+        elif not isinstance(pattern, str):
             raise TapError(f"tap names are strings, got {type(pattern).__name__} {pattern!r}; "
                            "write e.g. 'blocks.0.resid_post' or 'blocks.*.attn.pattern'")
-        is_glob = any(c in pattern for c in "*?[")
-        hits = fnmatch.filter(names, pattern) if is_glob else [pattern] if pattern in names else []
-        if not hits:
-            what = "tap pattern {!r} matches no tap" if is_glob else "unknown tap {!r}"
-            raise TapError(f"{what.format(pattern)}{_no_such_block(pattern, names)}{closest(pattern, names)} "
-                           f"{_LIST_HINT}")
+        else:
+            is_glob = any(c in pattern for c in "*?[")
+            hits = fnmatch.filter(names, pattern) if is_glob else [pattern] if pattern in names else []
+            if not hits:
+                what = "tap pattern {!r} matches no tap" if is_glob else "unknown tap {!r}"
+                raise TapError(f"{what.format(pattern)}{_no_such_block(pattern, names)}{closest(pattern, names)} "
+                               f"{_LIST_HINT}")
         chosen.update(hits)
     return [n for n in names if n in chosen]
+
+
+def _predicate_hits(predicate: Callable[[str], bool], names: list[str]) -> list[str]:
+    """The names a tap predicate selects; TapError if it selects none or answers other than True/False."""
+    hits = []
+    for name in names:
+        try:
+            answer = predicate(name)
+        except Exception as e:
+            e.add_note(f"(raised by the tap predicate {predicate!r} given the name {name!r})")
+            raise
+        if not isinstance(answer, bool):
+            raise TapError(f"the tap predicate {predicate!r} returned {answer!r} for {name!r}; a predicate takes a tap "
+                           "name and returns True (record it) or False")
+        hits += [name] * answer
+    if not hits:
+        raise TapError(f"the tap predicate {predicate!r} selects no tap {_LIST_HINT}")
+    return hits
 
 
 _LIST_HINT = "(model.tap_names lists every tap; minigpt.describe(n_layer) says what each holds)"
@@ -297,7 +322,7 @@ class TapCall:
 Taps = TapCall  # the old name, kept one release
 
 
-def select_until(patterns: str | Iterable[str], names: list[str], stop_at: str | None) -> list[str]:
+def select_until(patterns: TapFilter | Iterable[TapFilter], names: list[str], stop_at: str | None) -> list[str]:
     """``select(patterns, names)`` (nothing for no patterns), cut after ``stop_at``: the taps to record.
 
     Raises TapError for a ``stop_at`` that is not a tap, and for taps asked for by exact name after
@@ -310,7 +335,8 @@ def select_until(patterns: str | Iterable[str], names: list[str], stop_at: str |
         raise TapError(f"stop_at={stop_at!r} is not a tap name{closest(str(stop_at), names)}; give one exact "
                        f"name, e.g. stop_at='blocks.3.resid_post' {_LIST_HINT}")
     last = names.index(stop_at)
-    exact = {patterns} if isinstance(patterns, str) else set(patterns)
+    exact = {p for p in ([patterns] if isinstance(patterns, str) or callable(patterns) else patterns)
+             if isinstance(p, str)}
     late = [n for n in record if n in exact and names.index(n) > last]
     if late:
         raise TapError(f"taps {late[:3]} come after stop_at={stop_at!r}, where the forward ends, so they would "

@@ -3,7 +3,9 @@
 The algebra is the residual stream's bookkeeping, each step exact: the stream after block L is
 ``embed + pos_embed + sum over blocks <= L of (attn_delta + mlp_delta)`` (in eval mode, with the
 stream itself unedited), and ``ln_f`` is affine once its scale is frozen at the value it had in this
-run, so the logit of a token splits into one term per part plus one for ``ln_f``'s bias.
+run, so the logit of a token splits into one term per part plus one for ``ln_f``'s bias
+(``ln_f_frozen``). The logit lens reads each state instead through ln_f with that state's own
+statistics (``ln_f_own_stats``, ``logit_lens``): the two differ everywhere but at the final residual.
 Shapes: P parts, B batch, S sequence, D d_model, H heads.
 """
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
+from .checks import check_device, check_floating_dtype, is_integer
 from .errors import InputError, TapError, closest
 
 if TYPE_CHECKING:
@@ -32,12 +36,37 @@ class Trace(Mapping[str, torch.Tensor]):
         self.n_layer = n_layer
         self.mask = mask  # [B, S] bool, True = real token (a padded batch has False after each row's tokens)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: str | tuple[str, int]) -> torch.Tensor:
+        """``trace["ln_f"]``, ``trace["blocks.3.resid_post"]``, or for a block tap ``trace["resid_post", 3]``
+        (the same tensor; a negative layer counts from the last block)."""
+        if isinstance(name, tuple):
+            name = self._block_tap(*name) if len(name) == 2 else name
         try:
             return self._tensors[name]
-        except KeyError:
-            raise TapError(f"tap {name!r} was not recorded in this run{closest(name, self._tensors)}; "
+        except (KeyError, TypeError):
+            raise TapError(f"tap {name!r} was not recorded in this run{closest(str(name), self._tensors)}; "
                            f"ask for it with run(..., taps=[{name!r}])") from None
+
+    def _block_tap(self, tap: object, layer: object) -> str:
+        """(``resid_post``, 3) -> ``blocks.3.resid_post``; TapError for a layer this model lacks."""
+        if not isinstance(tap, str) or tap.startswith("blocks.") or not is_integer(layer) \
+                or not -self.n_layer <= layer < self.n_layer:
+            raise TapError(f"trace[tap, layer] takes a block tap's short name and a block, e.g. trace['resid_post', 3] "
+                           f"with blocks 0..{self.n_layer - 1} (negative ones from the end); got ({tap!r}, {layer!r})")
+        return f"blocks.{layer % self.n_layer}.{tap}"
+
+    def to(self, device_or_dtype: torch.device | str | torch.dtype) -> Trace:
+        """A new Trace, every tensor moved to a device or cast to a floating dtype (this one is unchanged).
+
+        ``mask`` moves with a device and stays bool. The copies stay on the autograd graph (``Tensor.to``).
+        """
+        if isinstance(device_or_dtype, torch.dtype):
+            dtype = check_floating_dtype(device_or_dtype, "Trace.to", "recorded activations are floating tensors; "
+                                         "give e.g. torch.float64, or a device such as 'cpu'")
+            return Trace({k: v.to(dtype) for k, v in self._tensors.items()}, self.n_layer, self.mask)
+        device = check_device(device_or_dtype, "Trace.to")
+        mask = None if self.mask is None else self.mask.to(device)
+        return Trace({k: v.to(device) for k, v in self._tensors.items()}, self.n_layer, mask)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -114,6 +143,9 @@ class Trace(Mapping[str, torch.Tensor]):
         that sum to the final residual (``decomposed_residual``) the results sum to ``trace['ln_f']``
         minus ln_f's bias, to float rounding. ``bias=True`` adds the bias (for a whole residual, not
         parts). ``model``: the model or its ``ln_f``. Needs the tap ``ln_f.scale``.
+        For direct logit attribution, not for reading an earlier state (a logit lens): the final
+        residual's scale is wrong for an earlier state, by tens of logits on GPT-2; ``ln_f_own_stats``
+        normalises each vector with its own statistics.
         """
         self._require(["ln_f.scale"], "ln_f.scale", "ln_f_frozen")
         scale = self["ln_f.scale"]
@@ -124,6 +156,35 @@ class Trace(Mapping[str, torch.Tensor]):
         centred = stack - stack.mean(dim=-1, keepdim=True)
         normed = centred * scale.to(stack) * _parameter(ln.weight, stack)
         return normed + _parameter(ln.bias, stack) if bias else normed
+
+    @staticmethod
+    def ln_f_own_stats(stack: torch.Tensor, model: GPT | LayerNorm) -> torch.Tensor:
+        """ln_f as the model applies it, each vector with its OWN mean and variance: [..., D] -> [..., D].
+
+        The logit lens's normalisation (not linear; includes ln_f's bias). Computed by the model's
+        ``ln_f`` kernel in its dtype and on its device, returned in ``stack``'s dtype and device: on
+        the final residual it gives ``trace['ln_f']`` bit for bit (to float rounding where the run
+        recorded ``ln_f.scale``, which computes ln_f in the open). Needs no tap. Contrast ``ln_f_frozen``
+        (this run's recorded scale, linear: direct logit attribution). ``model``: the model or its ``ln_f``.
+        """
+        ln = getattr(model, "ln_f", model)
+        x = stack.to(ln.weight.device, ln.weight.dtype)
+        normed = F.layer_norm(x, ln.normalized_shape, _parameter(ln.weight, x), _parameter(ln.bias, x), ln.eps)
+        return normed.to(stack)
+
+    def logit_lens(self, model: GPT, tokens: Tokens | None = None) -> torch.Tensor:
+        """The logit lens: each residual state through ``ln_f_own_stats`` and the unembedding.
+
+        -> [n_layer + 1, B, S, V] (index 0 the embeddings, L + 1 block L's output; the last is the
+        model's logits to float rounding), in the trace's dtype. With ``tokens`` (as in
+        ``logit_attribution``: an id, ids [B] or [B, S], or a pair (a, b) for a - b) only their logits:
+        [n_layer + 1, B, S], without the [.., V] product (which takes L * B * S * V values).
+        Needs the taps of ``accumulated_residual``.
+        """
+        normed = self.ln_f_own_stats(self.accumulated_residual(), model)
+        if tokens is not None:
+            return (normed * self._unembedding_of(model, tokens, normed)).sum(dim=-1)
+        return F.linear(normed, _parameter(model.unembedding, normed))  # the model's own product
 
     def apply_ln_f(self, stack: torch.Tensor, model: GPT | LayerNorm, *, bias: bool = False) -> torch.Tensor:
         """The old name of ``ln_f_frozen`` (deprecated)."""

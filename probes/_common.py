@@ -11,6 +11,7 @@ import torch
 from minigpt import GPT, Trace
 from minigpt.config import is_integer
 from minigpt.errors import InputError, MiniGPTError
+from minigpt.inputs import as_tokens, check_values
 from minigpt.taps import Edit
 
 
@@ -60,6 +61,28 @@ def single_sequence(model: GPT, inputs: str | list | torch.Tensor) -> torch.Tens
     return tokens
 
 
+def sequences(model: GPT, inputs: str | list | torch.Tensor, attention_mask: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence or a batch (texts or id lists of any lengths, a tensor [B, S] with ``attention_mask``)
+    -> (ids [B, S], mask [B, S], True = real token), for the probes that read several rows."""
+    tokens, mask = as_tokens(inputs, model.cfg, model.unembedding.device, lambda: model.tokenizer,
+                             attention_mask=attention_mask)
+    check_values(tokens, model.cfg)
+    return tokens, torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask
+
+
+def row_columns(mask: torch.Tensor, position: int) -> tuple[list[int], list[int]]:
+    """``position`` counted among each row's real tokens (negative: from its last) -> (the index among
+    them, the column of ``mask`` [B, S]) per row; InputError naming the row whose tokens are too few."""
+    indices, columns = [], []
+    for row, real in enumerate(mask):
+        where = real.nonzero().flatten().tolist()
+        index = check_index("position" if len(mask) == 1 else f"position (row {row})", position, len(where))
+        indices.append(index)
+        columns.append(where[index])
+    return indices, columns
+
+
 def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str, Edit] | None = None,
            positions: list[int] | None = None, store_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Trace]:
     """Run once: logits [S, V] in ``work_dtype(model)`` and a trace of tensors [1, ...], on the CPU.
@@ -67,10 +90,19 @@ def record(model: GPT, tokens: torch.Tensor, taps: list[str], edits: Mapping[str
     ``positions`` keeps only those sequence positions in the trace (the logits keep all);
     ``store_dtype``: the trace's dtype (default ``work_dtype(model)``).
     """
+    logits, trace = record_rows(model, tokens, taps, edits=edits, positions=positions, store_dtype=store_dtype)
+    return logits[0], trace
+
+
+def record_rows(model: GPT, tokens: torch.Tensor, taps: list[str], mask: torch.Tensor | None = None, *,
+                edits: Mapping[str, Edit] | None = None, positions: list[int] | None = None,
+                store_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, Trace]:
+    """``record`` for a batch: logits [B, S, V]; ``mask`` [B, S] for padded rows (all True: none)."""
     dtype = work_dtype(model)
-    logits, trace = model.run(tokens, taps=taps, edits=edits, to="cpu", store_dtype=store_dtype or dtype,
-                              keep_positions=positions)
-    return logits[0].detach().to("cpu", dtype), trace
+    padded = mask if mask is not None and not bool(mask.all()) else None
+    logits, trace = model.run(tokens, taps=taps, edits=edits, attention_mask=padded, to="cpu",
+                              store_dtype=store_dtype or dtype, keep_positions=positions)
+    return logits.detach().to("cpu", dtype), trace
 
 
 def work_dtype(model: GPT) -> torch.dtype:
@@ -108,8 +140,7 @@ def ln_f_own_stats(model: GPT, x: torch.Tensor) -> torch.Tensor:
     ``ln_f_frozen`` (the run's recorded scale, linear), this is ln_f as the model would apply it.
     Running the module itself, in its own dtype, makes the result bit-equal to the ``ln_f`` tap.
     """
-    w = model.unembedding
-    return model.ln_f(x.to(w.device, w.dtype)).detach().to("cpu", work_dtype(model))
+    return Trace.ln_f_own_stats(x, model).detach().to("cpu", work_dtype(model))
 
 
 def unembedding(model: GPT) -> torch.Tensor:

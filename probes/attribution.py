@@ -14,13 +14,16 @@ The algebra is the trace's (``Trace.decomposed_residual``, ``logit_attribution``
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from minigpt import GPT
 
-from ._common import Finding, Result, check_index, float_eps, record, single_sequence, token_text
+from minigpt.errors import InputError
+
+from ._common import Finding, Result, check_index, float_eps, record_rows, row_columns, sequences, token_text
 
 
 @dataclass
@@ -49,34 +52,67 @@ class Attribution(Result):
 
 
 def attribute(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1,
-              target: int | None = None) -> Attribution:
-    """Split the logit of ``target`` (default: the model's prediction) at ``position`` into direct parts."""
+              target: int | Sequence[int] | None = None,
+              attention_mask: torch.Tensor | None = None) -> Attribution | list[Attribution]:
+    """Split the logit of ``target`` (default: the model's prediction) at ``position`` into direct parts.
+
+    One sequence -> an Attribution. A batch of B > 1 rows (texts or id lists of any lengths, or ids
+    [B, S] with an ``attention_mask``) -> a list of B from one forward: ``position`` counts among each
+    row's real tokens (-1: each row's last); ``target`` one id for every row or one per row.
+    """
     cfg = model.cfg
     n = cfg.n_layer
-    tokens = single_sequence(model, inputs)
-    position = check_index("position", position, tokens.shape[1])
+    tokens, mask = sequences(model, inputs, attention_mask)
+    indices, columns = row_columns(mask, position)
     last = f"blocks.{n - 1}.resid_post"
     taps = ["embed", "pos_embed", "blocks.*.attn.heads", "blocks.*.attn_delta", "blocks.*.mlp_delta", last,
             "ln_f.scale"]
-    # Stored in float64 (exact for any model dtype), so the trace's algebra below runs in float64.
-    logits, trace = record(model, tokens, taps, positions=[position], store_dtype=torch.float64)
-    target = int(logits[position].argmax()) if target is None else check_index("target", target, cfg.vocab_size)
+    # Only the positions read are kept (row r's is read[r] among them). Stored in float64 (exact for
+    # any model dtype), so the trace's algebra below runs in float64.
+    kept = sorted(set(columns))
+    logits, trace = record_rows(model, tokens, taps, mask, positions=kept, store_dtype=torch.float64)
+    rows = torch.arange(len(columns))
+    at = logits[rows, columns]  # [B, V]: each row's logits at the position read
+    targets = _targets(target, at, cfg.vocab_size)
 
     # embed, pos_embed, then per block each head's write, attention's output bias (no head's), the MLP.
-    parts = trace.decomposed_residual(heads=True)[0]  # [2 + n (H + 2), 1, 1, D]
+    parts = trace.decomposed_residual(heads=True)[0]  # [2 + n (H + 2), B, kept, D]
     names = ["embed", "pos_embed"] + [f"b{i}.{p}" for i in range(n)
                                       for p in [*(f"h{h}" for h in range(cfg.n_head)), "attn_bias", "mlp"]]
     # ln_f made linear, its scale frozen at this run's (the trace's direct logit attribution).
-    contributions = trace.logit_attribution(parts, model, target)[:, 0, 0]  # [parts]
-    ln_f_bias = trace.ln_f_bias_attribution(model, target)[0, 0].item()
+    read = [kept.index(column) for column in columns]
+    contributions = trace.logit_attribution(parts, model, targets)[:, rows, read]  # [parts, B]
+    ln_f_bias = trace.ln_f_bias_attribution(model, targets)[rows, read]  # [B]
     # sigma as quoted beside the parts, in float64 from the recorded residual.
-    sigma = (trace[last][0, 0].var(unbiased=False) + model.ln_f.eps).sqrt()
-    logit = logits[position, target].item()
+    sigma = (trace[last][rows, read].var(dim=-1, unbiased=False) + model.ln_f.eps).sqrt()
+    results = [_attribution_row(model, names, contributions[:, row], ln_f_bias[row].item(), sigma[row].item(),
+                                at[row, targets[row]].item(), indices[row], int(targets[row]))
+               for row in range(len(columns))]
+    return results[0] if len(results) == 1 else results
+
+
+def _targets(target: int | Sequence[int] | None, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The token attributed in each row -> ids [B]: the row's prediction (argmax of ``logits`` [B, V]),
+    one id for all rows, or one per row; InputError for an id outside the vocabulary or a wrong count."""
+    if target is None:
+        return logits.argmax(dim=-1)
+    if isinstance(target, Sequence) and not isinstance(target, str):
+        if len(target) != len(logits):
+            raise InputError(f"target gives {len(target)} ids for {len(logits)} rows; give one id for every row, "
+                             "one per row, or None (each row's prediction)")
+        return torch.tensor([check_index("target", t, vocab_size) for t in target])
+    return torch.tensor([check_index("target", target, vocab_size)] * len(logits))
+
+
+def _attribution_row(model: GPT, names: list[str], contributions: torch.Tensor, ln_f_bias: float, sigma: float,
+                     logit: float, position: int, target: int) -> Attribution:
+    """One row's Attribution from its contributions [parts] (float64), ln_f's bias term, the scale and the logit."""
+    cfg = model.cfg
     total = contributions.sum().item() + ln_f_bias
-    per_block = contributions[2:].view(n, cfg.n_head + 2)
+    per_block = contributions[2:].view(cfg.n_layer, cfg.n_head + 2)
     result = Attribution(
         position=position, target_id=target, target_token=token_text(model, [target])[0], logit=logit,
-        scale=sigma.item(), names=names + ["ln_f.bias"],
+        scale=sigma, names=names + ["ln_f.bias"],
         contributions=torch.cat([contributions, torch.tensor([ln_f_bias], dtype=torch.float64)]),
         heads=per_block[:, :cfg.n_head], attn_bias=per_block[:, cfg.n_head], mlp=per_block[:, cfg.n_head + 1],
         embed=contributions[0].item(), pos_embed=contributions[1].item(), ln_f_bias=ln_f_bias,

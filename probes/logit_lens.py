@@ -12,8 +12,8 @@ import torch
 
 from minigpt import GPT
 
-from ._common import (RESIDUAL_TAPS, Finding, Result, check_index, check_within, decode_text, float_eps, ln_f_own_stats,
-                      record, residual_labels, residual_states, single_sequence, token_text, unembedding)
+from ._common import (RESIDUAL_TAPS, Finding, Result, check_within, decode_text, float_eps, ln_f_own_stats, record_rows,
+                      residual_labels, row_columns, sequences, token_text, unembedding)
 
 
 @dataclass
@@ -34,25 +34,37 @@ class LogitLens(Result):
     final_max_diff: float         # max |lens at the last block - model logits|: 0 up to rounding
 
 
-def lens(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1, k: int = 5) -> LogitLens:
-    """ln_f + unembedding on every residual state at ``position`` (default the last)."""
-    tokens = single_sequence(model, inputs)
-    S = tokens.shape[1]
-    position = check_index("position", position, S)
+def lens(model: GPT, inputs: str | list | torch.Tensor, *, position: int = -1, k: int = 5,
+         attention_mask: torch.Tensor | None = None) -> LogitLens | list[LogitLens]:
+    """ln_f + unembedding on every residual state at ``position`` (default the last).
+
+    One sequence -> a LogitLens. A batch of B > 1 rows (texts or id lists of any lengths, or ids
+    [B, S] with an ``attention_mask``) -> a list of B, one forward for all: ``position`` counts
+    among each row's real tokens (-1: each row's last).
+    """
+    tokens, mask = sequences(model, inputs, attention_mask)
+    indices, columns = row_columns(mask, position)
     k = check_within("k", k, 1, model.cfg.vocab_size, integer=True)
-    logits, trace = record(model, tokens, RESIDUAL_TAPS)
-    states = residual_states(trace)[:, position]            # [L, D]
+    logits, trace = record_rows(model, tokens, RESIDUAL_TAPS, mask)
+    states = trace.accumulated_residual()  # [L, B, S, D]
+    results = [_lens_row(model, states[:, row, column], logits[row, column], indices[row],
+                         tokens[row][mask[row]][:indices[row] + 1].tolist(), k)
+               for row, column in enumerate(columns)]
+    return results[0] if len(results) == 1 else results
+
+
+def _lens_row(model: GPT, states: torch.Tensor, final: torch.Tensor, position: int, context: list[int],
+              k: int) -> LogitLens:
+    """One row's lens: its residual states [L, D] and the model's logits [V] at the position read."""
     lens_logits = ln_f_own_stats(model, states) @ unembedding(model).T  # [L, V]
     logprobs = lens_logits.double().log_softmax(-1)
-    final = logits[position]
     target = int(final.argmax())
     top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     final_logprobs = final.double().log_softmax(-1)
     kl = (final_logprobs.exp() * (final_logprobs - logprobs)).sum(-1)
     target_logit = lens_logits[:, target:target + 1]
     result = LogitLens(
-        labels=residual_labels(model.cfg.n_layer), position=position,
-        context=decode_text(model, tokens[0, :position + 1].tolist()),
+        labels=residual_labels(model.cfg.n_layer), position=position, context=decode_text(model, context),
         top_ids=top.indices, top_probs=top.values.exp().float(),
         top_tokens=[token_text(model, row) for row in top.indices.tolist()], target_id=target,
         target_token=token_text(model, [target])[0], target_prob=logprobs[:, target].exp().float(),

@@ -44,8 +44,9 @@ def test_out_of_domain_arguments_are_refused(model, probe, kwargs, message):
         probe(model, TOKENS, **kwargs)
 
 
+# probes.lens and probes.attribute read batches (tests/test_sweeps.py).
 @pytest.mark.parametrize("probe", [probes.reconstruct, probes.check_final_norm, probes.intervene,
-                                   probes.measure_distributions, probes.lens, probes.attribute])
+                                   probes.measure_distributions])
 def test_every_probe_says_plainly_it_reads_one_sequence(model, probe):
     with pytest.raises(InputError, match="probes read one sequence, got a batch of 2; .*loop over the batch"):
         probe(model, [[1, 2, 3], [4, 5, 6]])

@@ -268,8 +268,7 @@ def test_attribution_of_a_chosen_token_and_position(model):
 
 
 def test_every_probe_rejects_a_batch(model):
-    for probe in (probes.check_final_norm, probes.intervene, probes.measure_distributions, probes.lens,
-                  probes.attribute):
+    for probe in (probes.check_final_norm, probes.intervene, probes.measure_distributions):  # lens, attribute: batches
         with pytest.raises(MiniGPTError):
             probe(model, [TOKENS, TOKENS])
 

@@ -199,3 +199,76 @@ def test_wrong_shapes_and_tokens_are_refused(small) -> None:
         trace.logit_attribution(parts, small, [1, 2, 3])
     with pytest.raises(InputError, match="a pair"):
         trace.logit_attribution(parts, small, (1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# The logit lens: each state with its own statistics, beside ln_f_frozen
+
+
+@given(case=cases(min_embd=8), dtype=DTYPES)
+def test_logit_lens_is_hfs_ln_f_and_head_on_each_hidden_state(case: Case, dtype) -> None:
+    hf, model = pair(case, dtype)
+    tokens = case.tokens()
+    logits, trace = model.run(tokens, taps=["blocks.*.resid_pre", "blocks.*.resid_post", "ln_f"])
+    hf_logits, reads = hf_forward(hf, tokens)
+    last = reads[f"blocks.{model.cfg.n_layer - 1}.resid_post"]
+    states = [*reads["hidden_states"][:-1], last]  # HF's last hidden state is after ln_f: take the raw one
+    with torch.no_grad():
+        expected = torch.stack([hf.lm_head(hf.transformer.ln_f(state)) for state in states])
+    lens = trace.logit_lens(model)
+    assert lens.shape == (model.cfg.n_layer + 1, *hf_logits.shape) and not lens.requires_grad
+    assert_close(lens, expected, dtype=dtype)
+    assert_close(lens[-1], logits, dtype=dtype)  # the last state is the model's own output
+    assert torch.equal(trace.ln_f_own_stats(trace["resid_post", -1], model), trace["ln_f"])
+    ids = torch.randint(model.cfg.vocab_size, tokens.shape, generator=torch.Generator().manual_seed(case.seed))
+    assert_close(trace.logit_lens(model, ids), lens.gather(-1, ids.expand(len(lens), -1, -1)[..., None])[..., 0],
+                 dtype=dtype)
+    top = model.cfg.vocab_size - 1
+    assert_close(trace.logit_lens(model, (top, 0)), lens[..., top] - lens[..., 0], dtype=dtype)
+
+
+def test_frozen_ln_f_is_not_a_lens_and_own_stats_needs_no_tap() -> None:
+    """ln_f_frozen uses the final residual's scale, right for attribution and off for earlier states."""
+    model = GPT.from_pretrained("pydoc-tiny")
+    logits, trace = model.run("def main(argv):\n    return", taps=["blocks.*.resid_pre", "blocks.*.resid_post",
+                                                                  "ln_f.scale"])
+    states = trace.accumulated_residual()
+    own = trace.ln_f_own_stats(states, model) @ model.unembedding.detach().T
+    frozen = trace.ln_f_frozen(states, model, bias=True) @ model.unembedding.detach().T
+    assert torch.allclose(own[-1], frozen[-1], atol=1e-4) and torch.allclose(own[-1], logits, atol=1e-4)
+    assert (own[0] - frozen[0]).abs().max() > 10  # tens of logits at the embeddings
+    assert torch.equal(own, trace.logit_lens(model))
+    _, bare = model.run("def main", taps="blocks.*.resid_post")
+    with pytest.raises(TapError, match="accumulated_residual"):
+        bare.logit_lens(model)
+    assert bare.ln_f_own_stats(bare["resid_post", 0], model.ln_f).shape == bare["resid_post", 0].shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Access by (tap, layer), and copies on another device or dtype
+
+
+def test_block_taps_by_name_and_layer(small) -> None:
+    _, trace = small.run(TOKENS, taps=["blocks.*.resid_post", "ln_f"])
+    assert trace["resid_post", 1] is trace["blocks.1.resid_post"]
+    assert trace["resid_post", -2] is trace["blocks.0.resid_post"]
+    assert trace["ln_f"].shape == (2, 4, 24)
+    assert ("resid_post", 0) in trace and ("resid_pre", 0) not in trace and ("resid_post", 2) not in trace
+    for key, message in [(("resid_post", 2), r"blocks 0\.\.1"), (("resid_post", True), "trace\\['resid_post', 3\\]"),
+                         (("blocks.0.resid_post", 0), "short name"), (("resid_pre", 0), "was not recorded"),
+                         (("resid_post", 0, 1), "was not recorded")]:
+        with pytest.raises(TapError, match=message):
+            trace[key]
+
+
+def test_to_returns_a_new_trace_in_another_dtype_or_device(small) -> None:
+    _, trace = small.run([[3, 9, 14], [2]], taps=["blocks.*.resid_post", "ln_f"])
+    wide = trace.to(torch.float64)
+    assert wide is not trace and wide["ln_f"].dtype == torch.float64 and trace["ln_f"].dtype == torch.float32
+    assert torch.equal(wide["ln_f"], trace["ln_f"].double()) and wide.mask is trace.mask and wide.n_layer == 2
+    moved = trace.to("cpu")
+    assert list(moved) == list(trace) and torch.equal(moved.mask, trace.mask) and moved.mask.dtype == torch.bool
+    with pytest.raises(InputError, match="not a floating dtype"):
+        trace.to(torch.int64)
+    with pytest.raises(InputError, match="not a device"):
+        trace.to("nowhere")
