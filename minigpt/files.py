@@ -171,3 +171,63 @@ def checked_file(path: Path, root: Path, error: type[MiniGPTError], *, what: str
     if not stat.S_ISREG(mode):
         raise error(f"{path} is {_kind(mode)}, not a regular file; a {what} holds plain files: {way_out}")
     return real
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.minigpt-[0-9]+\.tmp")
+
+
+def temporary_of(name: str) -> str | None:
+    """The file name whose ``temporary_path`` ``name`` is (``.NAME.minigpt-PID.tmp`` -> NAME), else None."""
+    match = _TEMPORARY.fullmatch(name)
+    return match["name"] if match else None
+
+
+def remove_temporaries(directory: Path, ours: Callable[[str], bool]) -> None:
+    """Remove what killed writers left in ``directory``: regular files named as ``temporary_path`` names
+    them, for a NAME that ``ours(NAME)`` says this directory's writer writes. Nothing else, whatever its name."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        target = temporary_of(entry.name)
+        if target is not None and ours(target) and stat.S_ISREG(os.lstat(entry).st_mode):
+            entry.unlink(missing_ok=True)
+
+
+# Written first into a directory minigpt creates or is given empty: what makes it minigpt's (train, harvest).
+MARKER_FILE = ".minigpt-run.json"
+MARKER_FORMAT = "minigpt-directory/1"
+
+
+def claim_directory(path: Path, kind: str, error: type[MiniGPTError]) -> Path:
+    """``path`` as an output directory of minigpt's ``kind`` ("train", "harvest"), checked before anything is written.
+
+    A missing or empty directory is created and marked first (MARKER_FILE, ``{"kind": kind}``); one
+    that holds minigpt's marker of this ``kind`` is taken as it is. Anything else (a file, a directory
+    holding other files, one marked for another kind) raises ``error`` and nothing is written: minigpt
+    never writes into, or cleans, a directory it did not make.
+    """
+    path = Path(path)
+    marker = path / MARKER_FILE
+    if os.path.lexists(marker):
+        way_out = "give another --out (an empty or new directory)"
+        found = read_json(checked_file(marker, path, error, what=f"minigpt {kind}", way_out=way_out), error, way_out)
+        if not isinstance(found, dict) or found.get("kind") != kind:
+            kind_found = found.get("kind") if isinstance(found, dict) else found
+            raise error(f"{path} is not a minigpt {kind} directory: its {MARKER_FILE} says kind {kind_found!r}; "
+                        f"{way_out}")
+        return path
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise error(f"{path} is not a directory; give a directory (it is created if missing)")
+        foreign = sorted(e.name for e in path.iterdir() if temporary_of(e.name) != MARKER_FILE)
+        if foreign:
+            raise error(f"{path} holds files minigpt did not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}); minigpt writes {kind} output only into an empty "
+                        f"or new directory, or one of its own {kind} runs (marked by {MARKER_FILE}): give another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(path, lambda name: name == MARKER_FILE)  # a claim killed before its rename
+        write_json(marker, {"format": MARKER_FORMAT, "kind": kind})
+    except OSError as e:
+        raise error(f"cannot write into {path} ({e.strerror or e}); give a directory you can write to") from e
+    return path
