@@ -195,6 +195,7 @@ def export(out: Path, state: dict) -> None:
     weights = out / "training" / f"model-{state['step']}.safetensors"
     if not _same(out / WEIGHTS_FILE, weights, state["files"][weights.name]):
         def place(path: Path) -> None:
+            path.unlink(missing_ok=True)  # this process's own temporary name, left by a killed one of the same id
             try:
                 os.link(weights, path)
             except OSError:  # a filesystem without hard links

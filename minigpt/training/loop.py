@@ -236,10 +236,10 @@ def _open_out(out: Path, model: GPT) -> None:
     back to its committed checkpoint before anything else: DIR's model that step's, what killed runs left removed."""
     claim_directory(out, "train", TrainingError)
     state = checkpoint.load_state(out, max_bytes=checkpoint.file_limit(model))
-    if state is not None:
-        checkpoint.export(out, state)
     checkpoint.tidy(out, state)
     data.tidy(out / "data")
+    if state is not None:
+        checkpoint.export(out, state)
 
 
 def _data(paths, directory: Path, s: Settings, lines: bool, rank: int, world: int) -> tuple[data.Windows, data.Windows]:
