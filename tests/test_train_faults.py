@@ -345,13 +345,14 @@ def groups(state: dict) -> None:
     (lambda out: edit_state(out, lambda s: s.update(log=s["log"][:1])), r"state\.json: log must be a list of 2"),
     (lambda out: edit_state(out, lambda s: s["files"].pop("rng-2-rank0.safetensors")), r"state\.json: files must"),
     (lambda out: edit_state(out, groups), r"state\.json: param_groups\[0\]\.eps must be 1e-08"),
+    (lambda out: edit_state(out, lambda s: s["config_json"].update(n_layer=3)), r"state\.json: config_json must be"),
     (wrong_shape, r"optimizer-2\.safetensors: 0\.exp_avg must be torch\.float32 of shape \[50257, 16\]"),
     (nan_moment, r"optimizer-2\.safetensors: 3\.exp_avg_sq must be finite"),
     (short_rng, r"rng-2-rank0\.safetensors: cpu must be torch\.uint8 of shape \[5056\]"),
     (odd_tokens, r"train\.bin holds [\d,]+ bytes, not [\d,]+ tokens"),
     (data_json, r"data\.json: train_tokens must be an integer"),
 ], ids=["state-fifo", "train-bin-fifo", "rng-fifo", "step-string", "step-range", "log", "files", "param-groups",
-        "tensor-shape", "nan-moment", "rng-size", "odd-tokens", "data-json"])
+        "config-json", "tensor-shape", "nan-moment", "rng-size", "odd-tokens", "data-json"])
 def test_every_file_read_on_resume_is_checked_before_it_is_trusted(corpus, at_step_2, tmp_path, damage,
                                                                     message) -> None:
     out = copy_of(at_step_2, tmp_path / "run")
@@ -416,3 +417,15 @@ def test_a_file_size_limit_during_a_checkpoint_is_an_error_and_the_same_command_
     assert tree(out) == before
     assert losses(run(corpus, out)) == losses(whole[0])
     assert (out / "model.safetensors").read_bytes() == whole[1]
+
+
+def test_a_file_size_limit_while_tokenizing_is_an_error_that_leaves_nothing(corpus, tmp_path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(asdict(CFG)))
+    args = ["--data", str(corpus), "--size", str(config), "--out", str(tmp_path / "run"), "--steps", "1",
+            "--batch-size", "2", "--context", "16"]
+    failed = cli(*args, limit_bytes=1000)  # the marker fits, the tokens do not
+    assert failed.returncode == 2 and "cannot write the tokenized corpus" in failed.stderr, failed.stderr[-2000:]
+    assert "File too large" in failed.stderr
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == [files.MARKER_FILE, "data"]
+    assert cli(*args).returncode == 0

@@ -96,12 +96,13 @@ def _tokenize(paths: list[Path], directory: Path, identity: dict, lines: bool) -
 
 
 def _write(directory: Path, streams: dict[str, np.ndarray], meta: dict) -> None:
-    """The token files, then data.json (last: the tokens are whole once it is there); on a write failure
+    """The token files (uint16 as the machine orders them, as ``tofile`` would, but with the OS's reason on a
+    failure), then data.json (last: the tokens are whole once it is there); on a write failure
     (a full disk, a file-size limit) none of the three is left and the error says so."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for name, tokens in streams.items():
-            files.write_atomically(directory / f"{name}.bin", tokens.tofile)
+            files.write_atomically(directory / f"{name}.bin", lambda path: path.write_bytes(tokens))
         files.write_json(directory / "data.json", meta)
     except OSError as e:
         for name in _FILES:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..checks import is_integer
-from ..errors import TrainingError
+from ..config import GPTConfig
+from ..errors import CheckpointError, TrainingError
 
 DAMAGED = "the checkpoint is damaged: train into a new --out"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -29,7 +32,7 @@ def bad(path: Path, field: str, wanted: str, got: object) -> TrainingError:
     return TrainingError(f"{path}: {field} must be {wanted}, got {shown}; {DAMAGED}")
 
 
-def state_fields(state: object, path: Path, names_of_step) -> dict:
+def state_fields(state: object, path: Path, names_of_step: Callable[[int, int], list[str]]) -> dict:
     """``state`` (state.json's value) with every field checked; ``names_of_step(step, world)`` -> its files."""
     if not isinstance(state, dict):
         raise bad(path, "the whole file", "a JSON object", state)
@@ -53,8 +56,13 @@ def state_fields(state: object, path: Path, names_of_step) -> dict:
     for name, digest in listed.items():
         if not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
             raise bad(path, f"files[{name!r}]", "a sha256 (64 hex digits)", digest)
-    if not isinstance(state.get("config_json"), dict):
-        raise bad(path, "config_json", "a JSON object (the model's config.json)", state.get("config_json"))
+    config_json = state.get("config_json")
+    try:
+        fits = isinstance(config_json, dict) and asdict(GPTConfig.from_hf(config_json)) == state.get("config")
+    except (CheckpointError, TypeError, ValueError, KeyError):
+        fits = False
+    if not fits:
+        raise bad(path, "config_json", "the config.json of the model in field 'config'", config_json)
     groups = state.get("param_groups")
     if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
         raise bad(path, "param_groups", "a list of objects (AdamW's parameter groups)", groups)
