@@ -102,7 +102,7 @@ def _write(directory: Path, streams: dict[str, np.ndarray], meta: dict) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for name, tokens in streams.items():
-            files.write_atomically(directory / f"{name}.bin", lambda path: path.write_bytes(tokens))
+            files.write_atomically(directory / f"{name}.bin", lambda path, tokens=tokens: path.write_bytes(tokens))
         files.write_json(directory / "data.json", meta)
     except OSError as e:
         for name in _FILES:

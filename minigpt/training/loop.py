@@ -1,8 +1,9 @@
 """Train GPT-2 from scratch: the whole loop, on the model of model.py as it is.
 
-Read ``train`` top to bottom: the model and its optimizer, the data, then one step at a time:
-learning rate, forward and loss, backward, clip, update; every so often a validation loss and a
-checkpoint. Under ``torchrun`` each process takes its share of every step's windows and DDP
+Read ``train`` top to bottom: the model and its optimizer, the output directory, the data; then
+``_steps``, one step at a time: learning rate, forward and loss, backward, clip, update (none if the
+loss or gradient norm is NaN or inf: training stops there, or skips the step if told to); every so
+often a validation loss and a checkpoint. Under ``torchrun`` each process takes its share of every step's windows and DDP
 averages the gradients, so the step is the same as one process doing all of it.
 """
 from __future__ import annotations
