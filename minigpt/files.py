@@ -244,7 +244,10 @@ def claim_directory(path: Path, kind: str, error: type[MiniGPTError]) -> Path:
     if os.path.lexists(path):
         if not path.is_dir():
             raise error(f"{path} is not a directory; give a directory (it is created if missing)")
-        foreign = sorted(e.name for e in path.iterdir() if temporary_of(e.name) != MARKER_FILE)
+        try:
+            foreign = sorted(e.name for e in path.iterdir() if temporary_of(e.name) != MARKER_FILE)
+        except OSError as e:
+            raise error(f"cannot look into {path} ({e.strerror or e}); give a directory you can read and write") from e
         if foreign:
             raise error(f"{path} holds files minigpt did not write ({', '.join(foreign[:5])}"
                         f"{', ...' if len(foreign) > 5 else ''}); minigpt writes {kind} output only into an empty "

@@ -7,11 +7,12 @@ import sys
 import time
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
 from .. import distributed
-from ..command import Subcommands, output_dir
+from ..command import Subcommands
 
 EXAMPLE = """examples:
   minigpt train --data corpus/ --size tiny.json --out run/ --steps 2000
@@ -34,10 +35,14 @@ def add_command(commands: Subcommands) -> None:
     p.add_argument("--size", default=None,
                    help="gpt2, gpt2-medium, ..., or a config.json (HF's or GPTConfig's fields); not with --init")
     p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this checkpoint's weights")
-    p.add_argument("--out", required=True, help="output directory: checkpoints, the tokenized corpus, the log")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, the tokenized corpus, the log; new, "
+                   "empty, or one of minigpt's training runs (anything else is refused, nothing written)")
     p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
+    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps whose loss or gradient norm is NaN or inf (no update, logged) "
+                   "instead of stopping at the first (default 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -55,11 +60,12 @@ def run(args: argparse.Namespace) -> None:
 
     if args.threads is not None:  # torch takes a C int: a huge count would overflow there, not here
         torch.set_num_threads(check_int(args.threads, "--threads", 1, 2**16, way_out="e.g. --threads 8"))
-    out = output_dir(args.out)
+    out = Path(args.out)  # train() claims it, refusing a file or a directory of someone else's
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     started = time.perf_counter()
     state = train(args.data, args.size, out, settings, init=args.init, device=distributed.local_device(args.device),
-                  lines=args.lines, save_every=args.save_every, compile=args.compile, quiet=args.quiet)
+                  lines=args.lines, save_every=args.save_every, compile=args.compile, quiet=args.quiet,
+                  skip_nonfinite=args.skip_nonfinite)
     if int(os.environ.get("RANK", "0")) == 0:
         last = state["log"][-1] if state["log"] else {}
         val = [e["val_loss"] for e in state["log"] if "val_loss" in e]

@@ -17,6 +17,7 @@ windows at the same step.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import is_integer
 from ..config import END_OF_TEXT, END_OF_TEXT_ID
 from .. import corpus, files
 from ..errors import TrainingError
 
 TOKEN_DTYPE = np.uint16  # GPT-2's 50,257 ids fit
 DATA_FORMAT = "minigpt-train-data/1"
+_FILES = ("train.bin", "val.bin", "data.json")  # all this module writes
 
 
 def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: bool = False) -> dict:
@@ -42,16 +45,27 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
     identity = {"format": DATA_FORMAT, "corpus": {"files": corpus.fingerprint(paths), "lines": lines},
                 "tokenizer": "gpt2 (tiktoken)", "val_fraction": val_fraction, "seed": seed}
     meta_path = directory / "data.json"
-    if not meta_path.exists():
+    if not os.path.lexists(meta_path):
         return _tokenize(paths, directory, identity, lines)
-    meta = files.read_json(meta_path, TrainingError, f"remove {directory} to tokenize again")
+    way_out = f"remove {directory} to tokenize again"
+    meta = files.read_json(files.checked_file(meta_path, directory, TrainingError, what="tokenized corpus",
+                                              way_out=way_out), TrainingError, way_out)
     differing = [k for k in identity if not isinstance(meta, dict) or meta.get(k) != identity[k]]
     if differing:
         names = {"corpus": "corpus (--data, --lines)", "val_fraction": "--val-fraction", "seed": "--seed"}
         raise TrainingError(f"{directory} holds the tokens of another corpus or split (other "
                             f"{', '.join(names.get(k, k) for k in differing)}); train into a new --out "
                             "directory, or give the same options")
+    for field in ("train_tokens", "val_tokens"):
+        if not (is_integer(meta.get(field)) and 2 <= meta[field] < 2**48):
+            raise TrainingError(f"{meta_path}: {field} must be an integer in [2, 2**48), got {meta.get(field)!r}; "
+                                f"{way_out}")
     return meta
+
+
+def tidy(directory: Path) -> None:
+    """Remove what a killed tokenizing left in ``directory``: the temporaries of its own three files, nothing else."""
+    files.remove_temporaries(directory, lambda name: name in _FILES)
 
 
 def _tokenize(paths: list[Path], directory: Path, identity: dict, lines: bool) -> dict:
@@ -76,12 +90,25 @@ def _tokenize(paths: list[Path], directory: Path, identity: dict, lines: bool) -
     if len(train) < 2:
         raise TrainingError(f"the corpus ({len(paths)} files, {documents} documents) gives only {len(train)} "
                             "training tokens; give more text")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, tokens in (("train", train), ("val", val)):
-        files.write_atomically(directory / f"{name}.bin", tokens.tofile)
     meta = {**identity, "documents": documents, "split": split, "train_tokens": len(train), "val_tokens": len(val)}
-    files.write_json(directory / "data.json", meta)  # last: the tokens above are whole once it is there
+    _write(directory, {"train": train, "val": val}, meta)
     return meta
+
+
+def _write(directory: Path, streams: dict[str, np.ndarray], meta: dict) -> None:
+    """The token files (uint16 as the machine orders them, as ``tofile`` would, but with the OS's reason on a
+    failure), then data.json (last: the tokens are whole once it is there); on a write failure
+    (a full disk, a file-size limit) none of the three is left and the error says so."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, tokens in streams.items():
+            files.write_atomically(directory / f"{name}.bin", lambda path, tokens=tokens: path.write_bytes(tokens))
+        files.write_json(directory / "data.json", meta)
+    except OSError as e:
+        for name in _FILES:
+            (directory / name).unlink(missing_ok=True)
+        raise TrainingError(f"cannot write the tokenized corpus into {directory} ({e}); nothing of it is kept: free "
+                            "some space (or raise the file-size limit, ulimit -f) and run the same command again") from e
 
 
 @dataclass
@@ -92,8 +119,17 @@ class Windows:
     context: int
 
     @classmethod
-    def open(cls, directory: Path, split: str, context: int) -> Windows:
-        return cls(np.memmap(directory / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r"), context)
+    def open(cls, directory: Path, split: str, context: int, tokens: int | None = None) -> Windows:
+        """``directory``/``split``.bin memory-mapped, checked before it is opened: a regular file inside
+        ``directory`` holding a whole, non-zero number of tokens (``tokens`` of them, when given)."""
+        way_out = f"remove {directory} to tokenize again"
+        path = files.checked_file(directory / f"{split}.bin", directory, TrainingError, what="tokenized corpus",
+                                  way_out=way_out)
+        size, width = os.stat(path).st_size, np.dtype(TOKEN_DTYPE).itemsize
+        if size == 0 or size % width or (tokens is not None and size != tokens * width):
+            wanted = f"{tokens:,} tokens ({tokens * width:,} bytes)" if tokens is not None else "a whole number of tokens"
+            raise TrainingError(f"{path} holds {size:,} bytes, not {wanted} of {width} bytes each; {way_out}")
+        return cls(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"), context)
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context)

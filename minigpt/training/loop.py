@@ -1,8 +1,9 @@
 """Train GPT-2 from scratch: the whole loop, on the model of model.py as it is.
 
-Read ``train`` top to bottom: the model and its optimizer, the data, then one step at a time:
-learning rate, forward and loss, backward, clip, update; every so often a validation loss and a
-checkpoint. Under ``torchrun`` each process takes its share of every step's windows and DDP
+Read ``train`` top to bottom: the model and its optimizer, the output directory, the data; then
+``_steps``, one step at a time: learning rate, forward and loss, backward, clip, update (none if the
+loss or gradient norm is NaN or inf: training stops there, or skips the step if told to); every so
+often a validation loss and a checkpoint. Under ``torchrun`` each process takes its share of every step's windows and DDP
 averages the gradients, so the step is the same as one process doing all of it.
 """
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
+from ..checks import check_int
 from ..errors import TrainingError
-from ..files import read_json
+from ..files import claim_directory, read_json
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data
@@ -55,26 +57,30 @@ def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor)
 
 def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, settings: Settings = Settings(), *,
           init: str | Path | None = None, device: str = "cpu", lines: bool = False, save_every: int = 500,
-          compile: bool = False, quiet: bool = False) -> dict:
+          compile: bool = False, quiet: bool = False, skip_nonfinite: int = 0) -> dict:
     """Train a GPT-2 of ``size`` (an official name, a GPTConfig, or a config.json) on ``data_paths``.
 
     Checkpoints go to ``out`` in HuggingFace's layout (see checkpoint.py) every ``save_every`` steps
     and at the end. Started again over the same ``out`` with the same settings, it goes on from the
     last checkpoint, and the losses are those the uninterrupted run would have had. ``init``: start
-    from a checkpoint's weights instead of random ones. Returns the final state (step, losses).
+    from a checkpoint's weights instead of random ones. A step whose loss or gradient norm is NaN or
+    inf stops training with a TrainingError (no update applied, nothing saved from it), unless fewer
+    than ``skip_nonfinite`` steps of the run were skipped so far: then it is skipped (logged, no update).
+    ``out`` must be missing, empty, or a run of this function's. Returns the final state (step, losses).
     """
     out = Path(out)
     if (size is None) == (init is None):
         raise TrainingError("give a size (--size: train from scratch) or init (--init CHECKPOINT: go on from its "
                             "weights), one of them")
     _check_save_every(save_every)
+    check_int(skip_nonfinite, "skip_nonfinite (--skip-nonfinite)", 0, error=TrainingError)
     device = check_placement(torch.float32, device)
     with distributed.process_group(device) as (rank, world):
         torch.manual_seed(settings.seed + rank)  # each process's dropout
         model = _model(size, init, settings, device)
         optimizer = make_optimizer(model, settings)
-        train_windows, val_windows = _data(data_paths, out / "data", settings, lines, rank, world)
-        order = data.Order(len(train_windows), settings.seed)
+        _on_rank0(lambda: _open_out(out, model), rank, world, "opening --out")
+        windows = _data(data_paths, out / "data", settings, lines, rank, world)
         identity = {"settings": asdict(settings), "config": asdict(model.cfg), "init": str(init) if init else None,
                     "global_batch": settings.global_batch(world)}
 
@@ -85,25 +91,48 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
         if compile:
             step_fn = torch.compile(step_fn)
         progress = _progress(settings.steps, state["step"], quiet or rank != 0)
-        while state["step"] < settings.steps:
-            started = time.perf_counter()
-            step = state["step"]
-            lr = learning_rate(step, settings)
-            micro_batches = order.for_step(step, settings.batch_size, settings.grad_accum, rank, world)
-            batches = [train_windows.batch(windows, device) for windows in micro_batches]
-            loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, settings.grad_clip)
-            state["step"] = step = step + 1
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-                     "tokens_per_s": settings.global_batch(world) * settings.context / (time.perf_counter() - started)}
-            if step % settings.eval_every == 0 or step == settings.steps:
-                entry["val_loss"] = evaluate(model, val_windows, settings, rank, world)
-            state["log"].append(entry)
-            _show(progress, entry)
-            if step % save_every == 0 or step == settings.steps:
-                checkpoint.save(out, model, optimizer, state, rank, world)
+        _steps(state, model, ddp, step_fn, optimizer, windows, settings, out, (rank, world), save_every,
+               skip_nonfinite, progress)
         progress.close()
         model.eval()
         return state
+
+
+def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data.Windows, data.Windows],
+           s: Settings, out: Path, ranks: tuple[int, int], save_every: int, skip_nonfinite: int, progress) -> None:
+    """Train from ``state['step']`` to ``s.steps``, logging each step into ``state`` and saving checkpoints."""
+    (rank, world), (train_windows, val_windows) = ranks, windows
+    order = data.Order(len(train_windows), s.seed)
+    device = model.unembedding.device
+    committed = state["step"] or None  # the checkpoint on disk: named if training diverges
+    skipped = sum("skipped" in entry for entry in state["log"])
+    while state["step"] < s.steps:
+        started = time.perf_counter()
+        step = state["step"]
+        lr = learning_rate(step, s)
+        micro_batches = order.for_step(step, s.batch_size, s.grad_accum, rank, world)
+        batches = [train_windows.batch(w, device) for w in micro_batches]
+        loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, s.grad_clip)
+        state["step"] = step = step + 1
+        if math.isfinite(loss) and math.isfinite(norm):
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": s.global_batch(world) * s.context / (time.perf_counter() - started)}
+        elif skipped < skip_nonfinite:
+            skipped += 1
+            entry = {"step": step, "lr": lr, "skipped": f"loss {loss}, gradient norm {norm}: no update applied"}
+        else:
+            raise TrainingError(
+                f"training diverged at step {step}: the loss is {loss} and the gradient norm {norm}; no update was "
+                f"applied and nothing of it is saved: {checkpoint.last_good(out, committed)}. Lower --lr, raise "
+                "--warmup or set --grad-clip and train into a new --out (--init from the last good checkpoint), "
+                f"or run the same command with --skip-nonfinite N to skip up to N such steps ({skipped} skipped)")
+        if step % s.eval_every == 0 or step == s.steps:
+            entry["val_loss"] = evaluate(model, val_windows, s, rank, world)
+        state["log"].append(entry)
+        _show(progress, entry)
+        if step % save_every == 0 or step == s.steps:
+            checkpoint.save(out, model, optimizer, state, rank, world, committed)
+            committed = step
 
 
 def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float,
@@ -111,7 +140,8 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
     """One optimizer step over this process's micro-batches (inputs, targets [B, S]) -> (loss, gradient norm).
 
     The loss is the mean over every process's windows; under DDP the gradients are averaged across
-    processes once, at the last micro-batch (``no_sync`` before it).
+    processes once, at the last micro-batch (``no_sync`` before it). A loss or gradient norm that is
+    NaN or inf applies no update (every process sees the same two numbers, so all of them skip it).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -123,12 +153,14 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
             micro_loss.backward()
         loss += micro_loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     if ddp is not None:  # the mean over processes (SUM then divide: gloo has no AVG before torch 2.7)
         torch.distributed.all_reduce(loss)
         loss /= torch.distributed.get_world_size()
-    return loss.item(), norm.item()
+    loss_value, norm_value = loss.item(), norm.item()
+    if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, norm_value
 
 
 @torch.no_grad()
@@ -187,18 +219,37 @@ def _model(size, init, s: Settings, device: str) -> GPT:
     return model
 
 
-def _data(paths, directory: Path, s: Settings, lines: bool, rank: int, world: int) -> tuple[data.Windows, data.Windows]:
-    """The corpus tokenized into ``directory`` (by rank 0, once), as training and validation windows."""
-    meta, problem = None, None
-    if rank == 0:  # the others wait until rank 0 has tokenized the corpus, or failed to
+def _on_rank0(work, rank: int, world: int, what: str):
+    """``work()`` on rank 0 alone; its result, or its failure as a TrainingError, reaches every rank (which wait)."""
+    result, problem = None, None
+    if rank == 0:
         try:
-            meta = data.prepare(paths, directory, val_fraction=s.val_fraction, seed=s.seed, lines=lines)
+            result = work()
         except Exception as e:  # whatever it is, every rank must hear of it rather than wait
-            problem = str(e) if isinstance(e, TrainingError) else f"preparing the corpus failed: {type(e).__name__}: {e}"
-    meta, problem = distributed.gather((meta, problem), world)[0]
+            problem = str(e) if isinstance(e, TrainingError) else f"{what} failed: {type(e).__name__}: {e}"
+    result, problem = distributed.gather((result, problem), world)[0]
     if problem:
         raise TrainingError(problem)
-    windows = {split: data.Windows.open(directory, split, s.context) for split in ("train", "val")}
+    return result
+
+
+def _open_out(out: Path, model: GPT) -> None:
+    """``out`` claimed as a training run (refused unless missing, empty or one of minigpt's runs), then put
+    back to its committed checkpoint before anything else: DIR's model that step's, what killed runs left removed."""
+    claim_directory(out, "train", TrainingError)
+    state = checkpoint.load_state(out, max_bytes=checkpoint.file_limit(model))
+    checkpoint.tidy(out, state)
+    data.tidy(out / "data")
+    if state is not None:
+        checkpoint.export(out, state)
+
+
+def _data(paths, directory: Path, s: Settings, lines: bool, rank: int, world: int) -> tuple[data.Windows, data.Windows]:
+    """The corpus tokenized into ``directory`` (by rank 0, once), as training and validation windows."""
+    meta = _on_rank0(lambda: data.prepare(paths, directory, val_fraction=s.val_fraction, seed=s.seed, lines=lines),
+                     rank, world, "preparing the corpus")
+    windows = {split: data.Windows.open(directory, split, s.context, meta[split + "_tokens"])
+               for split in ("train", "val")}
     for split, name in (("train", "training tokens"), ("val", "validation tokens")):
         if len(windows[split]) == 0:
             raise TrainingError(f"the corpus gives {meta[split + '_tokens']} {name}, less than one window of "
@@ -207,8 +258,9 @@ def _data(paths, directory: Path, s: Settings, lines: bool, rank: int, world: in
 
 
 def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict:
-    """The state to go on from: the checkpoint's if ``out`` holds one of this very run, else step 0."""
-    saved = checkpoint.load_state(out)
+    """The state to go on from: the checkpoint's if ``out`` holds one of this very run, else step 0.
+    (Its files' sha256 were checked by rank 0 in ``_open_out``.)"""
+    saved = checkpoint.load_state(out, check=False)
     if saved is None:
         return {**identity, "step": 0, "log": []}
     differing = [k for k in identity if json.dumps(saved.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
@@ -228,7 +280,10 @@ def _check_save_every(save_every: int) -> None:
 def _show(progress, entry: dict) -> None:
     progress.update(1)
     validation = f" val {entry['val_loss']:.3f}" if "val_loss" in entry else ""
-    progress.set_postfix_str(f"loss {entry['loss']:.3f}{validation} {entry['tokens_per_s']:,.0f} tok/s")
+    if "skipped" in entry:
+        progress.set_postfix_str(f"step {entry['step']} skipped ({entry['skipped']}){validation}")
+    else:
+        progress.set_postfix_str(f"loss {entry['loss']:.3f}{validation} {entry['tokens_per_s']:,.0f} tok/s")
 
 
 def _progress(total: int, done: int, quiet: bool):
