@@ -103,8 +103,8 @@ def _write(out: Path, model, optimizer, state: dict, rank: int, world: int) -> d
     staging = training / f"model-{step}"
     save_pretrained(model, staging)  # config.json + model.safetensors, each written atomically
     files.commit(staging / WEIGHTS_FILE, training / f"model-{step}.safetensors")
-    _save_tensors(training / f"optimizer-{step}.safetensors", _optimizer_tensors(optimizer))
-    committed = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": _param_groups(optimizer),
+    _save_tensors(training / f"optimizer-{step}.safetensors", optimizer_tensors(optimizer))
+    committed = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": param_groups_of(optimizer),
                  "config_json": files.read_json(staging / CONFIG_FILE, TrainingError, "train again"),
                  "files": {name: file_sha256(training / name) for name in step_files(step, world)}}
     files.write_json(state_path(out), committed)
@@ -165,7 +165,7 @@ def restore(out: Path, state: dict, model, optimizer: torch.optim.Optimizer, ran
     for name, param in params.items():
         if weights[name].dtype != param.dtype:
             raise verify.bad(path, name, str(param.dtype), weights[name].dtype)
-    verify.param_groups(state["param_groups"], _param_groups(optimizer), state_path(out))
+    verify.param_groups(state["param_groups"], param_groups_of(optimizer), state_path(out))
     path = _checked(training / f"optimizer-{step}.safetensors", training, limit)
     tensors = _load(path)
     verify.optimizer_tensors(tensors, [p for g in optimizer.param_groups for p in g["params"]], path)
@@ -176,7 +176,7 @@ def restore(out: Path, state: dict, model, optimizer: torch.optim.Optimizer, ran
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name])
-    optimizer.load_state_dict(_optimizer_state(tensors, state["param_groups"]))
+    optimizer.load_state_dict(optimizer_state(tensors, state["param_groups"]))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
@@ -274,18 +274,18 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """AdamW's per-parameter state as flat names: ``{index}.exp_avg``, ``{index}.exp_avg_sq``, ``{index}.step``."""
     return {f"{index}.{key}": value.detach().cpu().contiguous()
             for index, entry in optimizer.state_dict()["state"].items() for key, value in entry.items()}
 
 
-def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+def param_groups_of(optimizer: torch.optim.Optimizer) -> list[dict]:
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
             for group in optimizer.state_dict()["param_groups"]]
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+def optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from minigpt.errors import TrainingError
 from minigpt.files import checked_file, file_sha256, read_json, write_atomically, write_json
-from minigpt.training.checkpoint import _optimizer_state, _optimizer_tensors, _param_groups
+from minigpt.training.checkpoint import optimizer_state, optimizer_tensors, param_groups_of
 
 from .model import PARAMETERS, SAE
 
@@ -40,11 +40,11 @@ def save(out: Path, sae: SAE, optimizer: torch.optim.Optimizer, state: dict, ide
     training.mkdir(parents=True, exist_ok=True)
     tensors = {**{name: getattr(sae, name).detach().cpu().contiguous() for name in PARAMETERS},
                "since_fired": state["since_fired"], "rng": torch.get_rng_state(),
-               **{f"optimizer.{key}": value for key, value in _optimizer_tensors(optimizer).items()}}
+               **{f"optimizer.{key}": value for key, value in optimizer_tensors(optimizer).items()}}
     name = f"step-{step}.safetensors"
     write_atomically(training / name, lambda temporary: save_file(tensors, temporary))
     write_json(training / "state.json", {"format": STATE_FORMAT, "step": step, "identity": identity,
-                                         "world_size": world, "param_groups": _param_groups(optimizer),
+                                         "world_size": world, "param_groups": param_groups_of(optimizer),
                                          "file": name, "sha256": file_sha256(training / name)})
     for stale in training.glob("step-*.safetensors"):  # older steps, a killed save's
         if stale.name != name:
@@ -76,7 +76,7 @@ def resume(out: Path, identity: dict, sae: SAE, optimizer: torch.optim.Optimizer
     with torch.no_grad():
         for name in PARAMETERS:
             getattr(sae, name).copy_(tensors[name])
-    optimizer.load_state_dict(_optimizer_state({k.removeprefix("optimizer."): v for k, v in tensors.items()
+    optimizer.load_state_dict(optimizer_state({k.removeprefix("optimizer."): v for k, v in tensors.items()
                                                 if k.startswith("optimizer.")}, saved["param_groups"]))
     torch.set_rng_state(tensors["rng"])
     return {"step": saved["step"], "since_fired": tensors["since_fired"].clone()}
