@@ -126,11 +126,11 @@ def documents(n: int, words: int, seed: int) -> list[str]:
 
 def write_corpus(where: Path) -> None:
     """CORPUS: what the README's commands name as the reader's corpus (JSONL, a directory, text files)."""
-    (where / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(24, 400, 1)),
+    (where / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(20, 300, 1)),
                                         encoding="utf-8")
     for name, seed in (("corpus", 2), ("more", 3)):
         (where / name).mkdir()
-        for i, text in enumerate(documents(24, 400, seed)):  # 5% held out for validation: one document, a window
+        for i, text in enumerate(documents(20, 300, seed)):  # 5% held out for validation: one document, a window
             (where / name / f"doc{i}.txt").write_text(text, encoding="utf-8")
 
 
