@@ -20,7 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
                                "the test uses the system's chromium, no `playwright install`)")
 from probes.report import build_report  # noqa: E402  (needs matplotlib)
 
-CANDIDATES = ["chromium-headless-shell", "/usr/lib/chromium/chromium-headless-shell", "chromium", "chromium-browser"]
+CANDIDATES = ["chromium-headless-shell", "chromium", "chromium-browser"]  # Debian: /usr/bin/chromium-headless-shell
 # A browser that starts quickly and reaches for nothing outside the page.
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
