@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
@@ -24,15 +25,47 @@ from .training.cli import add_command as add_train
 DISTRIBUTION = "minigpt-taps"  # the name pip knows it by (pyproject.toml); it is imported as minigpt
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own, and keeps indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if line.startswith(" ") or not line else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``minigpt`` command's parsers: every option that takes a value says its default in --help."""
+
+    def __init__(self, *args, formatter_class: type[argparse.HelpFormatter] = HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        said = action.help or ""
+        if (action.option_strings and not action.required and action.nargs != 0 and said != argparse.SUPPRESS
+                and "default" not in said):
+            shown = "none" if action.default is None else "%(default)s"  # argparse fills %(default)s in
+            action.help = f"{said} (default: {shown})".lstrip()
+        return action
+
+
 def add_generate(commands: Subcommands) -> None:
-    p = commands.add_parser("generate", help="continue a text, printing tokens as they come (KV cache)")
-    p.add_argument("text")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding p of the mass")
-    p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|>")
-    add_model_args(p)  # its --seed seeds the sampling too
+    # "resolve": the --seed of add_model_args is replaced by one that says what it seeds here.
+    p = commands.add_parser("generate", help="continue a text, printing tokens as they come (KV cache)",
+                            description="Continue TEXT with the model, printing each token as it is chosen.",
+                            conflict_handler="resolve")
+    p.add_argument("text", help="the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="how many tokens to add at most")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (argmax)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (default: all of them)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens holding p of the probability (default: all of them)")
+    p.add_argument("--no-stop", action="store_true", help="keep going after <|endoftext|> (without it: stop there)")
+    add_model_args(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling (the same seed, the same text) and, with --random, of the weights")
     p.set_defaults(func=generate)
 
 
@@ -109,9 +142,11 @@ def _as_typed(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minigpt", description="GPT-2 by hand, with taps and edits.")
+    parser = Parser(prog="minigpt", description="GPT-2 by hand, with taps and edits. "
+                    "'minigpt COMMAND --help' lists a command's options, each with its default.")
     parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # parser_class: the subcommands' parsers, plug-ins' included, say their defaults too.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for add in COMMANDS + _plugin_commands():
         add(commands)
     return parser

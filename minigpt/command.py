@@ -30,8 +30,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="if the hub cannot be reached and nothing is cached, fall back to the small model "
                         f"trained by minigpt that ships with it ({OFFLINE_MODEL})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the dtype the model's weights are held and run in")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs, e.g. cpu or cuda:0 (default: cuda if a GPU is visible, else cpu)")
 
 
 def load_model(args: argparse.Namespace) -> GPT:

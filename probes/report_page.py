@@ -52,8 +52,8 @@ PROSE: dict[str, Prose] = {
         "But the last one has already been through the final LayerNorm ln_f (the one applied before the "
         "unembedding), so it is not what the last block wrote. The raw last residual exists only at the "
         "block's own output (tap blocks.L.resid_post).",
-        {"final_norm.png": "Max |hidden_states[i+1] − block i's output| per block; the green bar compares "
-                           "ln_f(last block's output) with hidden_states[−1]."}),
+        {"final_norm.png": "Max |hidden_states[i+1] − block i's output| per block; the last column, ln_f(last), "
+                           "compares ln_f(last block's output) with hidden_states[−1] (a 0 has no bar)."}),
     "interventions": Prose(
         "four interventions (5 forward passes)",
         "3. Interventions at block {block} and their downstream impact",
@@ -74,11 +74,11 @@ PROSE: dict[str, Prose] = {
         "them) looked at as clouds of numbers, with {skipped} (it has no context and carries abnormal values). "
         "The covariance and R² matrices treat each layer as one variable over all token × dimension values.",
         {"values_by_token.png": "Activation value against token index for a few layers ({skipped}).",
-         "values_by_dimension.png": "Activation value against dimension: a few dimensions stand out in trained "
-                                    "models.",
+         "values_by_dimension.png": "Activation value against dimension for the same layers and tokens: each "
+                                    "column of dots is one dimension.",
          "layer_matrices.png": "Covariance and R² between every pair of layers.",
          "histograms.png": "Histograms of each layer's values on shared bins with a log y axis (tails), and their "
-                           "width per layer."}),
+                           "width per layer (the 99.9th percentile of |value| and the std)."}),
     "logit_lens": Prose(
         "logit lens",
         "5. Logit lens (beyond the notes)",
@@ -109,16 +109,23 @@ RANDOM_WEIGHTS_BANNER = (
     "hold for trained weights; here they may well fail:")
 
 
+# Narrow screens: the page reflows (figures beside their findings where there is room, below them where
+# not; wide tables scroll inside their own box) and a figure is never drawn larger than its PNG.
 CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1500px; margin: 1em auto; padding: 0 1em; color: #222; }
+html { -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body { font-family: system-ui, sans-serif; max-width: 1500px; margin: 1em auto; padding: 0 1em; color: #222;
+       overflow-wrap: break-word; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 .meta { color: #555; } .text { background: #f6f6f6; padding: 0.6em; white-space: pre-wrap; }
 .random { background: #fde2e1; border: 3px solid #c0392b; padding: 0.8em 1.2em; margin: 1em 0; }
 .random h2 { border: none; margin: 0 0 0.3em 0; color: #c0392b; }
 .small { background: #fff4d6; border-color: #b7791f; }
 .small h2 { color: #8a5a00; }
-.figure { display: flex; gap: 1.2em; align-items: flex-start; margin: 1.2em 0; }
-.figure img { max-width: 68%; border: 1px solid #ddd; } .side { flex: 1; min-width: 18em; }
+.figure { display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; margin: 1.2em 0; }
+.figure img { display: block; box-sizing: border-box; max-width: 100%; height: auto; min-width: 0; flex: 0 1 auto;
+              border: 1px solid #ddd; }
+.side { flex: 1 1 18em; min-width: 0; max-width: 100%; }
+.scroll { max-width: 100%; overflow-x: auto; }
 .caption { font-style: italic; margin-bottom: 0.6em; }
 .finding { margin: 0.3em 0; padding: 0.3em 0.5em; border-left: 5px solid #999; background: #fafafa; }
 .holds { border-color: #2e8b57; } .fails { border-color: #c0392b; } .na { border-color: #999; }
@@ -139,14 +146,16 @@ def _finding_html(x: dict) -> str:
 def _table_html(t: dict) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in t["columns"])
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in t["rows"])
-    return f"<h4>{html.escape(t['title'])}</h4><table><tr>{head}</tr>{rows}</table>"
+    return f"<h4>{html.escape(t['title'])}</h4><div class='scroll'><table><tr>{head}</tr>{rows}</table></div>"
 
 
 def render_html(p: dict) -> str:
     """The page, from the JSON payload alone (so every number shown is in report.json)."""
     m = p["model"]
     cfg = m["config"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>minigpt report</title><style>{CSS}</style>"
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>minigpt report</title><style>{CSS}</style>"
              "</head><body><h1>minigpt report: inside GPT-2 on one text</h1>",
              f"<p class='meta'>Model: <b>{html.escape(m['source'])}</b> — {cfg['n_layer']} blocks, {cfg['n_head']} "
              f"heads, d_model {cfg['n_embd']}, vocabulary {cfg['vocab_size']}, {m['dtype']}. {p['n_tokens']} tokens. "

@@ -24,11 +24,10 @@ def add_command(commands: Subcommands) -> None:
         "harvest", help="record taps over a corpus into safetensors shards (resumable; torchrun for many processes)",
         description="Run a corpus through the model and write the taps' rows to OUT: safetensors shards and "
         "manifest.json. Killed and started again with the same arguments, it continues where it stopped. "
-        "Under torchrun, the ranks share the shards.", epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "Under torchrun, the ranks share the shards.", epilog=EXAMPLE)
     add_model_args(p)  # --dtype among them: the dtype the model runs in, as on every command
     p.add_argument("--store-dtype", choices=DTYPES, default="bfloat16",
-                   help="dtype of the rows on disk (default bfloat16; float32 keeps a float32 model's values exactly)")
+                   help="dtype of the rows on disk (float32 keeps a float32 model's values exactly)")
     p.add_argument("--model-dtype", dest="dtype", choices=DTYPES, action=_Deprecated, help=argparse.SUPPRESS)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text files (one document each), .jsonl (a 'text' field per line), .parquet, or directories")
@@ -36,14 +35,14 @@ def add_command(commands: Subcommands) -> None:
                    help="tap names or glob patterns, e.g. 'blocks.*.resid_post'")
     p.add_argument("--out", required=True, help="output directory (new, or the one of this harvest to resume)")
     p.add_argument("--context", type=int, default=None, help="tokens per window (default: the model's context)")
-    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens of the corpus")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens of the corpus (default: the whole corpus)")
     p.add_argument("--keep-positions", choices=["all", "last"], default="all",
-                   help="a row per token (all) or per window, its last token (last)")
+                   help="a row per token (all), or a row per window, its last token (last)")
     p.add_argument("--positions", dest="keep_positions", choices=["all", "last"], action=_Deprecated,
                    help=argparse.SUPPRESS)
     p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    p.add_argument("--shard-mb", type=float, default=256, help="most MiB per shard file (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward: speed only, not which rows")
+    p.add_argument("--shard-mb", type=float, default=256, help="most MiB per shard file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

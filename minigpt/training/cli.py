@@ -29,27 +29,30 @@ def add_command(commands: Subcommands) -> None:
         "train", help="train a GPT-2 from scratch on a corpus (resumable; torchrun for data parallel)",
         description="Train the model of minigpt/model.py on a corpus with AdamW, warm-up and cosine decay; "
         "write checkpoints to OUT in HuggingFace's layout (config.json + model.safetensors), which "
-        "minigpt and transformers both load.", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "minigpt and transformers both load.", epilog=EXAMPLE)
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="text files (one document each), .jsonl (a 'text' field per line), .parquet, or directories")
     p.add_argument("--size", default=None,
-                   help="gpt2, gpt2-medium, ..., or a config.json (HF's or GPTConfig's fields); not with --init")
-    p.add_argument("--init", default=None, metavar="CHECKPOINT", help="start from this checkpoint's weights")
+                   help="train from scratch a model of this size: gpt2, gpt2-medium, ..., or a config.json (HF's or "
+                   "GPTConfig's fields) (default: none; give --size or --init)")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights and config instead (default: none; give --size or --init)")
     p.add_argument("--out", required=True, help="output directory: checkpoints, the tokenized corpus, the log; new, "
                    "empty, or one of minigpt's training runs (anything else is refused, nothing written)")
     p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train; under torchrun a cuda device becomes cuda:LOCAL_RANK "
+                   "(default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the end)")
     p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
                    help="skip up to N steps whose loss or gradient norm is NaN or inf (no update, logged) "
-                   "instead of stopping at the first (default 0)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   "instead of stopping at the first")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (without it: eager)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's own choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
     for f in fields(Settings):
         kind = float if typing.get_type_hints(Settings)[f.name] != int else int
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"]
-                       + (f" (default {f.default})" if f.default is not None else ""))
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"])
     p.set_defaults(func=run)
 
 
