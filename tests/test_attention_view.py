@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,9 +21,6 @@ from probes.logit_lens import lens
 TEXT = "The cat sat on the mat, and then it looked at the dog."
 TINY = GPTConfig(n_embd=32, n_layer=2, n_head=4, n_positions=160)
 HOSTILE = "</script><img src=x onerror=alert(1)>"
-CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"]
 DATA = re.compile(r"<script type='application/json' id='view-data'>(.*?)</script>", re.S)
 
 
@@ -138,19 +134,6 @@ def test_plot_attention_draws_the_chosen_patterns(model, patterns):
 
 
 # --- in a real headless browser: Debian's chromium driven by Playwright (never `playwright install`) ---
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
-                                   "(pip install playwright; no `playwright install`: they use /usr/bin/chromium)")
-    executable = str(CHROMIUM) if CHROMIUM.is_file() else shutil.which("chromium")
-    if executable is None:
-        pytest.skip("the browser tests need Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=BROWSER_ARGS, headless=True)
-        yield browser
-        browser.close()
-
 
 def open_offline(browser, path: Path):
     """A page opened from ``path`` with every request recorded and all but the page itself refused."""

@@ -7,8 +7,6 @@ needed. Skipped, saying which is missing, where either is. ``MINIGPT_BROWSER`` n
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,24 +14,12 @@ import pytest
 from minigpt import GPT, GPTConfig
 
 pytest.importorskip("matplotlib")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; "
-                               "the test uses the system's chromium, no `playwright install`)")
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright; "
+                    "the test uses the system's chromium, no `playwright install`)")
 from probes.report import build_report  # noqa: E402  (needs matplotlib)
 
-CANDIDATES = ["chromium-headless-shell", "chromium", "chromium-browser"]  # Debian: /usr/bin/chromium-headless-shell
-# A browser that starts quickly and reaches for nothing outside the page.
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 TEXT = "The cat sat on the mat, and then it looked at the dog."
 PHONE, DESKTOP = 375, 1280
-
-
-def browser_path() -> str:
-    for name in [os.environ.get("MINIGPT_BROWSER", ""), *CANDIDATES]:
-        found = name and shutil.which(name)
-        if found:
-            return found
-    pytest.skip("no chromium found: apt-get install chromium (or chromium-headless-shell), or set MINIGPT_BROWSER")
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +27,6 @@ def report(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report")
     build_report(GPT.random(GPTConfig(n_embd=32, n_layer=3, n_head=4, n_positions=64), seed=3), TEXT, out)
     return out / "index.html"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = browser_path()
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=path, args=ARGS, headless=True)
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 # Each image: where it comes from, whether it loaded, its natural size, its size on the page (the picture
