@@ -3,7 +3,6 @@ damaged or hostile files on resume, a full disk. After each, the committed check
 model are as they were, bit for bit, and the same command goes on to the uninterrupted run's result."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
