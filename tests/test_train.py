@@ -99,7 +99,7 @@ def test_killed_while_writing_a_checkpoint_it_resumes_from_the_one_before(corpus
     from minigpt.training import checkpoint
 
     whole = train(corpus, CFG, tmp_path / "whole", QUICK, save_every=2, quiet=True)
-    real = checkpoint._optimizer_tensors
+    real = checkpoint.optimizer_tensors
     calls = {"n": 0}
 
     def dies_on_the_second_save(optimizer):
@@ -108,10 +108,10 @@ def test_killed_while_writing_a_checkpoint_it_resumes_from_the_one_before(corpus
             raise KeyboardInterrupt
         return real(optimizer)
 
-    monkeypatch.setattr(checkpoint, "_optimizer_tensors", dies_on_the_second_save)
+    monkeypatch.setattr(checkpoint, "optimizer_tensors", dies_on_the_second_save)
     with pytest.raises(KeyboardInterrupt):
         train(corpus, CFG, tmp_path / "run", QUICK, save_every=2, quiet=True)
-    monkeypatch.setattr(checkpoint, "_optimizer_tensors", real)
+    monkeypatch.setattr(checkpoint, "optimizer_tensors", real)
     assert checkpoint.load_state(tmp_path / "run")["step"] == 2  # the checkpoint before is whole
     assert GPT.from_pretrained(tmp_path / "run") is not None  # and DIR still loads as a model
     resumed = train(corpus, CFG, tmp_path / "run", QUICK, save_every=2, quiet=True)
