@@ -290,13 +290,15 @@ class EagerStep:
 
     def __init__(self, model: GPT, cache: KVCache, request: TapCall, steps: list | None):
         self.model, self.cache, self.request, self.steps = model, cache, request, steps
+        self.calls = 0  # forward calls so far: the prefill is step 0, the call running new token i step i
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # Only around the call: a generator's suspended state must not leak into the caller's.
         with torch.inference_mode():
-            # A fresh TapCall per call: each holds the trace of the positions it ran.
-            taps = TapCall(self.request.to_record, self.request.edits) if self.request.wanted else NO_TAPS
+            # A fresh TapCall per call: each holds the trace of the positions it ran, and its edits know the step.
+            taps = self.request.at_step(self.calls, mask) if self.request.wanted else NO_TAPS
             logits = self.model(tokens, taps, self.cache, mask=mask)
+            self.calls += 1
         if self.steps is not None:
             self.steps.append(taps.trace)
         return logits
