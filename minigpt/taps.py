@@ -200,9 +200,9 @@ class TapCall:
     gets a copy of the tensor, which it may change in place, and what it asks for: the tap's name, the
     ``mask`` and the ``step`` (``edit_dict.bind_edit``). The value recorded at a tap is the value the
     rest of the forward uses (after its edit). ``mask`` [B, S]: a padded batch's real tokens, for
-    ``keep_positions="last"`` and the edits (None: every token real). ``step``: which forward call of
-    a generation this is (0: ``run``, or the prefill over the prompt). ``TapCall.build makes one for a model and an input, every
-    argument checked; ``TapCall.request`` also resolves the tap patterns.
+    ``keep_positions="last"`` and the edits (None: every token real). ``step``: which forward call
+    of a generation this is (0: ``run``, or the prefill over the prompt). ``TapCall.build`` makes one
+    for a model and an input, every argument checked; ``TapCall.request`` also resolves the tap patterns.
 
     ``sink``: instead of keeping recorded tensors in ``trace``, call ``sink(name, x)`` with each one
     (the value the forward goes on with, whole: keep_positions/store_dtype/device do not apply). The
