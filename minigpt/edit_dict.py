@@ -26,24 +26,21 @@ Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
 
 def takes_tap_name(edit: Edit) -> bool:
     """Whether an edit function asks for the tap's name: its second positional parameter has no default."""
-    parameters = _parameters(edit)
-    positional = [q for q in parameters if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+    return asks_for(edit)[0]
 
 
 def asks_for(edit: Edit) -> tuple[bool, bool, bool]:
     """What an edit function asks for: (the tap's name, the call's ``mask``, the call's ``step``)."""
-    keyword_only = {q.name for q in _parameters(edit) if q.kind == q.KEYWORD_ONLY}
-    return takes_tap_name(edit), "mask" in keyword_only, "step" in keyword_only
-
-
-def _parameters(edit: Edit) -> list[inspect.Parameter]:
     if isinstance(edit, torch.Tensor):
-        return []
+        return False, False, False
     try:
-        return list(inspect.signature(edit).parameters.values())
+        parameters = list(inspect.signature(edit).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: called with the tensor only
-        return []
+        return False, False, False
+    positional = [q for q in parameters if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    keyword_only = {q.name for q in parameters if q.kind == q.KEYWORD_ONLY}
+    takes_name = len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
+    return takes_name, "mask" in keyword_only, "step" in keyword_only
 
 
 def bind_edit(edit: Edit, name: str, *, mask: torch.Tensor | None = None, step: int = 0) -> Edit:
@@ -149,7 +146,7 @@ def during(edits: Mapping[str, Edit], when: str | Iterable[int]) -> Edits:
     Works on ragged batches (every row runs its i-th new token in call i). A replacement tensor is
     refused (EditError): give a function.
     """
-    if when == "prompt" or when == "new":
+    if isinstance(when, str) and when in ("prompt", "new"):
         steps = None
     elif isinstance(when, Iterable) and not isinstance(when, (str, bytes)):
         steps = list(when)
@@ -176,8 +173,9 @@ def _only_at(edit: Edit, when: str | frozenset[int]) -> Edit:
         active = step == 0 if when == "prompt" else step > 0 if when == "new" else step in when
         if not active:
             return x
-        edited = call(x.clone(), name, mask, step)
-        if step > 0 or mask is None or not isinstance(edited, torch.Tensor) or edited.shape != x.shape:
+        prefill_with_padding = step == 0 and mask is not None
+        edited = call(x.clone() if prefill_with_padding else x, name, mask, step)  # x: apply_edit's copy
+        if not prefill_with_padding or not isinstance(edited, torch.Tensor) or edited.shape != x.shape:
             return edited  # apply_edit refuses a result of the wrong shape, naming the tap
         axis, _ = tap_axes(name)  # the sequence axis: 1, or 2 (the queries) for scores and patterns
         real = mask.to(x.device).view([x.shape[a] if a in (0, axis) else 1 for a in range(x.dim())])
