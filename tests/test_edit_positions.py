@@ -121,3 +121,14 @@ def test_edit_functions_may_ask_for_the_mask_and_the_step(model) -> None:
     seen.clear()
     model.run(torch.tensor([[1, 2, 3]]), edits=edits.combine({"blocks.0.ln1": edit}, {"blocks.0.ln1": edit}))
     assert seen == [("blocks.0.ln1", None, 0)] * 2  # every link of a chain gets them
+
+
+def test_mean_ablation_of_the_batch_being_run_leaves_its_padding_out(model) -> None:
+    name = "blocks.0.mlp.post"
+    _, plain = model.run(CORRUPT, taps=name)
+    real = torch.cat([plain[name][row, :len(tokens)] for row, tokens in enumerate(CORRUPT)])  # [14, M]
+    _, trace = model.run(CORRUPT, taps=name, edits=edits.mean_ablate(name, positions="last"))
+    for row, tokens in enumerate(CORRUPT):
+        assert_close(trace[name][row, len(tokens) - 1], real.mean(0))
+    with pytest.raises(EditError, match="'last' \\(each row's last real token\\)"):
+        edits.zero_ablate(name, positions="first")
