@@ -11,7 +11,8 @@ for more, and the run gives it, once per forward call:
 - a second positional parameter without a default: the tap's name, ``edit(x, name)``, which lets one
   function serve a glob pattern tap by tap (``patch`` does this);
 - a keyword-only ``mask``: the run's real tokens, bool [B, S] (True = real; padding on the right as
-  ``run`` lays out texts of different lengths), or None when every token is real;
+  ``run`` lays out texts of different lengths, anywhere with an ``attention_mask``), or None when
+  every token is real;
 - a keyword-only ``step``: which forward call this is: 0 for ``run`` and for generation's prefill
   over the prompt, i for the call that runs the i-th new token (``during`` uses it).
 

@@ -5,8 +5,10 @@ row's real tokens: on a padded batch (the run's ``mask``, bound by ``TapCall``; 
 -1 and ``"last"`` are each row's last real token, a negative index counts from each row's last real
 token, a slice is taken of each row's real tokens (so its negative bounds count from the row's end),
 and a position a shorter row lacks leaves that row alone. Each row then gets what it gets run alone.
-An index outside the padded length is an EditError. A source ``Trace`` with padding is counted the
-same way, row by row, in its own real tokens. ``positions=None`` acts everywhere, padding included.
+Real tokens are found by the mask, so padding on the left (an ``attention_mask`` may give it) counts
+the same way. An index outside the padded length is an EditError. A source ``Trace`` with padding is
+counted the same way, row by row, in its own real tokens. ``positions=None`` acts everywhere,
+padding included.
 """
 from __future__ import annotations
 
@@ -90,8 +92,9 @@ def patch(source: Source, taps: Patterns, *, positions: Chosen | str = None, hea
     def put(x: torch.Tensor, name: str, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         recorded = _recorded_at(source, name).to(x)
         axis, _ = tap_axes(name)
-        fits = source_rows is not None and recorded.dim() > axis and (
-            (len(source_rows), source.mask.shape[1]) == (recorded.shape[0], recorded.shape[axis]))
+        # The source trace's mask describes this tensor unless it was recorded with keep_positions.
+        fits = source_rows is not None and (len(source_rows), source.mask.shape[1]) == (
+            recorded.shape[0], recorded.shape[axis])
         recorded = _batch_of(recorded, x)
         if positions is None or (mask is None and not fits):
             recorded = _align(recorded, x, name, positions)
