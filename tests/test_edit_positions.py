@@ -132,3 +132,13 @@ def test_mean_ablation_of_the_batch_being_run_leaves_its_padding_out(model) -> N
         assert_close(trace[name][row, len(tokens) - 1], real.mean(0))
     with pytest.raises(EditError, match="'last' \\(each row's last real token\\)"):
         edits.zero_ablate(name, positions="first")
+
+
+def test_left_padding_from_an_attention_mask_counts_the_same_way(model) -> None:
+    name = "blocks.1.resid_mid"
+    tokens = torch.tensor([[0, 0, 3, 3, 9], [1, 4, 6, 7, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    chosen = edits.zero_ablate(name, positions=[-2, 0])
+    logits, _ = model.run(tokens, attention_mask=mask, edits=chosen)
+    assert_close(logits[0, 2:], model.run([[3, 3, 9]], edits=chosen)[0][0])
+    assert_close(logits[1], model.run([[1, 4, 6, 7, 2]], edits=chosen)[0][0])
