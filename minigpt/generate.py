@@ -8,6 +8,9 @@ so a position-wise edit (scale, add a vector, silence a head's keys) gives exact
 edit gives in a full forward over the final sequence. Edits that mix positions or depend on the
 sequence length (``noise_neurons``, which draws noise of the call's shape) see one position at a
 time and do not equal their full-forward version; a replacement tensor is refused (EditError).
+Each forward call has a step number, which an edit may ask for (``def edit(x, *, step)``): 0 for
+the prefill over the prompt (whose padding ``mask`` it may ask for too), i for the call that runs
+the i-th new token; ``edits.during`` limits edits to the prompt, the new tokens or given steps.
 
 Read top to bottom: how the next token is chosen (``Decoding``, ``sample``), the checks before
 anything runs (``Plan``), ``generate`` and ``stream``, then the loop. ``compile=True`` swaps the
@@ -206,7 +209,7 @@ def generate(model: GPT, prompt: str | Sequence | torch.Tensor, max_new_tokens: 
     ``seed``, row b draws from its own generator seeded ``seed + b`` (or ``seed[b]`` for a list),
     so it samples what it would alone with that seed. With ``stop_at_eos`` a row that emits
     ``eos_id`` repeats it, and generation stops when all rows have. ``edits`` stay in force at every
-    step. With ``taps``, returns ``(ids, trace)`` where the trace equals that of a full forward over
+    step (``edits.during`` limits them to the prompt, the new tokens or given steps). With ``taps``, returns ``(ids, trace)`` where the trace equals that of a full forward over
     the returned ids (attention scores/patterns [B, H, T, T] included, future keys at -inf/0).
     ``compile=True``: each step through ``torch.compile`` (a static cache and CUDA graphs on a GPU),
     no taps, edits or padding; the first call compiles (seconds).
@@ -290,13 +293,15 @@ class EagerStep:
 
     def __init__(self, model: GPT, cache: KVCache, request: TapCall, steps: list | None):
         self.model, self.cache, self.request, self.steps = model, cache, request, steps
+        self.calls = 0  # forward calls so far: the prefill is step 0, the call running new token i step i
 
     def __call__(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # Only around the call: a generator's suspended state must not leak into the caller's.
         with torch.inference_mode():
-            # A fresh TapCall per call: each holds the trace of the positions it ran.
-            taps = TapCall(self.request.to_record, self.request.edits) if self.request.wanted else NO_TAPS
+            # A fresh TapCall per call: each holds the trace of the positions it ran, and its edits know the step.
+            taps = self.request.at_step(self.calls, mask) if self.request.wanted else NO_TAPS
             logits = self.model(tokens, taps, self.cache, mask=mask)
+            self.calls += 1
         if self.steps is not None:
             self.steps.append(taps.trace)
         return logits

@@ -7,7 +7,6 @@ replaced by an edit and whether it is kept. With nothing asked, a tap is one set
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -16,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_bool, check_device, check_floating_dtype, is_integer
-from .errors import EditError, InputError, MiniGPTWarning, TapError, closest
+from .edit_dict import Edit, apply_edit, bind_edit, takes_tap_name  # noqa: F401 (takes_tap_name lived here)
+from .errors import EditError, InputError, TapError, closest
 from .tap_table import (  # noqa: F401 (the table lived here: importers of these names from taps keep working)
     BLOCK_TAPS, MODEL_TAPS_AFTER, MODEL_TAPS_BEFORE, ON_DEMAND, QUERY_KEY_TAPS, TapInfo, describe, tap_axes,
     tap_names, tap_shape)
 
-Edit = Callable[[torch.Tensor], torch.Tensor] | torch.Tensor
 # What run(..., taps=) takes: a tap name, a glob pattern, a predicate of the name (True = record), or a list of them.
 TapFilter = str | Callable[[str], bool]
 # Sequence positions a run keeps: a slice, a list, "last" (each row's last real token), or None (all).
@@ -91,7 +90,7 @@ def _no_such_block(pattern: str, names: list[str]) -> str:
 def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[str, Edit]:
     """``{name or pattern: edit}`` -> ``{tap name: edit}``, checked before anything runs.
 
-    A function whose second positional parameter has no default is called as ``edit(x, tap_name)``.
+    The edits are as given: ``TapCall`` gives each function what it asks for (``edit_dict.bind_edit``).
     Raises EditError for something that is not a mapping of functions or tensors, and for a tap
     that two patterns both edit (which one should win is not ours to guess); TapError as ``select``.
     """
@@ -111,31 +110,8 @@ def resolve_edits(edits: Mapping[str, Edit] | None, names: list[str]) -> dict[st
                 raise EditError(f"tap {name!r} is edited twice, by {source[name]!r} and by {pattern!r}; narrow the "
                                 "patterns so that each tap has one, and chain several edits of one tap under one key "
                                 "(minigpt.edits.combine, or | of built-in edits, runs them in order)")
-            resolved[name], source[name] = _with_name(edit, name), pattern
+            resolved[name], source[name] = edit, pattern
     return resolved
-
-
-def takes_tap_name(edit: Edit) -> bool:
-    """Whether an edit function asks for the tap's name: its second positional parameter has no default."""
-    if isinstance(edit, torch.Tensor):
-        return False
-    try:
-        parameters = list(inspect.signature(edit).parameters.values())
-    except (TypeError, ValueError):  # a builtin without a signature: called with the tensor only
-        return False
-    positional = [q for q in parameters if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 and positional[1].default is inspect.Parameter.empty
-
-
-def _with_name(edit: Edit, name: str) -> Edit:
-    """``edit`` as a one-argument function, given the tap's name if it asks for it (``def edit(x, name)``)."""
-    if not takes_tap_name(edit):
-        return edit
-
-    def with_name(x: torch.Tensor) -> torch.Tensor:
-        return edit(x, name)
-
-    return with_name
 
 
 class StopForward(Exception):
@@ -221,10 +197,12 @@ class TapCall:
     ``keep``: what it keeps (a ``Keep``; or tap names, with Keep's other fields by keyword:
     ``TapCall(names, stop_at=...)``). ``edits``: exact tap name -> edit, where an edit is a function
     (tensor -> tensor of the same shape, dtype and device) or a tensor to put in place. A function
-    gets a copy of the tensor, which it may change in place. The value recorded at a tap is the
-    value the rest of the forward uses (after its edit). ``mask`` [B, S]: a padded batch's real
-    tokens, for ``keep_positions="last"``. ``TapCall.build`` makes one for a model and an input, every
-    argument checked; ``TapCall.request`` also resolves the tap patterns.
+    gets a copy of the tensor, which it may change in place, and what it asks for: the tap's name, the
+    ``mask`` and the ``step`` (``edit_dict.bind_edit``). The value recorded at a tap is the value the
+    rest of the forward uses (after its edit). ``mask`` [B, S]: a padded batch's real tokens, for
+    ``keep_positions="last"`` and the edits (None: every token real). ``step``: which forward call
+    of a generation this is (0: ``run``, or the prefill over the prompt). ``TapCall.build`` makes one
+    for a model and an input, every argument checked; ``TapCall.request`` also resolves the tap patterns.
 
     ``sink``: instead of keeping recorded tensors in ``trace``, call ``sink(name, x)`` with each one
     (the value the forward goes on with, whole: keep_positions/store_dtype/device do not apply). The
@@ -234,14 +212,15 @@ class TapCall:
 
     def __init__(self, keep: Keep | Iterable[str] = (), edits: Mapping[str, Edit] | None = None, *,
                  mask: torch.Tensor | None = None, sink: Callable[[str, torch.Tensor], None] | None = None,
-                 **fields: object):
+                 step: int = 0, **fields: object):
         if isinstance(keep, Keep) and fields:
             raise TypeError(f"TapCall takes a Keep or tap names with Keep's fields, not both: put {list(fields)} "
                             "in the Keep")
         keep = keep if isinstance(keep, Keep) else Keep(tuple(keep), **fields)
         self.keep = keep
         self.to_record = dict.fromkeys(keep.names)  # ordered, for the memory guard's message
-        self.edits = dict(edits or {})
+        self.given_edits = dict(edits or {})  # as given, for ``at_step``
+        self.edits = {name: bind_edit(edit, name, mask=mask, step=step) for name, edit in self.given_edits.items()}
         self.stop_at = keep.stop_at
         self.wanted = self.to_record.keys() | self.edits.keys() | ({keep.stop_at} if keep.stop_at else set())
         # Read once here, not from ``keep`` at each tap: the forward calls this object at every tap.
@@ -271,6 +250,11 @@ class TapCall:
         (keep_positions, store_dtype, device, grad, stop_at)."""
         keep = Keep(select_until(taps, tap_names, fields.get("stop_at")), **fields)
         return cls.build(tap_names, keep, edits, seq=seq, mask=mask)
+
+    def at_step(self, step: int, mask: torch.Tensor | None = None) -> TapCall:
+        """A fresh call for generation's forward call ``step`` (0: the prefill, whose ``mask`` [B, S] says
+        which prompt tokens are real; i: the i-th new token): the same taps, the edits given that step."""
+        return TapCall(self.to_record, self.given_edits, mask=mask, step=step)
 
     @property
     def record(self) -> dict[str, None]:
@@ -345,56 +329,3 @@ def select_until(patterns: TapFilter | Iterable[TapFilter], names: list[str], st
 
 
 NO_TAPS = TapCall()
-
-
-def apply_edit(name: str, edit: Edit, x: torch.Tensor) -> torch.Tensor:
-    """Run one edit at tap ``name`` and check that its result can replace ``x``.
-
-    An exception raised by the edit itself propagates unchanged, with a note naming the tap.
-    A result that is not a tensor of ``x``'s shape, dtype and device raises EditError;
-    NaN or inf values (other than -inf in ``attn.scores``) warn with MiniGPTWarning.
-    """
-    if isinstance(edit, torch.Tensor):
-        new = edit
-    elif callable(edit):
-        try:
-            # A copy: the edit may change it in place, and x may be a tensor the caller owns or the
-            # trace holds (resid_pre of block L+1 is resid_post of block L).
-            new = edit(x.clone())
-        except Exception as e:
-            e.add_note(f"(raised by the edit at tap {name!r})")
-            raise
-    else:
-        raise EditError(f"the edit at tap {name!r} is a {type(edit).__name__}; an edit is a function "
-                        "(tensor -> tensor of the same shape) or a replacement tensor")
-    what = "replacement tensor" if new is edit else "result of the edit"
-    if not isinstance(new, torch.Tensor):
-        raise EditError(f"the edit at tap {name!r} returned {type(new).__name__}, not a tensor; "
-                        f"an edit must return a tensor shaped like its input {tuple(x.shape)}")
-    if new.shape != x.shape:
-        raise EditError(f"the {what} at tap {name!r} has shape {tuple(new.shape)} but the tap has "
-                        f"shape {tuple(x.shape)}; an edit must keep the shape (see minigpt.describe)")
-    if new.dtype != x.dtype or new.device != x.device:
-        raise EditError(f"the {what} at tap {name!r} is {new.dtype} on {new.device} but the tap "
-                        f"is {x.dtype} on {x.device}; convert the result with .to(x)")
-    if not torch.compiler.is_compiling():
-        _warn_if_not_finite(name, new)
-    return new
-
-
-def _warn_if_not_finite(name: str, x: torch.Tensor) -> None:
-    """MiniGPTWarning if an edit's result holds NaN or inf (the rest of the forward would carry them)."""
-    if name.endswith("attn.scores"):
-        # -inf is legitimate in attention scores: it is how a key is masked out. But +inf, or a
-        # query whose every key is -inf, makes the softmax NaN.
-        bad = torch.isnan(x) | torch.isposinf(x)
-        if bad.any() or torch.isneginf(x).all(dim=-1).any():
-            warnings.warn(f"the edit at tap {name!r} produced NaN or +inf scores, or masked every key of a "
-                          "query with -inf; the attention pattern will hold NaN. Mask keys with -inf but "
-                          "leave each query at least one", MiniGPTWarning, stacklevel=2)
-    elif not torch.isfinite(x).all():
-        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-        warnings.warn(f"the edit at tap {name!r} produced {n_nan} NaN and {n_inf} inf values; the rest of "
-                      "the forward and the logits will carry them. Check the edit for a division by zero "
-                      "or an overflow (warnings.simplefilter('error', MiniGPTWarning) turns this into an error)",
-                      MiniGPTWarning, stacklevel=2)

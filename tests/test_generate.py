@@ -144,6 +144,56 @@ def test_edits_and_taps_together_and_pattern_edits() -> None:
         assert_close(trace[name], full[name], msg=name)
 
 
+def greedy_by_hand(model: GPT, rows: list[list[int]], n: int, tap: str, vector: torch.Tensor,
+                   when: str | list[int]) -> list[list[int]]:
+    """Greedy decoding without a cache, one row at a time: ``model.run`` over the growing sequence, with
+    ``vector`` added at the positions ``during(..., when)`` means (step 0: the S prompt positions;
+    step i: position S - 1 + i, the i-th new token), every other position unedited."""
+    out = []
+    for row in rows:
+        ids, S = list(row), len(row)
+        steps = {0} if when == "prompt" else set(range(1, n + 1)) if when == "new" else set(when)
+        edited = [p for p in range(S + n) if (p < S and 0 in steps) or (p >= S and p - S + 1 in steps)]
+        for _ in range(n):
+            where = torch.tensor([p in edited for p in range(len(ids))])[None, :, None]
+            logits, _ = model.run([ids], edits={tap: lambda x: torch.where(where, x + vector, x)})
+            ids.append(int(logits[0, -1].argmax()))
+        out.append(ids)
+    return out
+
+
+@pytest.mark.parametrize("when", ["prompt", "new", [0, 2], [1, 3]])
+def test_during_limits_an_edit_to_the_prompt_new_tokens_or_steps_row_by_row(when) -> None:
+    """Against a manual loop over the growing sequence, on a ragged batch with a 1-token prompt (where
+    telling new tokens by their shape fails: the prefill is one position too)."""
+    model, n, tap = tiny(), 5, "blocks.0.resid_post"
+    vector = 3 * torch.randn(16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    rows = [[5], [7, 1, 3, 2], [9, 4]]
+    steered = edits.during(edits.add_vector(tap, vector), when)
+    ids = model.generate(rows, n, temperature=0, edits=steered)
+    expected = greedy_by_hand(model, rows, n, tap, vector, when)
+    assert [ids[b, :len(rows[b]) + n].tolist() for b in range(len(rows))] == expected
+    assert torch.stack(list(model.stream(rows, n, temperature=0, edits=steered)), dim=1).shape == (3, n)
+    alone = model.generate([rows[0]], n, temperature=0, edits=steered)
+    assert alone[0].tolist() == expected[0]
+    plain = model.generate(rows, n, temperature=0)
+    assert not torch.equal(ids, plain), "the steering changes nothing: the test would prove nothing"
+
+
+def test_during_in_run_is_step_0_and_bad_arguments_are_refused() -> None:
+    model, tap = tiny(), "blocks.0.resid_post"
+    steer = edits.add_vector(tap, torch.ones(16, dtype=torch.float64))
+    plain, steered = model.run([[1, 2, 3]])[0], model.run([[1, 2, 3]], edits=steer)[0]
+    assert torch.equal(model.run([[1, 2, 3]], edits=edits.during(steer, "prompt"))[0], steered)
+    assert torch.equal(model.run([[1, 2, 3]], edits=edits.during(steer, "new"))[0], plain)
+    with pytest.raises(EditError, match="'prompt', 'new', or a list of steps"):
+        edits.during(steer, "later")
+    with pytest.raises(EditError, match="steps are integers >= 0"):
+        edits.during(steer, [1, -2])
+    with pytest.raises(EditError, match="is a tensor.*give a function"):
+        edits.during({tap: torch.zeros(1, 3, 16)}, "prompt")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
