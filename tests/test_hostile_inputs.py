@@ -224,7 +224,7 @@ def test_a_float_mask_of_zeros_and_ones_is_honoured() -> None:
 
 
 BAD_CHOICES = [True, 1.0, np.float64(2), [1, 2.5], [True], slice(0, None, 0), slice(0.5, 3), slice(None, "2"),
-               torch.tensor([0.0]), torch.tensor([True]), torch.zeros(2, 2, dtype=torch.long), "last", {1}]
+               torch.tensor([0.0]), torch.tensor([True]), torch.zeros(2, 2, dtype=torch.long), {1}]
 
 
 @pytest.mark.parametrize("chosen", BAD_CHOICES)
@@ -237,6 +237,17 @@ def test_edit_helpers_refuse_positions_and_heads_that_are_not_indices(chosen) ->
         for keyword in ("positions", "heads"):
             with pytest.raises(EditError, match=f"{keyword}="):
                 make(**{keyword: chosen})
+
+
+def test_last_is_a_position_but_not_a_head() -> None:
+    """``positions="last"`` is each row's last real token; a head has no "last"."""
+    source = torch.zeros(1, 5, 8)
+    assert "blocks.0.attn.z" in edits.zero_ablate("blocks.0.attn.z", positions="last")
+    for make in (lambda: edits.patch(source, "blocks.0.attn.z", heads="last"),
+                 lambda: edits.zero_ablate("blocks.0.attn.z", heads="last"),
+                 lambda: edits.mean_ablate("blocks.0.attn.z", source, heads="last")):
+        with pytest.raises(EditError, match="heads="):
+            make()
 
 
 @pytest.mark.parametrize("source, message", [(None, "patch needs a source"), ([torch.zeros(1, 5, 8)], "got list")])
