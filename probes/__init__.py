@@ -11,13 +11,15 @@ from .attention_view import write_attention_view
 from .attribution import Attribution, attribute
 from .distributions import Distributions, measure_distributions
 from .final_norm import FinalNorm, check_final_norm
-from .induction import Induction, induction_scores
+from .induction import Induction, induction_findings, induction_scores
 from .interventions import InterventionResult, Interventions, intervene
 from .logit_lens import LogitLens, lens
 from .path_patching import logit_difference, path_patch, path_patch_sweep
 from .reconstruction import Reconstruction, reconstruct
+from .sink import AttentionSink, attention_sink
 
 __all__ = ["Finding", "Result", "Reconstruction", "reconstruct", "FinalNorm", "check_final_norm", "Interventions",
            "InterventionResult", "intervene", "Distributions", "measure_distributions", "LogitLens", "lens",
-           "Attribution", "attribute", "Induction", "induction_scores", "path_patch", "path_patch_sweep",
+           "Attribution", "attribute", "Induction", "induction_scores", "induction_findings",
+           "AttentionSink", "attention_sink", "path_patch", "path_patch_sweep",
            "logit_difference", "write_attention_view"]

@@ -154,7 +154,7 @@ def _interventions(page: Page, plots) -> Section:
     iv = intervene(page.model, page.tokens, block=page.block, head=page.head)
     n = page.model.cfg.n_layer
     # Each edit's findings under keys of their own (name.key): the section holds all four edits' claims.
-    named = {item.name: [Finding(f"{item.name}.{x.key}", x.claim, x.holds, x.detail, x.needs_trained)
+    named = {item.name: [Finding(f"{item.name}.{x.key}", x.claim, x.holds, x.detail, x.needs_trained, x.testable)
                          for x in item.findings] for item in iv.results}
     figures = [page.figure("interventions", plots.plot_interventions_overview(iv), block=iv.block)]
     figures += [page.figure("interventions", plots.plot_intervention(iv, item.name), named[item.name],
@@ -288,7 +288,7 @@ def _payload(model: GPT, tokens: torch.Tensor, sections: list[Section], random_w
                       "figures": [{"file": shown.file, "caption": shown.caption,
                                    "findings": [x.key for x in shown.findings]} for shown in s.figures],
                       "findings": [{"key": x.key, "claim": x.claim, "holds": x.holds, "detail": x.detail,
-                                    "needs_trained_weights": x.needs_trained} for x in s.findings],
+                                    "needs_trained_weights": x.needs_trained, "testable": x.testable} for x in s.findings],
                       "verdict": verdict_of(s.findings),
                       "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in s.tables],
                       "data": s.data} for s in sections],

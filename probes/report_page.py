@@ -131,6 +131,8 @@ td:first-child, th:first-child { text-align: left; }
 
 def _finding_html(x: dict) -> str:
     cls, mark = {True: ("holds", "✔ holds"), False: ("fails", "✘ does not hold"), None: ("na", "measured")}[x["holds"]]
+    if not x.get("testable", True):
+        mark = "not testable on this model"
     tag = ' <span class="tag">needs trained weights</span>' if x["needs_trained_weights"] else ""
     return (f'<div class="finding {cls}"><b>{mark}</b>: {html.escape(x["claim"])}{tag}<br>'
             f'<small>{html.escape(x["detail"])}</small></div>')
@@ -160,7 +162,8 @@ def render_html(p: dict) -> str:
     summary = "".join(f"<li><a href='#{s['id']}'>{html.escape(s['title'])}</a>: "
                       f"{sum(x['holds'] is True for x in s['findings'])} hold, "
                       f"{sum(x['holds'] is False for x in s['findings'])} do not, "
-                      f"{sum(x['holds'] is None for x in s['findings'])} measured</li>" for s in p["sections"])
+                      f"{sum(x['holds'] is None for x in s['findings'])} measured or not testable</li>"
+                      for s in p["sections"])
     parts.append(f"<h3>Contents</h3><ul>{summary}</ul>"
                  "<p class='meta'>Layer names: emb = embeddings (token + position), bN = output of block N, "
                  "ln_f = the final LayerNorm's output (HuggingFace's hidden_states[-1]).</p>")
