@@ -93,6 +93,23 @@ PROSE: dict[str, Prose] = {
         "by freezing its scale at this run's value σ = {scale:.4g}; its bias adds a constant term.",
         {"attribution.png": "Left: each head's direct contribution to the logit. Right: attention and MLP per "
                             "block."}),
+    "induction": Prose(
+        "induction heads on repeated random tokens",
+        "7. Induction heads (beyond the notes)",
+        "Not the text above: {batch} rows of {n} random tokens, each repeated once. A head that does induction "
+        "looks, from a token of the repeat, at the token that followed its first occurrence; its score is the "
+        "weight on that key (uniform attention scores {chance:.3f}). A model that copies in context predicts "
+        "the repeat far better than the first half.",
+        {"induction.png": "Left: every head's induction score. Right: the patterns of the {top} best heads on the "
+                          "first row (the stripe {n} - 1 below the diagonal is induction)."}),
+    "attention_sink": Prose(
+        "attention sink",
+        "8. The first token: attention sink and residual norm (beyond the notes)",
+        "Trained GPT-2s park attention on the first position when a head has nothing to read, and the first "
+        "position's residual grows far larger than the others'. Per block: the attention weight on position 0 "
+        "(uniform attention gives {uniform:.3f} on this text), and position 0's residual norm against the rest.",
+        {"sink.png": "Left: attention weight on position 0 per block (dots: heads, line: their mean). Right: the "
+                     "first position's residual norm over the others' median, per state."}),
 }
 
 SMALL_MODEL_BANNER = (
