@@ -162,9 +162,10 @@ def _findings(item: InterventionResult, run: Interventions, n_layer: int) -> lis
     last_raw, final = n_layer, n_layer + 1
     impact = Finding("impact", "downstream impact on the next-token distribution", None, _impact(item))
     if item.name == "head_keys":
-        return [Finding("head_uniform", f"with its keys at zero, head {run.head} attends uniformly to every "
-                        "earlier token", run.head_pattern_deviation <= 1e-3,
-                        f"max |pattern - 1/(position+1)| = {run.head_pattern_deviation:.2g}"),
+        return [Finding("head_uniform", "with its keys at zero, the head attends uniformly to every earlier token",
+                        run.head_pattern_deviation <= 1e-3,
+                        f"head {run.head} of block {b}: max |pattern - 1/(position+1)| = "
+                        f"{run.head_pattern_deviation:.2g}"),
                 Finding("spread", "the spread of the layers after the block", None,
                         f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.3f}, at the last block "
                         f"b{n_layer - 1}: {item.std_ratio[last_raw]:.3f}"), impact]
@@ -187,7 +188,8 @@ def _findings(item: InterventionResult, run: Interventions, n_layer: int) -> lis
                         f"{item.std_ratio[last_raw]:.3g}"), impact]
     factor = float(item.name.split("_", 1)[1])
     exact = abs(item.std_ratio[at].item() - factor) <= 1e-3 * factor
-    jump = Finding("exact_factor", f"the spread at block {b} is multiplied by exactly {factor:g}", exact,
+    # Claims name no block, head or token: the compare table shows one claim for runs of other shapes.
+    jump = Finding("exact_factor", f"the spread at the edited block is multiplied by exactly {factor:g}", exact,
                    f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.6g}")
     later = _later_blocks(item, factor, n_layer)
     findings = [jump, later]

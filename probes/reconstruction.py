@@ -148,9 +148,9 @@ def _findings(r: Reconstruction, eps: float) -> list[Finding]:
     # (seeds 0-2), of GPT-2 small's 0.947-0.955 (seeds 0-1, 15 tokens): GPT-2's initialisation already keeps
     # each write small, so the notes' "r ~ 1" is read as r >= 0.99, which only the trained model reaches.
     line = Finding("near_line",
-                   f"{r.labels[i]} vs {r.labels[j]} is almost a line (r >= {NEAR_LINE}): each block changes the "
-                   "residual only a little", (r_pair >= NEAR_LINE) if j == i + 1 else None,
-                   f"r = {r_pair:.4f} without outliers, {r.pearson_r[j - 1].item():.4f} with them; "
+                   f"consecutive block outputs (the scatter's pair) are almost a line (r >= {NEAR_LINE}): each "
+                   "block changes the residual only a little", (r_pair >= NEAR_LINE) if j == i + 1 else None,
+                   f"{r.labels[i]} vs {r.labels[j]}: r = {r_pair:.4f} without outliers, {r.pearson_r[j - 1].item():.4f} with them; "
                    f"lowest r between consecutive block outputs {r_min:.4f}", needs_trained=True)
     shrink = r.range_all / max(r.range_kept, 1e-30)
     few = Finding("outliers", "a few huge activations stretch the axes; leaving them out makes the rest readable",

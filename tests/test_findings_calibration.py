@@ -71,9 +71,19 @@ def test_a_claim_without_a_later_block_is_not_testable() -> None:
     assert "not testable on this model" in later.detail and "last block" in later.detail
 
 
-def test_claim_texts_name_no_token() -> None:
-    """The claim (the compare table's one column for all runs) is the same whatever the run predicts."""
-    a, b = (GPT.random(TINY, seed=s) for s in (0, 1))
-    for probe in (probes.lens, probes.attribute):
-        claims = [{x.key: x.claim for x in probe(m, t).findings} for m, t in ((a, TEXT), (b, SHORT))]
-        assert claims[0] == claims[1]
+def claims(model: GPT, text: str) -> dict[str, str]:
+    """Every probe's claim texts by key (the interventions' by edit and key)."""
+    found = {f"{probe.__name__}.{x.key}": x.claim for probe in (probes.reconstruct, probes.check_final_norm,
+                                                                probes.measure_distributions, probes.lens,
+                                                                probes.attribute, probes.attention_sink)
+             for x in probe(model, text).findings}
+    found.update({f"{item.name}.{x.key}": x.claim for item in probes.intervene(model, text).results
+                  for x in item.findings})
+    return found
+
+
+def test_claim_texts_name_no_token_block_or_head() -> None:
+    """The claim (the compare table's one column for all runs) is the same whatever the run predicts and
+    whatever its shape: the token, block and head go in the detail."""
+    other = GPT.random(GPTConfig(vocab_size=50257, n_positions=64, n_embd=32, n_layer=5, n_head=2), seed=1)
+    assert claims(GPT.random(TINY, seed=0), TEXT) == claims(other, SHORT)
