@@ -1,4 +1,5 @@
-"""What a training run shows besides its checkpoints, and ``minigpt eval``.
+"""Evaluation: the loss (``loss_of``, ``evaluate``), what a training run shows besides its checkpoints,
+and ``minigpt eval``.
 
     DIR/metrics.jsonl   one JSON line per step: step, loss, lr, grad_norm, tokens_per_s, mfu
                         (and val_loss, sample where the step evaluated)
@@ -19,17 +20,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import corpus, files
 from ..config import END_OF_TEXT, END_OF_TEXT_ID, GPTConfig
 from ..errors import InputError, TrainingError
 from ..model import GPT
 from .data import TOKEN_DTYPE, Windows
+from .settings import Settings
 
 METRICS_FILE, LOSS_PLOT = "metrics.jsonl", "loss.png"
 # Stated peak dense bf16 FLOP/s by CUDA device name (the vendors' data sheets; SXM parts).
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
 SAMPLE_TOKENS, SAMPLE_SEED = 32, 0  # after <|endoftext|> (a document's start), seeded: comparable runs
+
+
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of inputs [B, S] against targets [B, S] (bf16 autocast on a GPU)."""
+    on_gpu = inputs.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        logits = model(inputs)  # [B, S, V]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: GPT, windows: Windows, s: Settings, rank: int, world: int) -> float:
+    """Mean loss over the first ``eval_windows`` validation windows (all ranks together), in eval mode."""
+    count = min(s.eval_windows, len(windows))
+    was_training = model.training
+    model.eval()
+    mine = list(range(rank, count, world))
+    total = torch.zeros(2, dtype=torch.float64, device=model.unembedding.device)  # loss sum, windows
+    for start in range(0, len(mine), s.batch_size):
+        chosen = mine[start:start + s.batch_size]
+        total += torch.tensor([loss_of(model, *windows.batch(chosen, model.unembedding.device)).item() * len(chosen),
+                               len(chosen)], dtype=torch.float64, device=total.device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -136,9 +167,6 @@ def evaluate_file(model: GPT, paths: list, *, context: int | None = None, batch_
     ``baselines``: ``minigpt.training.baselines.baselines`` (train_tokens, val_windows, vocab_size) -> dict,
     reported beside the model when given with the training run's ``train_tokens``.
     """
-    from .loop import evaluate
-    from .settings import Settings
-
     context = context or model.cfg.n_positions
     if not 1 <= context <= model.cfg.n_positions:
         raise TrainingError(f"--context {context} must be in 1..{model.cfg.n_positions} (the model's positions)")

@@ -17,7 +17,6 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
 from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
@@ -27,6 +26,7 @@ from ..files import claim_directory, read_json
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data, eval as metrics
+from .eval import evaluate, loss_of
 from .settings import Settings, check_fits
 
 
@@ -46,14 +46,6 @@ def make_optimizer(model: GPT, s: Settings) -> torch.optim.AdamW:
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = model.unembedding.device.type == "cuda"
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=fused or None)
-
-
-def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of inputs [B, S] against targets [B, S] (bf16 autocast on a GPU)."""
-    on_gpu = inputs.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-        logits = model(inputs)  # [B, S, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, settings: Settings = Settings(), *,
@@ -192,24 +184,6 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value
-
-
-@torch.no_grad()
-def evaluate(model: GPT, windows: data.Windows, s: Settings, rank: int, world: int) -> float:
-    """Mean loss over the first ``eval_windows`` validation windows (all ranks together), in eval mode."""
-    count = min(s.eval_windows, len(windows))
-    was_training = model.training
-    model.eval()
-    mine = list(range(rank, count, world))
-    total = torch.zeros(2, dtype=torch.float64, device=model.unembedding.device)  # loss sum, windows
-    for start in range(0, len(mine), s.batch_size):
-        chosen = mine[start:start + s.batch_size]
-        total += torch.tensor([loss_of(model, *windows.batch(chosen, model.unembedding.device)).item() * len(chosen),
-                               len(chosen)], dtype=torch.float64, device=total.device)
-    if world > 1:
-        torch.distributed.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
 
 
 def config_of(size: str | GPTConfig | Path) -> GPTConfig:
