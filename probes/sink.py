@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt import GPT
+from minigpt.errors import InputError
 
 from ._common import RESIDUAL_TAPS, Finding, Result, record, residual_labels, residual_states, single_sequence
 
@@ -46,7 +47,6 @@ def attention_sink(model: GPT, inputs: str | list | torch.Tensor) -> AttentionSi
     """Attention on position 0 per block and head, and position 0's residual norm against the rest's."""
     tokens = single_sequence(model, inputs)
     if tokens.shape[1] < 2:
-        from minigpt.errors import InputError
         raise InputError(f"the attention sink needs at least 2 tokens (a query after position 0), got "
                          f"{tokens.shape[1]}; pass a longer text")
     _, trace = record(model, tokens, ["blocks.*.attn.pattern", *RESIDUAL_TAPS])
