@@ -3,7 +3,8 @@
 Each probe takes a model and one text (or token ids), returns a dataclass of tensors, floats and
 strings, with ``findings`` (the notes' claims, checked) and a one-paragraph ``verdict``; none
 plots. ``probes.plots`` turns the data into matplotlib figures; ``probes.report`` runs them all.
-Beyond the notes: ``induction_scores`` and ``path_patch``/``path_patch_sweep`` (circuit experiments),
+Beyond the notes: ``induction_scores`` (with ``induction_findings``), ``attention_sink`` (the first token's
+attention and residual norm) and ``path_patch``/``path_patch_sweep`` (circuit experiments),
 ``write_attention_view`` (an interactive, offline page of a run's attention).
 """
 from ._common import Finding, Result

@@ -102,3 +102,15 @@ def test_mfu_against_a_stated_peak() -> None:
     assert per_token == 6 * 1000 + 12 * 1 * 16 * 16
     assert extras.mfu(1e6, per_token, 1e12) == pytest.approx(1e6 * per_token / 1e12)
     assert extras.mfu(1e6, per_token, None) is None and extras.peak_flops(torch.device("cpu")) is None
+
+
+def test_eval_refuses_a_context_the_model_lacks_and_too_little_text(run, corpus, tmp_path) -> None:
+    from minigpt import GPT
+
+    model = GPT.from_pretrained(run[0])
+    with pytest.raises(TrainingError, match=r"--context 64 must be in 1\.\.32"):
+        extras.evaluate_file(model, [corpus], context=64)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(TrainingError, match="less than one window"):
+        extras.evaluate_file(model, [short], context=16)
