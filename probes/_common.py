@@ -19,9 +19,12 @@ from minigpt.taps import Edit
 class Finding:
     """One claim of the lecture notes (docs/NOTES.md), checked on this model and text.
 
-    ``holds`` is None when the claim cannot be checked here (e.g. a 1-block model has no
-    penultimate block). ``needs_trained`` marks claims about what training produced: random
-    weights need not show them, while the others follow from the architecture alone.
+    Three states: ``holds`` True or False, or None for a measurement that claims nothing (e.g.
+    the KL after an edit). ``testable`` False (with ``holds`` None) says the claim cannot be tested
+    on this model, the reason in ``detail`` (e.g. no block after the edited one): not the same as
+    failing. ``needs_trained`` marks claims about what training produced: random weights of the
+    same shape do NOT show them (tests/test_findings_calibration.py checks it over several seeds),
+    while the others follow from the architecture (or GPT-2's initialisation) alone.
     """
 
     key: str             # short stable id within its probe, e.g. 'law' or 'ln_f_restores'
@@ -29,10 +32,22 @@ class Finding:
     holds: bool | None
     detail: str
     needs_trained: bool = False
+    testable: bool = True
+
+    @classmethod
+    def untestable(cls, key: str, claim: str, reason: str, needs_trained: bool = False) -> "Finding":
+        """A claim this model cannot test, ``reason`` saying why."""
+        return cls(key, claim, None, f"not testable on this model: {reason}", needs_trained, testable=False)
+
+    @property
+    def mark(self) -> str:
+        """'holds', 'does NOT hold', 'not testable' or 'measured'."""
+        if not self.testable:
+            return "not testable"
+        return {True: "holds", False: "does NOT hold", None: "measured"}[self.holds]
 
     def line(self) -> str:
-        mark = {True: "holds", False: "does NOT hold", None: "n/a"}[self.holds]
-        return f"{self.claim}: {mark} ({self.detail})"
+        return f"{self.claim}: {self.mark} ({self.detail})"
 
 
 def verdict_of(findings: Iterable[Finding]) -> str:

@@ -122,7 +122,8 @@ def _attribution_row(model: GPT, names: list[str], contributions: torch.Tensor, 
     result.findings = [
         Finding("sum", "the parts sum to the logit (ln_f's scale frozen at this run's value)", result.sum_error <= tol,
                 f"logit {logit:.4f}, sum of parts {total:.4f}, ln_f scale sigma = {result.scale:.4g}"),
-        Finding("largest", f"largest direct contribution to {result.target_token}", None, f"{name}: {value:+.3f}",
+        Finding("largest", "largest direct contribution to the predicted token's logit", None,
+                f"to {result.target_token}: {name} {value:+.3f}",
                 needs_trained=True),
     ]
     return result

@@ -58,10 +58,10 @@ def _findings(f: FinalNorm, eps: float) -> list[Finding]:
                        f"penultimate block b{n - 2}: {f.penultimate_diff:.3g}; largest over blocks b0..b{n - 2}: "
                        f"{earlier.max().item():.3g}")
     else:
-        same = Finding("earlier_equal", "for every block but the last, the block's output IS hidden_states[i+1]", None,
-                       "a 1-block model has no block before the last")
+        same = Finding.untestable("earlier_equal", "for every block but the last, the block's output IS "
+                                  "hidden_states[i+1]", "a 1-block model has no block before the last")
     clearly = max(1e-3, 1e-3 * f.raw_last_max)
-    differs = Finding("last_differs", f"for the last block b{n - 1} they differ", f.last_diff > clearly,
+    differs = Finding("last_differs", "for the last block they differ", f.last_diff > clearly,
                       f"max |hidden_states[-1] - resid_post[{n - 1}]| = {f.last_diff:.4g}")
     tol = 16 * eps * max(1.0, f.normalised_last_max)
     again = Finding("ln_f_restores",

@@ -38,6 +38,8 @@ class InterventionResult(Result):
     top1_edited: str
     top1_changed: bool
     top1_changed_fraction: float  # fraction of positions whose top-1 prediction changed
+    passive_ratio: float = float("nan")  # scale edits: the last block's std ratio if the later blocks wrote
+    #                                      what they wrote in the clean run (dilution alone, no compensation)
 
 
 @dataclass
@@ -126,6 +128,8 @@ def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int | Non
             std_ratio=std / clean_std.clamp_min(1e-30), kl_last=kl[-1].item(), kl_mean=kl.mean().item(),
             top1_clean=clean_word, top1_edited=edited_word, top1_changed=bool(top[-1] != top_clean[-1]),
             top1_changed_fraction=(top != top_clean).double().mean().item())
+        if name.startswith("scale_"):
+            item.passive_ratio = _passive_ratio(clean_states, block, float(name.split("_", 1)[1]))
         if name == "head_keys":  # with its keys at 0, the head scores every visible key 0: uniform attention
             pattern = trace[pattern_tap][0, head].double()  # [Q, K]
             uniform = torch.ones_like(pattern).tril() / torch.arange(1, len(pattern) + 1, dtype=torch.float64)[:, None]
@@ -133,6 +137,16 @@ def intervene(model: GPT, inputs: str | list | torch.Tensor, *, block: int | Non
         item.findings = _findings(item, result, cfg.n_layer)
         result.results.append(item)
     return result
+
+
+def _passive_ratio(clean_states: torch.Tensor, block: int, factor: float) -> float:
+    """Std ratio at the last block's raw output if block ``block``'s output [S, D] were scaled by ``factor``
+    and every later block wrote its clean delta unchanged: what dilution alone gives back.
+
+    clean_states: [n + 2, S, D] (emb, each block's output, ln_f), as ``states_with_ln_f``.
+    """
+    at, last = clean_states[block + 1].double(), clean_states[-2].double()
+    return ((factor * at + (last - at)).std() / last.std().clamp_min(1e-300)).item()
 
 
 def _impact(item: InterventionResult) -> str:
@@ -148,42 +162,36 @@ def _findings(item: InterventionResult, run: Interventions, n_layer: int) -> lis
     last_raw, final = n_layer, n_layer + 1
     impact = Finding("impact", "downstream impact on the next-token distribution", None, _impact(item))
     if item.name == "head_keys":
-        return [Finding("head_uniform", f"with its keys at zero, head {run.head} attends uniformly to every "
-                        "earlier token", run.head_pattern_deviation <= 1e-3,
-                        f"max |pattern - 1/(position+1)| = {run.head_pattern_deviation:.2g}"),
+        return [Finding("head_uniform", "with its keys at zero, the head attends uniformly to every earlier token",
+                        run.head_pattern_deviation <= 1e-3,
+                        f"head {run.head} of block {b}: max |pattern - 1/(position+1)| = "
+                        f"{run.head_pattern_deviation:.2g}"),
                 Finding("spread", "the spread of the layers after the block", None,
                         f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.3f}, at the last block "
                         f"b{n_layer - 1}: {item.std_ratio[last_raw]:.3f}"), impact]
     if item.name == "mlp_noise":
+        # Near zero holds on GPT-2's initialisation too (pre-activations of std 0.02 sqrt(d)): random weights
+        # of pydoc-tiny's shape put 100% in [-0.2, 1], of GPT-2 small's 98%. The trained part is "slightly
+        # negative": GELU of zero-mean pre-activations (random weights, zero biases) has a positive mean
+        # (measured +0.009 to +0.011 tiny shape, +0.10 GPT-2 small shape, seeds 0-2), pydoc-tiny's is -0.048.
         return [Finding("out_of_distribution",
-                        "real post-GELU activations are mostly near zero or slightly negative, so mean-10 noise "
-                        "is far out of distribution", run.clean_post_gelu_near_zero >= 0.9,
+                        "real post-GELU activations are mostly near zero, so mean-10 noise is far out of "
+                        "distribution", run.clean_post_gelu_near_zero >= 0.9,
                         f"clean run: {run.clean_post_gelu_near_zero:.1%} of block {b}'s post-GELU values lie in "
-                        f"[-0.2, 1], mean {run.clean_post_gelu_mean:.3g}", needs_trained=True),
+                        f"[-0.2, 1]"),
+                Finding("slightly_negative", "on average they are slightly negative (GELU's negative lobe)",
+                        run.clean_post_gelu_mean < 0, f"mean post-GELU value of block {b}: "
+                        f"{run.clean_post_gelu_mean:.3g}", needs_trained=True),
                 Finding("spread_inflated",
                         "the noise inflates the spread from that block on", bool(item.std_ratio[at] > 1.5),
                         f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.3g}, at the last block: "
                         f"{item.std_ratio[last_raw]:.3g}"), impact]
     factor = float(item.name.split("_", 1)[1])
     exact = abs(item.std_ratio[at].item() - factor) <= 1e-3 * factor
-    jump = Finding("exact_factor", f"the spread at block {b} is multiplied by exactly {factor:g}", exact,
+    # Claims name no block, head or token: the compare table shows one claim for runs of other shapes.
+    jump = Finding("exact_factor", f"the spread at the edited block is multiplied by exactly {factor:g}", exact,
                    f"std ratio edited/clean at b{b}: {item.std_ratio[at]:.6g}")
-    if b == n_layer - 1:
-        later = Finding("later_blocks",
-                        "later blocks compensate", None, f"block {b} is the last block: there is no later block")
-    else:
-        # How much of the factor survives at the last block, on a log scale: 1 = all of it, 0 = none.
-        kept = math.log(item.std_ratio[last_raw].item()) / math.log(factor)
-        if factor < 1:
-            later = Finding("later_blocks",
-                            "at 0.1 the spread collapses at the block and recovers in later blocks", kept <= 0.5,
-                            f"ratio at the last block b{n_layer - 1}: {item.std_ratio[last_raw]:.3g} "
-                            f"({kept:.0%} of the collapse left, on a log scale)", needs_trained=True)
-        else:
-            later = Finding("later_blocks", "the later blocks themselves bring the exploded spread back down",
-                            kept <= 0.5,
-                            f"ratio at the last block's raw output: {item.std_ratio[last_raw]:.3g} "
-                            f"({kept:.0%} of the x{factor:g} left, on a log scale)", needs_trained=True)
+    later = _later_blocks(item, factor, n_layer)
     findings = [jump, later]
     if factor > 1:
         findings.append(Finding(
@@ -193,3 +201,34 @@ def _findings(item: InterventionResult, run: Interventions, n_layer: int) -> lis
             f"std ratio after ln_f {item.std_ratio[final]:.3g} vs {item.std_ratio[last_raw]:.3g} before it; "
             "the notes' 'compensation' at the last layer is largely ln_f"))
     return findings + [impact]
+
+
+# Measured with the defaults (block 6 of 8 / 9 of 12, the README's text), share of the factor left at the
+# last block on a log scale, actual vs passive (dilution alone, ``_passive_ratio``):
+#   pydoc-tiny trained: x0.1 0.84 vs PASSIVE; x10 0.99 vs PASSIVE
+#   random, tiny shape, seeds 0-2: x0.1 0.72-0.76 vs PASSIVE; x10 0.99 vs PASSIVE
+#   random, GPT-2 small shape: GPT2
+# Random later blocks write (after their LayerNorm) about what they wrote before: the share left is the
+# passive one. Compensation is the later blocks taking back MORE than dilution does: at least COMPENSATION of
+# the factor (log scale) beyond the passive share. Where dilution alone leaves less than that, the later
+# blocks' writes swamp the scaled state and there is nothing left to compensate: not testable here.
+COMPENSATION = 0.25
+
+
+def _later_blocks(item: InterventionResult, factor: float, n_layer: int) -> Finding:
+    """Whether the blocks after the scaled one undo the scaling beyond what their clean writes dilute."""
+    b, last = item.block, n_layer
+    claim = ("at 0.1 the spread collapses at the block and recovers in later blocks" if factor < 1 else
+             "the later blocks themselves bring the exploded spread back down")
+    if b == n_layer - 1:
+        return Finding.untestable("later_blocks", claim, f"block {b} is the last block: no later block reads the "
+                                  "scaled output", needs_trained=True)
+    kept = math.log(item.std_ratio[last].item()) / math.log(factor)
+    passive = math.log(item.passive_ratio) / math.log(factor)
+    detail = (f"ratio at the last block's raw output b{n_layer - 1}: {item.std_ratio[last]:.3g} ({kept:.0%} of the "
+              f"x{factor:g} left, on a log scale); dilution by the later blocks' clean writes alone would leave "
+              f"{passive:.0%}")
+    if passive < COMPENSATION:
+        return Finding.untestable("later_blocks", claim, f"the later blocks' clean writes alone leave {passive:.0%} "
+                                  f"of the x{factor:g}: nothing left to compensate ({detail})", needs_trained=True)
+    return Finding("later_blocks", claim, kept <= passive - COMPENSATION, detail, needs_trained=True)

@@ -74,8 +74,8 @@ def _lens_row(model: GPT, states: torch.Tensor, final: torch.Tensor, position: i
     result.findings = [
         Finding("final_equals_logits", "the lens at the last block is the model's own output",
                 result.final_max_diff <= tol, f"max |lens logits - model logits| = {result.final_max_diff:.3g}"),
-        Finding("emerges", f"the prediction {result.target_token} takes shape gradually through the blocks", None,
-                _rise(result), needs_trained=True),
+        Finding("emerges", "the prediction takes shape gradually through the blocks", None,
+                f"{result.target_token}: {_rise(result)}", needs_trained=True),
     ]
     return result
 

@@ -24,9 +24,11 @@ from .attention_view import attention_pattern
 from .attribution import Attribution
 from .distributions import Distributions
 from .final_norm import FinalNorm
+from .induction import Induction
 from .interventions import Interventions
 from .logit_lens import LogitLens
 from .reconstruction import Reconstruction
+from .sink import AttentionSink
 
 ZERO_FLOOR = 1e-16  # where an exact 0 is drawn on a log axis
 CLEAN, EDITED = "#1f77b4", "#d62728"
@@ -223,6 +225,49 @@ def plot_histograms(d: Distributions) -> Figure:
     _ticks(spread, d.labels)
     spread.set_title("How wide each layer's values reach")
     spread.legend(fontsize=8)
+    return fig
+
+
+def plot_induction(ind: Induction, heads: list[tuple[int, int]], patterns: torch.Tensor) -> Figure:
+    """Left: every head's induction score [L, H]. Right: the patterns [k, T, T] of ``heads`` (block, head)
+    on the first repeated row, the induction stripe n - 1 below the diagonal."""
+    L, H = ind.scores.shape
+    fig = new_figure(4 + 3.2 * len(heads), 3.8)
+    axes = fig.subplots(1, 1 + len(heads), squeeze=False)[0]
+    image = axes[0].imshow(ind.scores.numpy(), cmap="Reds", vmin=0, vmax=max(1e-6, ind.scores.max().item()),
+                           aspect="auto")
+    fig.colorbar(image, ax=axes[0], shrink=0.8)
+    axes[0].set_xlabel("head")
+    axes[0].set_ylabel("block")
+    axes[0].set_title(f"Induction score (uniform: {ind.chance:.3f})", fontsize=10)
+    for ax, (block, head), pattern in zip(axes[1:], heads, patterns):
+        ax.imshow(pattern.numpy(), cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(f"b{block}.h{head}: score {ind.scores[block, head]:.2f}", fontsize=10)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    return fig
+
+
+def plot_sink(s: AttentionSink) -> Figure:
+    """Left: each block's attention on position 0, per head and averaged, against uniform attention.
+    Right: position 0's residual norm over the others' median, per state."""
+    fig = new_figure(11, 3.8)
+    mass, norm = fig.subplots(1, 2)
+    n, H = s.mass.shape
+    blocks = [f"b{i}" for i in range(n)]
+    for h in range(H):
+        mass.plot(range(n), s.mass[:, h], ".", alpha=0.6, label=f"h{h}" if H <= 12 else None)
+    mass.plot(range(n), s.block_mass, "o-", color="black", label="mean over heads")
+    mass.axhline(s.uniform, color="grey", linestyle="--", label="uniform attention")
+    mass.set_ylim(0, 1)
+    _ticks(mass, blocks)
+    mass.set_ylabel("attention weight on position 0")
+    mass.legend(fontsize=7, ncol=2)
+    norm.plot(range(len(s.labels)), s.norm_ratio, "o-")
+    norm.axhline(1, color="grey", linestyle="--")
+    _ticks(norm, s.labels)
+    norm.set_ylabel("|x_0| / median |x_i|")
+    norm.set_title("Norm of the first position's residual against the rest", fontsize=10)
     return fig
 
 

@@ -26,14 +26,16 @@ import torch
 from minigpt import GPT
 from minigpt.errors import InputError
 
-from ._common import Finding, decode_text, single_sequence, verdict_of
+from ._common import Finding, decode_text, record, single_sequence, verdict_of
 from .attention_view import MAX_TOKENS, write_attention_view
 from .attribution import attribute
 from .distributions import measure_distributions
 from .final_norm import check_final_norm
+from .induction import induction_findings, induction_scores
 from .interventions import intervene, site
 from .logit_lens import lens
 from .reconstruction import reconstruct
+from .sink import attention_sink
 from .report_page import PROSE, render_html
 
 Progress = Callable[[str], None]
@@ -154,7 +156,7 @@ def _interventions(page: Page, plots) -> Section:
     iv = intervene(page.model, page.tokens, block=page.block, head=page.head)
     n = page.model.cfg.n_layer
     # Each edit's findings under keys of their own (name.key): the section holds all four edits' claims.
-    named = {item.name: [Finding(f"{item.name}.{x.key}", x.claim, x.holds, x.detail, x.needs_trained)
+    named = {item.name: [Finding(f"{item.name}.{x.key}", x.claim, x.holds, x.detail, x.needs_trained, x.testable)
                          for x in item.findings] for item in iv.results}
     figures = [page.figure("interventions", plots.plot_interventions_overview(iv), block=iv.block)]
     figures += [page.figure("interventions", plots.plot_intervention(iv, item.name), named[item.name],
@@ -230,10 +232,49 @@ def _attribution(page: Page, plots) -> Section:
         target=a.target_token, scale=a.scale)
 
 
+INDUCTION_N, INDUCTION_BATCH, TOP_HEADS = 20, 4, 3  # repeated halves of 20 random tokens: fits 41+ positions
+
+
+def _induction(page: Page, plots) -> Section:
+    model = page.model
+    n = min(INDUCTION_N, model.cfg.n_positions // 2)
+    ind = induction_scores(model, n=n, batch=INDUCTION_BATCH)
+    findings = induction_findings(ind)
+    H = model.cfg.n_head
+    order = ind.scores.flatten().argsort(descending=True)[:min(TOP_HEADS, ind.scores.numel())].tolist()
+    heads = [(i // H, i % H) for i in order]
+    _, trace = record(model, ind.tokens[:1], [f"blocks.{b}.attn.pattern" for b in sorted({b for b, _ in heads})])
+    patterns = torch.stack([trace[f"blocks.{b}.attn.pattern"][0, h] for b, h in heads])  # [k, T, T]
+    scores = Table("Induction score per head", ["block", *(f"h{h}" for h in range(H))],
+                   [[f"b{b}", *ind.scores[b].tolist()] for b in range(len(ind.scores))])
+    losses = Table("Loss on the repeated tokens", ["half", "mean loss (nats)"],
+                   [["first", ind.loss_first.mean().item()], ["repeat", ind.induction_loss]])
+    return page.section(
+        "induction", [page.figure("induction", plots.plot_induction(ind, heads, patterns), findings, n=n,
+                                  top=len(heads))], findings, [scores, losses],
+        {"n": n, "batch": INDUCTION_BATCH, "chance": ind.chance, "scores": ind.scores,
+         "top_heads": [f"b{b}.h{h}" for b, h in heads], "loss_first": ind.loss_first.mean().item(),
+         "loss_repeat": ind.induction_loss}, n=n, batch=INDUCTION_BATCH, chance=ind.chance)
+
+
+def _attention_sink(page: Page, plots) -> Section:
+    s = attention_sink(page.model, page.tokens)
+    per_block = Table("Per block", ["block", "mean weight on position 0", "heaviest head's"],
+                      [[f"b{b}", s.block_mass[b].item(), s.mass[b].max().item()] for b in range(len(s.mass))])
+    norms = Table("Residual norm", ["state", "position 0", "median of the rest", "ratio"],
+                  [[s.labels[k], s.first_norm[k].item(), s.rest_norm[k].item(), s.norm_ratio[k].item()]
+                   for k in range(len(s.labels))])
+    return page.section("attention_sink", [page.figure("attention_sink", plots.plot_sink(s), s.findings)],
+                        s.findings, [per_block, norms],
+                        {"mass": s.mass, "uniform": s.uniform, "labels": s.labels, "first_norm": s.first_norm,
+                         "rest_norm": s.rest_norm}, uniform=s.uniform)
+
+
 # The page's sections in order, each built by one function from the Page (and the plots module).
 BUILDERS: dict[str, Callable[[Page, object], Section]] = {
     "reconstruction": _reconstruction, "final_norm": _final_norm, "interventions": _interventions,
     "distributions": _distributions, "logit_lens": _logit_lens, "attribution": _attribution,
+    "induction": _induction, "attention_sink": _attention_sink,
 }
 
 
@@ -288,7 +329,7 @@ def _payload(model: GPT, tokens: torch.Tensor, sections: list[Section], random_w
                       "figures": [{"file": shown.file, "caption": shown.caption,
                                    "findings": [x.key for x in shown.findings]} for shown in s.figures],
                       "findings": [{"key": x.key, "claim": x.claim, "holds": x.holds, "detail": x.detail,
-                                    "needs_trained_weights": x.needs_trained} for x in s.findings],
+                                    "needs_trained_weights": x.needs_trained, "testable": x.testable} for x in s.findings],
                       "verdict": verdict_of(s.findings),
                       "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in s.tables],
                       "data": s.data} for s in sections],

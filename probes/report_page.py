@@ -93,6 +93,23 @@ PROSE: dict[str, Prose] = {
         "by freezing its scale at this run's value σ = {scale:.4g}; its bias adds a constant term.",
         {"attribution.png": "Left: each head's direct contribution to the logit. Right: attention and MLP per "
                             "block."}),
+    "induction": Prose(
+        "induction heads on repeated random tokens",
+        "7. Induction heads (beyond the notes)",
+        "Not the text above: {batch} rows of {n} random tokens, each repeated once. A head that does induction "
+        "looks, from a token of the repeat, at the token that followed its first occurrence; its score is the "
+        "weight on that key (uniform attention scores {chance:.3f}). A model that copies in context predicts "
+        "the repeat far better than the first half.",
+        {"induction.png": "Left: every head's induction score. Right: the patterns of the {top} best heads on the "
+                          "first row (the stripe {n} - 1 below the diagonal is induction)."}),
+    "attention_sink": Prose(
+        "attention sink",
+        "8. The first token: attention sink and residual norm (beyond the notes)",
+        "Trained GPT-2s park attention on the first position when a head has nothing to read, and the first "
+        "position's residual grows far larger than the others'. Per block: the attention weight on position 0 "
+        "(uniform attention gives {uniform:.3f} on this text), and position 0's residual norm against the rest.",
+        {"sink.png": "Left: attention weight on position 0 per block (dots: heads, line: their mean). Right: the "
+                     "first position's residual norm over the others' median, per state."}),
 }
 
 SMALL_MODEL_BANNER = (
@@ -138,6 +155,8 @@ td:first-child, th:first-child { text-align: left; }
 
 def _finding_html(x: dict) -> str:
     cls, mark = {True: ("holds", "✔ holds"), False: ("fails", "✘ does not hold"), None: ("na", "measured")}[x["holds"]]
+    if not x.get("testable", True):
+        mark = "not testable on this model"
     tag = ' <span class="tag">needs trained weights</span>' if x["needs_trained_weights"] else ""
     return (f'<div class="finding {cls}"><b>{mark}</b>: {html.escape(x["claim"])}{tag}<br>'
             f'<small>{html.escape(x["detail"])}</small></div>')
@@ -169,7 +188,8 @@ def render_html(p: dict) -> str:
     summary = "".join(f"<li><a href='#{s['id']}'>{html.escape(s['title'])}</a>: "
                       f"{sum(x['holds'] is True for x in s['findings'])} hold, "
                       f"{sum(x['holds'] is False for x in s['findings'])} do not, "
-                      f"{sum(x['holds'] is None for x in s['findings'])} measured</li>" for s in p["sections"])
+                      f"{sum(x['holds'] is None for x in s['findings'])} measured or not testable</li>"
+                      for s in p["sections"])
     parts.append(f"<h3>Contents</h3><ul>{summary}</ul>"
                  "<p class='meta'>Layer names: emb = embeddings (token + position), bN = output of block N, "
                  "ln_f = the final LayerNorm's output (HuggingFace's hidden_states[-1]).</p>")

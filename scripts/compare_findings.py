@@ -16,6 +16,11 @@ from pathlib import Path
 MARK = {True: "holds", False: "**does not hold**", None: "measured"}
 
 
+def _mark(finding: dict) -> str:
+    """holds / does not hold / measured, or 'not testable' (a claim this model cannot test; older reports lack the key)."""
+    return "not testable" if finding.get("testable") is False else MARK[finding["holds"]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("reports", nargs="+", type=Path, help="report directories (each with report.json)")
@@ -27,7 +32,7 @@ def main() -> None:
     print("| finding (report.json key) | claim | needs trained weights | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for key, first in findings[0].items():
-        cells = ["-" if key not in found else f"{MARK[found[key]['holds']]}: {found[key]['detail']}" for found in findings]
+        cells = ["-" if key not in found else f"{_mark(found[key])}: {found[key]['detail']}" for found in findings]
         row = [f"`{key}`", first["claim"], "yes" if first["needs_trained_weights"] else "", *cells]
         print("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
 

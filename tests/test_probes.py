@@ -367,3 +367,36 @@ def test_architectural_findings_hold_in_other_dtypes(dtype):
     assert [c for c in checked if c[2] is not True] == []
     if dtype == torch.float64:  # recorded in float64, so the law is exact to float64 rounding
         assert probes.reconstruct(model, TOKENS).rel_error_next.max() <= 1e-14
+
+
+def test_attention_sink_against_the_patterns_and_states(model):
+    """Each head's mean weight on position 0 over the queries after it, and position 0's residual norm
+    over the median of the others', recomputed from a plain run."""
+    s = probes.attention_sink(model, TOKENS)
+    _, tr = model.run(TOKENS, taps=["blocks.*.attn.pattern", "blocks.0.resid_pre", "blocks.*.resid_post"])
+    n = model.cfg.n_layer
+    for b in range(n):
+        pattern = tr[f"blocks.{b}.attn.pattern"][0]  # [H, S, S]
+        assert torch.allclose(s.mass[b], pattern[:, 1:, 0].mean(dim=-1), atol=1e-6)
+    states = [tr["blocks.0.resid_pre"][0]] + [tr[f"blocks.{b}.resid_post"][0] for b in range(n)]
+    for k, x in enumerate(states):
+        norms = x.norm(dim=-1)
+        assert s.first_norm[k].item() == pytest.approx(norms[0].item(), rel=1e-5)
+        assert s.rest_norm[k].item() == pytest.approx(norms[1:].median().item(), rel=1e-5)
+    assert s.uniform == pytest.approx(np.mean([1 / (q + 1) for q in range(1, len(TOKENS))]))
+    assert {x.key for x in s.findings} == {"sink", "first_norm"}
+    with pytest.raises(InputError, match="at least 2 tokens"):
+        probes.attention_sink(model, TOKENS[:1])
+
+
+def test_induction_findings_hold_for_a_copying_pattern_and_not_for_uniform():
+    """The findings read the scores and losses: a head on the induction stripe and a repeat predicted
+    better pass; chance scores and equal losses do not."""
+    n = 10
+    base = dict(tokens=torch.zeros(1, 2 * n, dtype=torch.long), n=n, bos=None, chance=0.1,
+                loss_first=torch.full((1, n - 1), 5.0))
+    copying = probes.Induction(scores=torch.tensor([[0.1, 0.9]]), loss_second=torch.full((1, n - 1), 1.0), **base)
+    uniform = probes.Induction(scores=torch.tensor([[0.1, 0.1]]), loss_second=torch.full((1, n - 1), 5.0), **base)
+    assert [x.holds for x in probes.induction_findings(copying)] == [True, True]
+    assert [x.holds for x in probes.induction_findings(uniform)] == [False, False]
+    assert "b0.h1" in probes.induction_findings(copying)[0].detail

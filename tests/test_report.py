@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import probes
 from minigpt import GPT, GPTConfig
 from minigpt.cli import main
 from minigpt.errors import InputError
@@ -41,7 +42,7 @@ def test_html_names_only_existing_pngs(written):
     out, payload, _ = written
     page = (out / "index.html").read_text(encoding="utf-8")
     images = referenced_images(page)
-    assert len(images) == 13 and len(set(images)) == len(images)
+    assert len(images) == 15 and len(set(images)) == len(images)
     for name in images:
         path = out / html.unescape(name)
         assert path.is_file(), name
@@ -57,7 +58,8 @@ def test_json_carries_every_verdict_on_the_page(written):
     assert on_disk == payload
     page = (out / "index.html").read_text(encoding="utf-8")
     ids = [s["id"] for s in on_disk["sections"]]
-    assert ids == ["reconstruction", "final_norm", "interventions", "distributions", "logit_lens", "attribution"]
+    assert ids == ["reconstruction", "final_norm", "interventions", "distributions", "logit_lens", "attribution",
+                   "induction", "attention_sink"]
     for section in on_disk["sections"]:
         assert section["findings"] and section["verdict"]
         keys = {x["key"] for x in section["findings"]}
@@ -88,7 +90,7 @@ def test_random_weights_are_flagged(written):
     assert "RANDOM weights, not a trained GPT-2" in page
     assert payload["trained_only"] and all(html.escape(claim) in page for claim in payload["trained_only"])
     assert payload["model"]["source"] in page
-    assert len(messages) >= 8 and any("[6/6]" in m for m in messages)  # progress, step by step
+    assert len(messages) >= 8 and any("[8/8]" in m for m in messages)  # progress, step by step
 
 
 def test_trained_weights_get_no_banner(tmp_path):
@@ -99,7 +101,25 @@ def test_trained_weights_get_no_banner(tmp_path):
     assert "RANDOM weights" not in (tmp_path / "index.html").read_text(encoding="utf-8")
     # A 1-block model has no penultimate block: that claim is marked not applicable.
     final = next(s for s in payload["sections"] if s["id"] == "final_norm")
-    assert {x["key"]: x["holds"] for x in final["findings"]}["earlier_equal"] is None
+    earlier = {x["key"]: x for x in final["findings"]}["earlier_equal"]
+    assert earlier["holds"] is None and earlier["testable"] is False
+    assert "not testable on this model" in (tmp_path / "index.html").read_text(encoding="utf-8")
+
+
+def test_induction_and_sink_sections_carry_their_numbers(written):
+    """Each head's induction score and each block's attention on position 0, as the probes measure them."""
+    _, payload, _ = written
+    sections = {s["id"]: s for s in payload["sections"]}
+    induction, sink = sections["induction"], sections["attention_sink"]
+    model = GPT.random(TINY, seed=3)
+    expected = probes.induction_scores(model, n=induction["data"]["n"], batch=induction["data"]["batch"])
+    assert torch.tensor(induction["data"]["scores"]) == pytest.approx(expected.scores, abs=1e-6)
+    assert len(induction["data"]["top_heads"]) == 3 and {x["key"] for x in induction["findings"]} == {"heads", "loss"}
+    direct = probes.attention_sink(model, TEXT)
+    assert torch.tensor(sink["data"]["mass"]) == pytest.approx(direct.mass, abs=1e-6)
+    assert sink["data"]["uniform"] == pytest.approx(direct.uniform)
+    # Random weights attend about uniformly: neither claim holds.
+    assert all(x["holds"] is False for x in induction["findings"] + sink["findings"])
 
 
 def test_out_must_be_a_directory(tmp_path):
@@ -126,7 +146,7 @@ def test_cli_report_from_a_local_directory(tmp_path, capsys):
     assert interventions["data"]["block"] == 1 and interventions["data"]["head"] == 0
     assert str(checkpoint) in payload["model"]["source"]
     assert all((out / f["file"]).read_bytes()[:8] == PNG_MAGIC for s in payload["sections"] for f in s["figures"])
-    assert "[6/6]" in capsys.readouterr().err
+    assert "[8/8]" in capsys.readouterr().err
 
 
 def test_cli_report_refuses_a_file_as_out(tmp_path, capsys):

@@ -22,8 +22,10 @@ Started again with the same arguments over the same --out, it goes on from the l
 
 
 def add_command(commands: Subcommands) -> None:
-    """Register ``train`` on the ``minigpt`` parser's subcommands."""
+    """Register ``train`` and ``eval`` on the ``minigpt`` parser's subcommands."""
     from .settings import Settings
+
+    _add_eval(commands)
 
     p = commands.add_parser(
         "train", help="train a GPT-2 from scratch on a corpus (resumable; torchrun for data parallel)",
@@ -75,3 +77,50 @@ def run(args: argparse.Namespace) -> None:
         print(f"trained to step {state['step']}: loss {last.get('loss', float('nan')):.4f}, validation loss "
               f"{val[-1] if val else float('nan'):.4f} ({time.perf_counter() - started:.1f} s this run); "
               f"checkpoint in {out} (minigpt and transformers load it)", file=sys.stderr)
+
+
+def _add_eval(commands: Subcommands) -> None:
+    p = commands.add_parser(
+        "eval", help="loss and perplexity of a checkpoint on a file, in training's windows",
+        description="The mean next-token loss (nats/token) and perplexity of MODEL over every window of DATA "
+        "(documents tokenized as training does, each followed by <|endoftext|>, cut into non-overlapping "
+        "windows of --context + 1 tokens). With minigpt.training.baselines present and MODEL a training run "
+        "(its data/train.bin), the n-gram baselines are printed beside it.")
+    p.add_argument("--model", required=True, help="a checkpoint directory (a training run's --out) or hub name")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="as train's --data")
+    p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
+    p.add_argument("--context", type=int, default=None, help="tokens per window (default: the model's positions)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from ..checks import check_int
+    from ..errors import TrainingError
+    from ..model import GPT
+    from .eval import evaluate_file
+
+    check_int(args.batch_size, "--batch-size", 1, error=TrainingError)
+    model = GPT.from_pretrained(args.model, device=args.device)
+    baselines, train_tokens = _baselines_hook(Path(args.model))
+    result = evaluate_file(model, args.data, context=args.context, batch_size=args.batch_size, lines=args.lines,
+                           baselines=baselines, train_tokens=train_tokens)
+    print(json.dumps(result, indent=1))
+
+
+def _baselines_hook(run: Path):
+    """(baselines function, the run's training tokens) when both exist, else (None, None)."""
+    try:  # minigpt/training/baselines.py: (train_tokens, val_windows, vocab_size) -> {name: nats/token}
+        from .baselines import baselines
+    except ImportError:
+        return None, None
+    tokens = run / "data" / "train.bin"
+    if not tokens.is_file():
+        return None, None
+    import numpy as np
+
+    from .data import TOKEN_DTYPE
+    return baselines, np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed
 from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
@@ -25,7 +25,8 @@ from ..errors import TrainingError
 from ..files import claim_directory, read_json
 from ..inputs import check_placement
 from ..model import GPT
-from . import checkpoint, data
+from . import checkpoint, data, eval as metrics
+from .eval import evaluate, loss_of
 from .settings import Settings, check_fits
 
 
@@ -47,14 +48,6 @@ def make_optimizer(model: GPT, s: Settings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), fused=fused or None)
 
 
-def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of inputs [B, S] against targets [B, S] (bf16 autocast on a GPU)."""
-    on_gpu = inputs.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
-        logits = model(inputs)  # [B, S, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, settings: Settings = Settings(), *,
           init: str | Path | None = None, device: str = "cpu", lines: bool = False, save_every: int = 500,
           compile: bool = False, quiet: bool = False, skip_nonfinite: int = 0) -> dict:
@@ -67,6 +60,10 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
     inf stops training with a TrainingError (no update applied, nothing saved from it), unless fewer
     than ``skip_nonfinite`` steps of the run were skipped so far: then it is skipped (logged, no update).
     ``out`` must be missing, empty, or a run of this function's. Returns the final state (step, losses).
+    A finished (or unfinished) run goes on to a larger ``settings.steps`` given over the same ``out``: the
+    cosine keeps its first end and the added steps run at ``min_lr`` (state's ``schedule_steps``).
+    Besides the checkpoints: DIR/metrics.jsonl (a line per step), DIR/loss.png (at each checkpoint), a
+    sample of text at each evaluation and the loss over the whole validation split at the last step.
     """
     out = Path(out)
     if (size is None) == (init is None):
@@ -85,14 +82,22 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
                     "global_batch": settings.global_batch(world)}
 
         state = _resume(out, identity, model, optimizer, rank)
+        if rank == 0:
+            metrics.truncate_metrics(out, state["step"])
         model.train()
         ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
         step_fn = ddp or model
         if compile:
             step_fn = torch.compile(step_fn)
         progress = _progress(settings.steps, state["step"], quiet or rank != 0)
-        _steps(state, model, ddp, step_fn, optimizer, windows, settings, out, (rank, world), save_every,
-               skip_nonfinite, progress)
+        try:
+            _steps(state, model, ddp, step_fn, optimizer, windows, settings, out, (rank, world), save_every,
+                   skip_nonfinite, progress)
+        except TrainingError:  # a failed run leaves the directory as its last checkpoint: metrics too
+            if rank == 0:
+                saved = checkpoint.load_state(out, check=False)
+                metrics.truncate_metrics(out, saved["step"] if saved else 0)
+            raise
         progress.close()
         model.eval()
         return state
@@ -106,10 +111,13 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
     device = model.unembedding.device
     committed = state["step"] or None  # the checkpoint on disk: named if training diverges
     skipped = sum("skipped" in entry for entry in state["log"])
+    schedule = s if state["schedule_steps"] == s.steps else replace(s, steps=state["schedule_steps"])
+    cost = metrics.flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), s.context)
+    peak = metrics.peak_flops(device)
     while state["step"] < s.steps:
         started = time.perf_counter()
         step = state["step"]
-        lr = learning_rate(step, s)
+        lr = learning_rate(step, schedule)
         micro_batches = order.for_step(step, s.batch_size, s.grad_accum, rank, world)
         batches = [train_windows.batch(w, device) for w in micro_batches]
         loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, s.grad_clip)
@@ -126,13 +134,28 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
                 f"applied and nothing of it is saved: {checkpoint.last_good(out, committed)}. Lower --lr, raise "
                 "--warmup or set --grad-clip and train into a new --out (--init from the last good checkpoint), "
                 f"or run the same command with --skip-nonfinite N to skip up to N such steps ({skipped} skipped)")
-        if step % s.eval_every == 0 or step == s.steps:
-            entry["val_loss"] = evaluate(model, val_windows, s, rank, world)
+        _evaluations(entry, model, val_windows, s, rank, world)
         state["log"].append(entry)
         _show(progress, entry)
+        if rank == 0:
+            metrics.append_metrics(out, {**entry, "mfu": metrics.mfu(entry.get("tokens_per_s", 0.0), cost, peak)})
         if step % save_every == 0 or step == s.steps:
             checkpoint.save(out, model, optimizer, state, rank, world, committed)
             committed = step
+            if rank == 0:
+                metrics.plot_losses(out, state["log"])
+
+
+def _evaluations(entry: dict, model: GPT, val_windows: data.Windows, s: Settings, rank: int, world: int) -> None:
+    """At an evaluation step: the validation loss and (rank 0) a seeded sample of text; at the last step
+    also the loss over every validation window."""
+    step = entry["step"]
+    if step % s.eval_every == 0 or step == s.steps:
+        entry["val_loss"] = evaluate(model, val_windows, s, rank, world)
+        if rank == 0:
+            entry["sample"] = metrics.sample_text(model)
+    if step == s.steps:
+        entry["val_loss_full"] = evaluate(model, val_windows, replace(s, eval_windows=len(val_windows)), rank, world)
 
 
 def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float,
@@ -161,24 +184,6 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value
-
-
-@torch.no_grad()
-def evaluate(model: GPT, windows: data.Windows, s: Settings, rank: int, world: int) -> float:
-    """Mean loss over the first ``eval_windows`` validation windows (all ranks together), in eval mode."""
-    count = min(s.eval_windows, len(windows))
-    was_training = model.training
-    model.eval()
-    mine = list(range(rank, count, world))
-    total = torch.zeros(2, dtype=torch.float64, device=model.unembedding.device)  # loss sum, windows
-    for start in range(0, len(mine), s.batch_size):
-        chosen = mine[start:start + s.batch_size]
-        total += torch.tensor([loss_of(model, *windows.batch(chosen, model.unembedding.device)).item() * len(chosen),
-                               len(chosen)], dtype=torch.float64, device=total.device)
-    if world > 1:
-        torch.distributed.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
 
 
 def config_of(size: str | GPTConfig | Path) -> GPTConfig:
@@ -261,15 +266,31 @@ def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict
     """The state to go on from: the checkpoint's if ``out`` holds one of this very run, else step 0.
     (Its files' sha256 were checked by rank 0 in ``_open_out``.)"""
     saved = checkpoint.load_state(out, check=False)
+    threads = torch.get_num_threads()
     if saved is None:
-        return {**identity, "step": 0, "log": []}
-    differing = [k for k in identity if json.dumps(saved.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
+        return {**identity, "step": 0, "log": [], "schedule_steps": identity["settings"]["steps"], "threads": threads}
+    steps, saved_steps = identity["settings"]["steps"], saved["settings"]["steps"]
+    differing = [k for k in identity if _json(saved.get(k)) != _json(identity[k])]
+    if differing == ["settings"] and _json({**saved["settings"], "steps": steps}) == _json(identity["settings"]):
+        if steps < saved_steps:  # only --steps differs: more is an extension, fewer is refused
+            raise TrainingError(f"{out} holds a run of {saved_steps} steps (at step {saved['step']}); --steps "
+                                f"{steps} is fewer: give --steps {saved_steps} to resume it, or more to extend it")
+        differing = []
     if differing:
         raise TrainingError(f"{out} holds a training run with other {', '.join(differing)}; give the same "
-                            "settings to resume it, or train into a new --out (to train a checkpoint further, "
-                            "pass it as --init)")
+                            "settings to resume it (a larger --steps extends it), or train into a new --out (to "
+                            "train a checkpoint further, pass it as --init)")
+    if saved.get("threads", threads) != threads and rank == 0:
+        print(f"warning: {out} was trained with {saved['threads']} torch threads, this process uses {threads}: "
+              "the run goes on, but its losses will not be bit-exact with an uninterrupted run (give --threads "
+              f"{saved['threads']} for that)", file=sys.stderr)
     checkpoint.restore(out, saved, model, optimizer, rank)
-    return {**identity, "step": saved["step"], "log": saved["log"]}
+    return {**identity, "step": saved["step"], "log": saved["log"], "threads": threads,
+            "schedule_steps": saved.get("schedule_steps", saved_steps)}
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _check_save_every(save_every: int) -> None:
@@ -279,6 +300,8 @@ def _check_save_every(save_every: int) -> None:
 
 def _show(progress, entry: dict) -> None:
     progress.update(1)
+    if "sample" in entry and not progress.disable:
+        progress.write(f"step {entry['step']} sample: {entry['sample']!r}")
     validation = f" val {entry['val_loss']:.3f}" if "val_loss" in entry else ""
     if "skipped" in entry:
         progress.set_postfix_str(f"step {entry['step']} skipped ({entry['skipped']}){validation}")
