@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, OFFICIAL
+from .config import DTYPES, OFFICIAL, config_of
 from .errors import HubUnreachableError, InputError
 from .model import GPT
 
@@ -23,7 +23,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model and friends, for every subcommand that needs a model."""
     parser.add_argument("--model", default="gpt2", help="hub name (gpt2, gpt2-medium, ...) or local checkpoint directory")
     parser.add_argument("--random", action="store_true",
-                        help="use seeded RANDOM weights of the --model size (one of: " + ", ".join(OFFICIAL) + ")")
+                        help="use seeded RANDOM weights of the --model size: one of " + ", ".join(OFFICIAL)
+                        + ", or a config.json (HF's, or GPTConfig's fields) for any shape")
     parser.add_argument("--random-if-offline", action="store_true",
                         help="if the hub cannot be reached and nothing is cached, fall back to random weights")
     parser.add_argument("--trained-if-offline", action="store_true",
@@ -39,7 +40,8 @@ def load_model(args: argparse.Namespace) -> GPT:
     """The model that --model/--random/--*-if-offline ask for; says on stderr what it got."""
     kwargs = {"dtype": DTYPES[args.dtype], "device": args.device}
     if args.random:
-        model = GPT.random(args.model, seed=args.seed, **kwargs)
+        size = args.model if args.model in OFFICIAL else config_of(args.model, InputError, "--model")
+        model = GPT.random(size, seed=args.seed, **kwargs)
     else:
         try:
             model = GPT.from_pretrained(args.model, **kwargs)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from .checks import is_integer
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError, MiniGPTError
+from .files import read_json
 
 # HF activation_function name -> the function. gelu_new is GPT-2's (tanh approximation).
 ACTIVATIONS = {
@@ -113,3 +115,24 @@ OFFICIAL = {
     "gpt2-xl": GPTConfig(n_embd=1600, n_layer=48, n_head=25),
     "distilgpt2": GPTConfig(n_layer=6),
 }
+
+
+def config_of(size: str | GPTConfig | Path, error: type[MiniGPTError] = InputError, option: str = "size") -> GPTConfig:
+    """An official size's config, a GPTConfig as it is, or one read from a config.json (HF's or GPTConfig's
+    own fields: then an unknown field is refused, so no typo passes). ``error``/``option``: what to raise,
+    and the option to name, when ``size`` is neither."""
+    if isinstance(size, GPTConfig):
+        return size
+    if isinstance(size, str) and size in OFFICIAL:
+        return OFFICIAL[size]
+    path = Path(size)
+    if not path.is_file():
+        raise error(f"{option} {size!r} is neither an official size ({', '.join(OFFICIAL)}) nor a config.json file")
+    raw = read_json(path, error, "give a config.json: HF's, or one of GPTConfig's fields")
+    if isinstance(raw, dict) and "model_type" not in raw:
+        unknown = sorted(set(raw) - {f.name for f in fields(GPTConfig)} - {"n_ctx"})
+        if unknown:
+            raise error(f"{path} has fields GPT-2's config does not know: {', '.join(unknown)} (known: "
+                        f"{', '.join(f.name for f in fields(GPTConfig))}); or give an HF config.json")
+        raw = {"model_type": "gpt2", **raw}
+    return GPTConfig.from_hf(raw)

@@ -122,3 +122,25 @@ def test_a_plugin_listed_twice_is_added_once(monkeypatch):
     monkeypatch.setattr(cli, "entry_points", lambda group: [report, report])
     names = set(cli.build_parser()._subparsers._group_actions[0].choices)  # argparse refuses a name twice
     assert {"report", "setup", "download", "generate"} <= names
+
+
+def test_random_weights_of_any_config(tmp_path) -> None:
+    """--random takes an official size or a config.json of any shape; anything else is one clear error."""
+    import argparse
+    import json
+
+    from minigpt.command import add_model_args, load_model
+    from minigpt.errors import InputError
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"n_embd": 16, "n_layer": 3, "n_head": 2, "n_positions": 32}))
+    model = load_model(parser.parse_args(["--model", str(config), "--random", "--seed", "4"]))
+    assert (model.cfg.n_layer, model.cfg.n_embd, model.cfg.n_positions) == (3, 16, 32)
+    assert "RANDOM weights (seed 4)" in model.provenance
+    config.write_text(json.dumps({"n_embd": 16, "n_layers": 3}))
+    with pytest.raises(InputError, match="n_layers"):
+        load_model(parser.parse_args(["--model", str(config), "--random"]))
+    with pytest.raises(InputError, match="--model 'nowhere' is neither an official size"):
+        load_model(parser.parse_args(["--model", "nowhere", "--random"]))

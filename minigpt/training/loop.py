@@ -13,16 +13,16 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from .. import distributed
-from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
+from ..config import END_OF_TEXT_ID, GPTConfig, config_of, is_integer
 from ..checks import check_int
 from ..errors import TrainingError
-from ..files import claim_directory, read_json
+from ..files import claim_directory
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data, eval as metrics
@@ -186,29 +186,10 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
     return loss_value, norm_value
 
 
-def config_of(size: str | GPTConfig | Path) -> GPTConfig:
-    """An official size's config, a GPTConfig as it is, or one read from a config.json (HF's or GPTConfig's fields)."""
-    if isinstance(size, GPTConfig):
-        return size
-    if isinstance(size, str) and size in OFFICIAL:
-        return OFFICIAL[size]
-    path = Path(size)
-    if not path.is_file():
-        raise TrainingError(f"--size {size!r} is neither an official size ({', '.join(OFFICIAL)}) nor a config.json file")
-    raw = read_json(path, TrainingError, "give a config.json: HF's, or one of GPTConfig's fields")
-    if isinstance(raw, dict) and "model_type" not in raw:  # a config of minigpt's own fields: no typo passes
-        unknown = sorted(set(raw) - {f.name for f in fields(GPTConfig)} - {"n_ctx"})
-        if unknown:
-            raise TrainingError(f"{path} has fields GPT-2's config does not know: {', '.join(unknown)} (known: "
-                                f"{', '.join(f.name for f in fields(GPTConfig))}); or give an HF config.json")
-        raw = {"model_type": "gpt2", **raw}
-    return GPTConfig.from_hf(raw)
-
-
 def _model(size, init, s: Settings, device: str) -> GPT:
     """GPT-2's initial weights (seeded), or those of ``init``; the dropout of ``s`` if it sets one."""
     start = GPT.from_pretrained(init, device=device) if init is not None else None
-    cfg = start.cfg if start is not None else config_of(size)
+    cfg = start.cfg if start is not None else config_of(size, TrainingError, "--size")
     if s.dropout is not None:
         cfg = GPTConfig(**{**asdict(cfg), "embd_pdrop": s.dropout, "attn_pdrop": s.dropout, "resid_pdrop": s.dropout})
     if cfg.vocab_size <= END_OF_TEXT_ID:
