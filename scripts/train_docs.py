@@ -54,8 +54,8 @@ NAME = "docs-small"
 DJANGO_VERSION = "5.1.4"
 DJANGO_SHA256 = "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a"
 SHIPPED = ROOT / "minigpt" / "assets" / NAME
-CONFIG = GPTConfig(n_embd=128, n_layer=6, n_head=4, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-SETTINGS = Settings(steps=2000, batch_size=8, grad_accum=1, context=256, lr=3e-3, min_lr=3e-4, warmup=100,
+CONFIG = GPTConfig(n_embd=192, n_layer=6, n_head=6, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+SETTINGS = Settings(steps=850, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=100,
                     weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.05, eval_every=250,
                     eval_windows=128, seed=0)
 
@@ -119,10 +119,10 @@ def build_corpus(args: argparse.Namespace, corpus: Path) -> dict:
 SWEEP_STEPS, SWEEP_VAL_TOKENS = 48, 16384
 SWEEP = {
     "d64-L8-lr3e-3": (replace(CONFIG, n_embd=64, n_layer=8, n_head=4), {"lr": 3e-3}),
-    "d128-L6-lr3e-3": (CONFIG, {"lr": 3e-3}),
-    "d128-L6-lr1e-3": (CONFIG, {"lr": 1e-3}),
-    "d192-L6-lr2e-3": (replace(CONFIG, n_embd=192, n_layer=6, n_head=6), {"lr": 2e-3}),
-    "d128-L6-ctx128-lr3e-3": (CONFIG, {"lr": 3e-3, "context": 128, "batch_size": 16}),
+    "d128-L6-lr3e-3": (replace(CONFIG, n_embd=128, n_head=4), {"lr": 3e-3}),
+    "d128-L6-lr1e-3": (replace(CONFIG, n_embd=128, n_head=4), {"lr": 1e-3}),
+    "d192-L6-lr2e-3": (CONFIG, {"lr": 2e-3}),
+    "d128-L6-ctx128-lr3e-3": (replace(CONFIG, n_embd=128, n_head=4), {"lr": 3e-3, "context": 128, "batch_size": 16}),
 }
 
 
