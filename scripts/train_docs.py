@@ -55,7 +55,7 @@ DJANGO_VERSION = "5.1.4"
 DJANGO_SHA256 = "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a"
 SHIPPED = ROOT / "minigpt" / "assets" / NAME
 CONFIG = GPTConfig(n_embd=192, n_layer=6, n_head=6, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-SETTINGS = Settings(steps=850, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=100,
+SETTINGS = Settings(steps=750, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=100,
                     weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.05, eval_every=250,
                     eval_windows=128, seed=0)
 
