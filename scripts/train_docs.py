@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from minigpt import GPT, GPTConfig, TrainingError  # noqa: E402
 from minigpt.files import file_sha256, read_json, write_json  # noqa: E402
-from minigpt.training import Settings, evaluate, train  # noqa: E402
+from minigpt.training import Settings, checkpoint, evaluate, train  # noqa: E402
 from minigpt.training.baselines import baselines, induction_scores, top_heads  # noqa: E402
 from minigpt.training.data import Windows  # noqa: E402
 from scripts.train_small import PACKAGE, PACKAGE_SHA256, corpus_sha256, extract_sources, fetch_package  # noqa: E402
@@ -55,7 +55,7 @@ DJANGO_VERSION = "5.1.4"
 DJANGO_SHA256 = "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a"
 SHIPPED = ROOT / "minigpt" / "assets" / NAME
 CONFIG = GPTConfig(n_embd=192, n_layer=6, n_head=6, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-SETTINGS = Settings(steps=750, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=100,
+SETTINGS = Settings(steps=550, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=60,
                     weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.05, eval_every=250,
                     eval_windows=128, seed=0)
 
@@ -212,7 +212,7 @@ def record(args: argparse.Namespace, provenance: dict, state: dict, settings: Se
         "config": asdict(CONFIG), "parameters": sum(t.numel() for t in model.state_dict().values()),
         "settings": asdict(settings), "stored_dtype": "bfloat16",
         "weights_sha256": file_sha256(args.out / "model.safetensors"),
-        "tokens_seen": settings.steps * settings.global_batch(1) * settings.context,
+        "steps_done": state["step"], "tokens_seen": state["step"] * settings.global_batch(1) * settings.context,
         "validation_loss": validation, "final_validation_loss": validation[-1][1],
         **measure(args.out, run, settings),
         "train_loss_last_50_steps": round(sum(e["loss"] for e in state["log"][-50:]) / len(state["log"][-50:]), 4),
@@ -226,6 +226,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, help=f"where the bf16 model goes (required unless --sweep; {SHIPPED} "
                                             "to remake the shipped one)")
     p.add_argument("--sweep", action="store_true", help="run the short runs of docs/SWEEP.md instead")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the last checkpoint of --work/run as it is, without training (a run stopped early)")
     p.add_argument("--deb", type=Path, default=None, help=f"a {PACKAGE} .deb (default: apt-get download it)")
     p.add_argument("--django", type=Path, default=None, help=f"Django-{DJANGO_VERSION}.tar.gz (default: pip download it)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "train-docs", help="corpus and checkpoints")
@@ -236,16 +238,30 @@ def main() -> None:
         p.error("give --out DIR (the shipped model is remade only when asked: --out minigpt/assets/docs-small)")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.export_only:
+        state = checkpoint.load_state(args.work / "run")
+        if state is None:
+            p.error(f"{args.work / 'run'} holds no checkpoint")
+        per_step = [SETTINGS.global_batch(1) * SETTINGS.context / e["tokens_per_s"] for e in state["log"]]
+        provenance = read_json(args.work / "provenance.json", TrainingError, "train again")
+        export(args, provenance, state, replace(SETTINGS, steps=args.steps),
+               {"seconds": round(sum(per_step), 1), "seconds_counted": "the steps' own times (the run was stopped)"})
+        return
     provenance = build_corpus(args, args.work / "corpus")
+    write_json(args.work / "provenance.json", provenance)
     if args.sweep:
         sweep(args.work / "corpus", args.work, args.threads)
         return
     settings = replace(SETTINGS, steps=args.steps)
     load_before, sampler, started = load(), LoadSampler(), time.perf_counter()
     sampler.start()
-    state = train([args.work / "corpus"], CONFIG, args.work / "run", settings, save_every=100)
-    timing = {"seconds": round(time.perf_counter() - started, 1), "load_before": load_before, "load_after": load(),
-              **sampler.summary()}
+    state = train([args.work / "corpus"], CONFIG, args.work / "run", settings, save_every=50)
+    export(args, provenance, state, settings, {"seconds": round(time.perf_counter() - started, 1),
+                                               "load_before": load_before, "load_after": load(), **sampler.summary()})
+
+
+def export(args: argparse.Namespace, provenance: dict, state: dict, settings: Settings, timing: dict) -> None:
+    """The checkpoint of --work/run in bf16 to --out, with its TRAINING.json."""
     GPT.from_pretrained(args.work / "run").save_pretrained(args.out, dtype=torch.bfloat16)
     write_json(args.out / "TRAINING.json", record(args, provenance, state, settings, timing))
     print(f"done in {timing['seconds'] / 60:.1f} min; the model is in {args.out}", file=sys.stderr)
