@@ -82,3 +82,11 @@ def test_induction_score_of_uniform_causal_attention():
     uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None]  # [1, 1, Q, K]
     expected = sum(1 / (q + 1) for q in range(length, 2 * length)) / length
     assert induction_scores(stub(uniform), length=length, batch=1)[0, 0].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("tokens, vocab", [([0, 5], 4), ([1], 4), ([-1, 0], 4)])
+def test_token_ids_outside_the_vocabulary_are_refused(tokens, vocab):
+    from minigpt.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"\[0, 4\)"):
+        baselines(np.array(tokens), Windows(np.array([0, 1]), context=1), vocab_size=vocab, smoothing=FIXED)

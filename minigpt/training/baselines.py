@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from ..checks import check_int
+from ..errors import TrainingError
 from .data import Windows
 
 K_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -35,7 +37,12 @@ class Counts:
     """Unigram and bigram counts of a token stream [N] (ids < vocab_size); bigrams kept sparse."""
 
     def __init__(self, tokens: np.ndarray, vocab_size: int):
+        check_int(vocab_size, "vocab_size", 1, error=TrainingError)
         tokens = np.asarray(tokens, dtype=np.int64)
+        if len(tokens) < 2 or tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise TrainingError(f"the baselines need at least 2 training tokens, each an id in [0, {vocab_size}); got "
+                                f"{len(tokens)} tokens" + (f" in [{tokens.min()}, {tokens.max()}]" if len(tokens) else "")
+                                + ": give the training split's token file and the model's vocabulary size")
         self.vocab_size = vocab_size
         self.unigram = np.bincount(tokens, minlength=vocab_size).astype(np.float64)  # [V]
         self.total = float(len(tokens))
