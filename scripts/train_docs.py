@@ -55,9 +55,9 @@ DJANGO_VERSION = "5.1.4"
 DJANGO_SHA256 = "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a"
 SHIPPED = ROOT / "minigpt" / "assets" / NAME
 CONFIG = GPTConfig(n_embd=192, n_layer=6, n_head=6, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-SETTINGS = Settings(steps=550, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=60,
-                    weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.05, eval_every=250,
-                    eval_windows=128, seed=0)
+SETTINGS = Settings(steps=360, batch_size=4, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=36,
+                    weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.02, eval_every=120,
+                    eval_windows=64, seed=0)
 
 
 def fetch_django(directory: Path) -> Path:
@@ -133,7 +133,7 @@ def sweep(corpus: Path, work: Path, threads: int) -> dict:
         if name in results:
             continue
         context = changes.get("context", SETTINGS.context)
-        settings = replace(SETTINGS, steps=SWEEP_STEPS, warmup=10, eval_every=SWEEP_STEPS,
+        settings = replace(SETTINGS, steps=SWEEP_STEPS, warmup=10, eval_every=SWEEP_STEPS, batch_size=8, val_fraction=0.05,
                            eval_windows=SWEEP_VAL_TOKENS // context, **changes)
         started = time.perf_counter()
         state = train([corpus], config, work / "sweep" / name, settings, save_every=SWEEP_STEPS, quiet=True)
