@@ -117,7 +117,7 @@ def build_corpus(args: argparse.Namespace, corpus: Path) -> dict:
 # The short runs of docs/SWEEP.md: each sees the same tokens (SWEEP_STEPS * 2048) and is scored on
 # the same 16,384 validation tokens (SWEEP_VAL_TOKENS / context windows).
 SWEEP_STEPS, SWEEP_VAL_TOKENS = 48, 16384
-SWEEP_SETTINGS = {"steps": SWEEP_STEPS, "warmup": 10, "eval_every": SWEEP_STEPS, "batch_size": 8, "val_fraction": 0.05}
+SWEEP_SETTINGS = {"steps": SWEEP_STEPS, "warmup": 10, "min_lr": 3e-4, "eval_every": SWEEP_STEPS, "batch_size": 8, "val_fraction": 0.05}
 SWEEP = {
     "d64-L8-lr3e-3": (replace(CONFIG, n_embd=64, n_layer=8, n_head=4), {"lr": 3e-3}),
     "d128-L6-lr3e-3": (replace(CONFIG, n_embd=128, n_head=4), {"lr": 3e-3}),
