@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from minigpt import GPT, GPTConfig, TrainingError  # noqa: E402
 from minigpt.files import file_sha256, read_json, write_json  # noqa: E402
 from minigpt.training import Settings, checkpoint, evaluate, train  # noqa: E402
-from minigpt.training.baselines import baselines, induction_scores, top_heads  # noqa: E402
+from minigpt.training.baselines import baselines, induction_scores, top_heads, uniform_induction_score  # noqa: E402
 from minigpt.training.data import Windows  # noqa: E402
 from scripts.train_small import PACKAGE, PACKAGE_SHA256, corpus_sha256, extract_sources, fetch_package  # noqa: E402
 from scripts.train_small import flatten  # noqa: E402
@@ -195,6 +195,7 @@ def measure(out: Path, run: Path, settings: Settings) -> dict:
             "induction": {"method": "minigpt.training.baselines.induction_scores: 8 sequences of 50 random tokens "
                                     "written twice; mean attention from each second-copy token to the token after "
                                     "its first occurrence", "top_heads": top_heads(scores),
+                          "uniform_attention_score": round(uniform_induction_score(), 4),
                           "per_head": [[round(float(x), 4) for x in row] for row in scores]}}
 
 

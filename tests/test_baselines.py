@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.training.baselines import K_GRID, LAMBDA_GRID, baselines, fit_smoothing, induction_scores, top_heads
+from minigpt.training.baselines import (K_GRID, LAMBDA_GRID, baselines, fit_smoothing, induction_scores, top_heads,
+                                        uniform_induction_score)
 from minigpt.training.data import Windows
 
 FIXED = {"unigram_k": 1.0, "bigram_k": 1.0, "lambda": 0.5}
@@ -80,7 +81,8 @@ def test_induction_score_of_uniform_causal_attention():
     length = 4
     uniform = torch.tril(torch.ones(2 * length, 2 * length))
     uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None]  # [1, 1, Q, K]
-    expected = sum(1 / (q + 1) for q in range(length, 2 * length)) / length
+    expected = (1 / 5 + 1 / 6 + 1 / 7 + 1 / 8) / 4  # queries 4..7 each spread over q + 1 keys
+    assert uniform_induction_score(length) == pytest.approx(expected)
     assert induction_scores(stub(uniform), length=length, batch=1)[0, 0].item() == pytest.approx(expected)
 
 

@@ -138,6 +138,12 @@ def induction_scores(model, *, length: int = 50, batch: int = 8, seed: int = 0) 
     return scores
 
 
+def uniform_induction_score(length: int = 50) -> float:
+    """The induction score of a head that attends evenly to every earlier position (chance level):
+    the mean over the second copy's queries t = length .. 2 length - 1 of 1 / (t + 1)."""
+    return sum(1 / (t + 1) for t in range(length, 2 * length)) / length
+
+
 def top_heads(scores: torch.Tensor, count: int = 5) -> list[dict]:
     """The ``count`` heads with the highest scores [n_layer, n_head] -> [{"head": "L.H", "score"}, ...]."""
     order = scores.flatten().argsort(descending=True)[:count]
