@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Make docs-small, the trained GPT-2 that ships with minigpt (minigpt/assets/docs-small), from scratch, offline.
+"""Make docs-small, a small GPT-2 trained from scratch on the Python and Django documentation, offline.
 
     .venv/bin/python scripts/train_docs.py --out DIR            # fetch the corpora, train, export to DIR
-    .venv/bin/python scripts/train_docs.py --out minigpt/assets/docs-small   # remake the shipped model
     .venv/bin/python scripts/train_docs.py --sweep              # the short runs of docs/SWEEP.md
+    .venv/bin/python scripts/train_docs.py --out DIR --export-only   # export a run stopped early, as it is
+
+Not shipped yet: the run this session's shared cores allowed was worse than pydoc-tiny (docs/SWEEP.md,
+docs/docs-small-TRAINING.json); minigpt/assets/docs-small is where it goes once a run is better.
 
 The corpus, two documentation sets fetched from package registries and nothing else:
 
