@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Make the small trained GPT-2 that ships with minigpt (minigpt/assets/pydoc-tiny), from scratch, offline.
 
-    .venv/bin/python scripts/train_small.py                 # fetch the corpus with apt-get, train, export
+    .venv/bin/python scripts/train_small.py                 # fetch the corpus with apt-get, train, export to build/
     .venv/bin/python scripts/train_small.py --deb FILE.deb  # a python3.11-doc package you already have
+    .venv/bin/python scripts/train_small.py --out minigpt/assets/pydoc-tiny   # remake the shipped model itself
 
 The corpus: the reStructuredText sources of the Python 3.11 documentation (tutorial, library and
 language reference, HOWTOs, FAQ, what's new), as Debian ships them in the package python3.11-doc
@@ -120,7 +121,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deb", type=Path, default=None, help=f"a {PACKAGE} .deb (default: apt-get download it)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "train-small", help="corpus and checkpoints")
-    p.add_argument("--out", type=Path, default=SHIPPED, help="where the bf16 model goes (default: the shipped one)")
+    p.add_argument("--out", type=Path, default=ROOT / "build" / "train-small" / "model",
+                   help=f"where the bf16 model goes (default: build/train-small/model; {SHIPPED} only when asked)")
     p.add_argument("--steps", type=int, default=SETTINGS.steps)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
