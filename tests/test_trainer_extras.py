@@ -54,6 +54,22 @@ def test_a_seeded_sample_at_each_evaluation_and_the_whole_split_at_the_end(run) 
     assert "val_loss_full" in state["log"][-1] and all("val_loss_full" not in e for e in state["log"][:-1])
 
 
+def test_the_last_loss_is_read_against_counting_on_the_same_windows(run) -> None:
+    """The final entry carries the baselines computed on every validation window, as val_loss_full is."""
+    import math
+
+    from minigpt.training import baselines, data
+
+    out, state = run
+    last = state["log"][-1]
+    assert set(last["baselines"]) >= {"uniform", "unigram", "bigram_add_k", "bigram_interpolated"}
+    assert last["baselines"]["uniform"] == math.log(50257)
+    settings = state["settings"]
+    train = data.Windows.open(out / "data", "train", settings["context"])
+    val = data.Windows.open(out / "data", "val", settings["context"])
+    assert last["baselines"] == baselines.baselines(train.tokens, val, 50257), "the same windows, the same numbers"
+
+
 def test_loss_curve_written_beside_the_checkpoint(run) -> None:
     out, _ = run
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,6 +26,7 @@ from ..files import claim_directory
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data, eval as metrics
+from .baselines import baselines
 from .eval import evaluate, loss_of
 from .settings import Settings, check_fits
 
@@ -106,7 +107,7 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
 def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data.Windows, data.Windows],
            s: Settings, out: Path, ranks: tuple[int, int], save_every: int, skip_nonfinite: int, progress) -> None:
     """Train from ``state['step']`` to ``s.steps``, logging each step into ``state`` and saving checkpoints."""
-    (rank, world), (train_windows, val_windows) = ranks, windows
+    (rank, world), (train_windows, _) = ranks, windows
     order = data.Order(len(train_windows), s.seed)
     device = model.unembedding.device
     committed = state["step"] or None  # the checkpoint on disk: named if training diverges
@@ -134,7 +135,7 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
                 f"applied and nothing of it is saved: {checkpoint.last_good(out, committed)}. Lower --lr, raise "
                 "--warmup or set --grad-clip and train into a new --out (--init from the last good checkpoint), "
                 f"or run the same command with --skip-nonfinite N to skip up to N such steps ({skipped} skipped)")
-        _evaluations(entry, model, val_windows, s, rank, world)
+        _evaluations(entry, model, windows, s, rank, world)
         state["log"].append(entry)
         _show(progress, entry)
         if rank == 0:
@@ -146,16 +147,20 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
                 metrics.plot_losses(out, state["log"])
 
 
-def _evaluations(entry: dict, model: GPT, val_windows: data.Windows, s: Settings, rank: int, world: int) -> None:
+def _evaluations(entry: dict, model: GPT, windows: tuple[data.Windows, data.Windows], s: Settings, rank: int,
+                 world: int) -> None:
     """At an evaluation step: the validation loss and (rank 0) a seeded sample of text; at the last step
-    also the loss over every validation window."""
-    step = entry["step"]
+    also the loss over every validation window, and (rank 0) what counting gets on those same windows
+    (``baselines``: uniform, unigram, bigram), so that the loss is read against them."""
+    step, (train_windows, val_windows) = entry["step"], windows
     if step % s.eval_every == 0 or step == s.steps:
         entry["val_loss"] = evaluate(model, val_windows, s, rank, world)
         if rank == 0:
             entry["sample"] = metrics.sample_text(model)
     if step == s.steps:
         entry["val_loss_full"] = evaluate(model, val_windows, replace(s, eval_windows=len(val_windows)), rank, world)
+        if rank == 0:
+            entry["baselines"] = baselines(train_windows.tokens, val_windows, model.cfg.vocab_size)
 
 
 def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float,
