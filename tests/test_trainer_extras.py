@@ -3,6 +3,7 @@ validation split at the end, ``minigpt eval``, --steps raised on a run (its sche
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +83,9 @@ def test_eval_command_gives_the_loss_over_every_window(run, corpus, capsys) -> N
     assert result["perplexity"] == pytest.approx(torch.tensor(result["loss"]).exp().item())
     assert result["windows"] == result["tokens"] // 16 and result["windows"] > 2
     assert 0 < result["loss"] < 2 * state["log"][0]["loss"]
+    # A training run's own tokens give the baselines on the same windows beside it.
+    assert result["baselines"]["uniform"] == pytest.approx(math.log(50257))
+    assert result["baselines"]["bigram_interpolated"] < result["baselines"]["uniform"]
 
 
 def test_steps_raised_on_a_finished_run_goes_on_at_min_lr(run, corpus, tmp_path) -> None:

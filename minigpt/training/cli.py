@@ -84,8 +84,8 @@ def _add_eval(commands: Subcommands) -> None:
         "eval", help="loss and perplexity of a checkpoint on a file, in training's windows",
         description="The mean next-token loss (nats/token) and perplexity of MODEL over every window of DATA "
         "(documents tokenized as training does, each followed by <|endoftext|>, cut into non-overlapping "
-        "windows of --context + 1 tokens). With minigpt.training.baselines present and MODEL a training run "
-        "(its data/train.bin), the n-gram baselines are printed beside it.")
+        "windows of --context + 1 tokens). With MODEL a training run (its data/train.bin), what counting "
+        "gets on the same windows (uniform, unigram, bigram: minigpt.training.baselines) is printed beside it.")
     p.add_argument("--model", required=True, help="a checkpoint directory (a training run's --out) or hub name")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="as train's --data")
     p.add_argument("--lines", action="store_true", help="in text files, each line is a document")
@@ -105,22 +105,17 @@ def run_eval(args: argparse.Namespace) -> None:
 
     check_int(args.batch_size, "--batch-size", 1, error=TrainingError)
     model = GPT.from_pretrained(args.model, device=args.device)
-    baselines, train_tokens = _baselines_hook(Path(args.model))
     result = evaluate_file(model, args.data, context=args.context, batch_size=args.batch_size, lines=args.lines,
-                           baselines=baselines, train_tokens=train_tokens)
+                           train_tokens=_training_tokens(Path(args.model)))
     print(json.dumps(result, indent=1))
 
 
-def _baselines_hook(run: Path):
-    """(baselines function, the run's training tokens) when both exist, else (None, None)."""
-    try:  # minigpt/training/baselines.py: (train_tokens, val_windows, vocab_size) -> {name: nats/token}
-        from .baselines import baselines
-    except ImportError:
-        return None, None
+def _training_tokens(run: Path):
+    """A training run's tokens (its data/train.bin, memory-mapped), or None for any other checkpoint."""
     tokens = run / "data" / "train.bin"
     if not tokens.is_file():
-        return None, None
+        return None
     import numpy as np
 
     from .data import TOKEN_DTYPE
-    return baselines, np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r")
+    return np.memmap(tokens, dtype=TOKEN_DTYPE, mode="r")

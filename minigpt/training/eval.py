@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from .. import corpus, files
 from ..config import END_OF_TEXT, END_OF_TEXT_ID, GPTConfig
 from ..errors import InputError, TrainingError
 from ..model import GPT
+from .baselines import baselines
 from .data import TOKEN_DTYPE, Windows
 from .settings import Settings
 
@@ -161,11 +161,11 @@ def file_windows(paths: list, context: int, lines: bool = False) -> Windows:
 
 
 def evaluate_file(model: GPT, paths: list, *, context: int | None = None, batch_size: int = 8, lines: bool = False,
-                  baselines: Callable | None = None, train_tokens: np.ndarray | None = None) -> dict:
+                  train_tokens: np.ndarray | None = None) -> dict:
     """Loss (nats/token) and perplexity of ``model`` over every window of ``paths``.
 
-    ``baselines``: ``minigpt.training.baselines.baselines`` (train_tokens, val_windows, vocab_size) -> dict,
-    reported beside the model when given with the training run's ``train_tokens``.
+    ``train_tokens``: the training run's tokens [N]; with them, what counting gets on the same windows
+    (``baselines``: uniform, unigram, bigram) is reported beside the model.
     """
     context = context or model.cfg.n_positions
     if not 1 <= context <= model.cfg.n_positions:
@@ -175,6 +175,6 @@ def evaluate_file(model: GPT, paths: list, *, context: int | None = None, batch_
     loss = evaluate(model, windows, s, 0, 1)
     result = {"loss": loss, "perplexity": math.exp(loss), "windows": len(windows), "context": context,
               "tokens": len(windows) * context}
-    if baselines is not None and train_tokens is not None:
+    if train_tokens is not None:
         result["baselines"] = baselines(train_tokens, windows, model.cfg.vocab_size)
     return result
