@@ -45,9 +45,10 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
     identity = {"format": DATA_FORMAT, "corpus": {"files": corpus.fingerprint(paths), "lines": lines},
                 "tokenizer": "gpt2 (tiktoken)", "val_fraction": val_fraction, "seed": seed}
     meta_path = directory / "data.json"
+    way_out = f"remove {directory} to tokenize again"
+    files.checked_directory(directory, TrainingError, what="tokenized corpus", way_out=way_out)
     if not os.path.lexists(meta_path):
         return _tokenize(paths, directory, identity, lines)
-    way_out = f"remove {directory} to tokenize again"
     meta = files.read_json(files.checked_file(meta_path, directory, TrainingError, what="tokenized corpus",
                                               way_out=way_out), TrainingError, way_out)
     differing = [k for k in identity if not isinstance(meta, dict) or meta.get(k) != identity[k]]

@@ -1,0 +1,424 @@
+"""Fuzzing finished harvests and training runs on disk: any field of any JSON file, any byte range or header
+of any tensor file, any file or directory replaced by a pipe, a link (inside or out) or a directory; then the
+harvest is read or resumed, the run resumed or loaded. Every outcome is the untouched one or a MiniGPTError:
+
+  * no hang: each action runs under a watchdog alarm (a pipe must be refused, never opened);
+  * no other exception type;
+  * success -> the result equals the untouched run's (rows, index and batches; the manifest; the state,
+    losses and exported weights), except where the file format itself cannot tell (see ``from_pretrained``);
+  * every file, inside the directory and out (a link's target), is afterwards either as it was before the
+    action or as the untouched run has it (minigpt may repair what it writes, e.g. the exported weights,
+    only to their right content), and nothing else appears.
+
+The pristine directories are made once per module and copied for each example. Under the "ci" profile
+(derandomized) each fuzzer draws ``EXAMPLES`` mutations.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import struct
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from minigpt import GPT, GPTConfig, MiniGPTError, TrainingError
+from minigpt.harvest import harvest, read
+from minigpt.training import Settings, train
+from minigpt.training import loop as train_module
+from test_fuzz import watchdog
+from test_harvest import text as harvest_text
+from test_train import text as train_text
+
+EXAMPLES = 2 * settings.default.max_examples
+FUZZ = settings(max_examples=EXAMPLES, suppress_health_check=list(HealthCheck))
+WATCHDOG_SECONDS = 30
+# The smallest model the GPT-2 tokenizer's corpus can feed (its vocabulary is GPT-2's).
+CFG = GPTConfig(n_layer=1, n_head=2, n_embd=8, n_positions=16, n_inner=16)
+TAP = "blocks.0.resid_post"
+HARVEST = dict(context=8, batch_size=4, shard_bytes=2_000, lines=True, quiet=True)
+RUN = Settings(steps=3, batch_size=2, grad_accum=1, context=8, lr=3e-3, min_lr=3e-4, warmup=1, dropout=0.1,
+               eval_every=2, eval_windows=2, val_fraction=0.2, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pristine directories and what the untouched actions give
+
+
+class World(dict):
+    """The pristine directories and the untouched outcomes (shown briefly in a falsifying example)."""
+
+    def __repr__(self) -> str:
+        return "world"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("pristine")
+    model = GPT.random(CFG, seed=1)
+    lines = root / "lines.txt"
+    lines.write_text("\n".join(harvest_text(30 + i, 12 + i % 7) for i in range(6)))
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": train_text(i, 30 + i % 13)}) + "\n" for i in range(20)))
+    manifest = harvest(model, [lines], TAP, root / "h", **HARVEST)
+    assert len(manifest["shards"]) >= 2
+    rows = read(root / "h", TAP, verify=True)
+    state = train(docs, CFG, root / "t", RUN, save_every=1, quiet=True)
+    partial = interrupted(docs, root / "partial")
+    return World({"model": model, "lines": lines, "docs": docs, "harvest": root / "h", "manifest": manifest,
+            "rows": rows_of(rows), "run": root / "t", "state": state, "partial": partial,
+            "weights": GPT.from_pretrained(root / "t").state_dict()})
+
+
+def interrupted(docs: Path, out: Path) -> Path:
+    """The run killed in its last step, after the checkpoint of the step before."""
+    real = train_module.learning_rate
+
+    def killed(step: int, s: Settings) -> float:
+        if step == RUN.steps - 1:
+            raise KeyboardInterrupt
+        return real(step, s)
+
+    train_module.learning_rate = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(docs, CFG, out, RUN, save_every=1, quiet=True)
+    finally:
+        train_module.learning_rate = real
+    return out
+
+
+def rows_of(rows) -> dict:
+    """All a reader gives: the rows, the index, a row, a slice, a mask and the batches."""
+    n = len(rows)
+    return {"all": rows[:], "document": rows.document, "position": rows.position, "token": rows.token,
+            "one": rows[n // 2], "slice": rows[1:n - 1], "mask": rows[torch.arange(n) % 3 == 0],
+            "batches": [(b, i) for b, i in rows.batches(5, seed=2)]}
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots: what every path under a directory is
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Relative path -> sha256 of a file, ('link', target), 'dir', 'fifo' (nothing followed, nothing opened
+    but regular files)."""
+    seen = {}
+    for here, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = Path(here) / name
+            mode = os.lstat(path).st_mode
+            key = str(path.relative_to(root))
+            if stat.S_ISLNK(mode):
+                seen[key] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(mode):
+                seen[key] = "dir"
+            elif stat.S_ISREG(mode):
+                seen[key] = hashlib.sha256(without_timings(path.read_bytes())).hexdigest()
+            else:
+                seen[key] = "fifo" if stat.S_ISFIFO(mode) else "other"
+    return seen
+
+
+def without_timings(raw: bytes) -> bytes:
+    """A training state's bytes without its log's speeds (the only field two equal runs may differ in)."""
+    try:
+        state = json.loads(raw)
+        assert isinstance(state, dict) and state.get("format", "").startswith("minigpt-train/")
+    except (ValueError, AssertionError, AttributeError, RecursionError):
+        return raw
+    return json.dumps(timeless(state)).encode()
+
+
+def timeless(state: dict) -> dict:
+    log = state.get("log")
+    if isinstance(log, list):
+        state = {**state, "log": [{k: v for k, v in e.items() if k != "tokens_per_s"} if isinstance(e, dict) else e
+                                  for e in log]}
+    return state
+
+
+def assert_only_repaired(before: dict, after: dict, *rights: dict) -> None:
+    """Every path is as it was, or as one of the untouched outcomes ``rights`` has it (absent counts)."""
+    for key in sorted(set(before) | set(after)):
+        now = after.get(key)
+        if now != before.get(key):
+            assert any(now == right.get(key) for right in rights), \
+                f"{key} changed from {before.get(key)!r} to {now!r}, which no untouched run has"
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutations
+
+
+SENTINEL = "\u0001fuzz\u0001"
+RAW_VALUES = ["null", "true", "false", "0", "-1", "-9223372036854775809", "18446744073709551616", "1e308", "-1e308",
+              "1e999", "NaN", "Infinity", "-Infinity", "0.5", "2.0", '""', '"x"', '"../../etc"', '"/tmp"',
+              '"shards/shard-000000.safetensors"', "[]", "{}", "[1, 2]", '{"a": 1}', "9" * 5000,
+              "[" * 3000 + "]" * 3000, '"' + "a" * 100_000 + '"']
+
+
+def json_paths(value: object, here: tuple = ()) -> list[tuple]:
+    """Every path to a value inside ``value`` (the root included)."""
+    out = [here]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += json_paths(v, here + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += json_paths(v, here + (i,))
+    return out
+
+
+def mutate_json(data, path: Path) -> str:
+    raw = path.read_bytes()
+    doc = json.loads(raw)
+    where = data.draw(st.sampled_from(json_paths(doc)), label="json path")
+    how = data.draw(st.sampled_from(["replace", "replace", "replace", "delete", "bytes"]), label="json op")
+    if how == "bytes":
+        return mutate_bytes(data, path)
+    if how == "delete" and where:
+        parent = doc
+        for part in where[:-1]:
+            parent = parent[part]
+        del parent[where[-1]]
+        path.write_text(json.dumps(doc, indent=1))
+        return f"deleted {list(where)}"
+    new = data.draw(st.sampled_from(RAW_VALUES) | st.integers().map(str)
+                    | st.text(max_size=20).map(json.dumps), label="raw value")
+    if not where:
+        path.write_text(new)
+    else:
+        parent = doc
+        for part in where[:-1]:
+            parent = parent[part]
+        parent[where[-1]] = SENTINEL
+        path.write_text(json.dumps(doc, indent=1).replace(json.dumps(SENTINEL), new))
+    return f"{list(where)} = {new[:40]}"
+
+
+def mutate_bytes(data, path: Path) -> str:
+    raw = bytearray(path.read_bytes())
+    how = data.draw(st.sampled_from(["flip", "flip", "truncate", "append"]), label="byte op")
+    if how == "flip" and raw:
+        start = data.draw(st.integers(0, len(raw) - 1), label="start")
+        length = data.draw(st.integers(1, min(64, len(raw) - start)), label="length")
+        mask = data.draw(st.integers(1, 255), label="xor")
+        for i in range(start, start + length):
+            raw[i] ^= mask
+        path.write_bytes(bytes(raw))
+        return f"flipped {length} bytes at {start}"
+    if how == "truncate" and raw:
+        size = data.draw(st.integers(0, len(raw) - 1), label="size")
+        path.write_bytes(bytes(raw[:size]))
+        return f"truncated to {size}"
+    tail = data.draw(st.binary(min_size=1, max_size=64), label="tail")
+    path.write_bytes(bytes(raw) + tail)
+    return f"appended {len(tail)} bytes"
+
+
+DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "X9"]
+
+
+def mutate_header(data, path: Path) -> str:
+    """A safetensors file's header rewritten: one tensor's shape, dtype or offsets changed, the data kept."""
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")), label="tensor")
+    entry = header[name]
+    field = data.draw(st.sampled_from(["shape", "dtype", "data_offsets"]), label="field")
+    if field == "shape":
+        entry["shape"] = data.draw(st.lists(st.integers(0, 2**40), max_size=4)
+                                   | st.just(list(reversed(entry["shape"])))
+                                   | st.just([*entry["shape"], 1]), label="shape")
+    elif field == "dtype":
+        entry["dtype"] = data.draw(st.sampled_from(DTYPES), label="dtype")
+    else:
+        entry["data_offsets"] = data.draw(st.lists(st.integers(-1, 2**63), min_size=2, max_size=2), label="offsets")
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+    return f"header of {name}: {field} = {entry[field]}"
+
+
+def mutate_kind(data, path: Path, outside: Path) -> str:
+    """``path`` (a file or a directory) replaced by a pipe, a link out (to a copy), a link in, or a directory."""
+    how = data.draw(st.sampled_from(["fifo", "link out", "link in", "directory", "missing"]), label="kind")
+    copy = outside / "copy"
+    if path.is_dir():
+        shutil.copytree(path, copy)
+        shutil.rmtree(path)
+    else:
+        shutil.copyfile(path, copy)
+        path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "link out":
+        path.symlink_to(copy)
+    elif how == "link in":
+        siblings = sorted(p.name for p in path.parent.iterdir())
+        if not siblings:
+            os.mkfifo(path)
+            return "fifo"
+        path.symlink_to(data.draw(st.sampled_from(siblings), label="sibling"))
+    elif how == "directory":
+        path.mkdir()
+    return how
+
+
+def mutate(data, directory: Path, outside: Path) -> tuple[str, str, bool]:
+    """One mutation of a file (or directory) of ``directory``: (its relative path, what was done, whether only
+    tensor values changed: the bytes of a tensor file's data, its header left whole)."""
+    paths = sorted(p for p in directory.rglob("*"))
+    target = data.draw(st.sampled_from(paths), label="target")
+    name = str(target.relative_to(directory))
+    kinds = ["kind"] if target.is_dir() else ["kind", "json"] if target.suffix == ".json" else \
+        ["kind", "bytes", "header", "header", "bytes"] if target.suffix == ".safetensors" else ["kind", "bytes"]
+    kind = data.draw(st.sampled_from(kinds), label="mutation")
+    values_only = False
+    if kind == "kind":
+        done = mutate_kind(data, target, outside)
+    elif kind == "json":
+        done = mutate_json(data, target)
+    elif kind == "header":
+        done = mutate_header(data, target)
+    else:
+        raw = target.read_bytes()
+        header_end = 8 + struct.unpack("<Q", raw[:8])[0] if target.suffix == ".safetensors" else 0
+        done = mutate_bytes(data, target)
+        start = int(done.split(" at ")[1]) if done.startswith("flipped") else -1
+        values_only = start >= header_end and target.stat().st_size == len(raw)
+    event(f"{name}: {kind}")
+    return name, done, values_only
+
+
+def setup(data, pristine: Path, tmp: Path) -> tuple[Path, str, str, bool, dict]:
+    directory = Path(shutil.copytree(pristine, tmp / "dir"))
+    outside = tmp / "outside"
+    outside.mkdir()
+    name, done, values_only = mutate(data, directory, outside)
+    return directory, name, done, values_only, snapshot(tmp)
+
+
+def outcome(action) -> object:
+    """The action's result, or the MiniGPTError it raised (anything else, or a hang, fails the test)."""
+    with watchdog(WATCHDOG_SECONDS):
+        try:
+            return action()
+        except MiniGPTError as e:
+            event(f"refused: {type(e).__name__}")
+            return e
+
+
+def rights(tmp: Path, *directories: Path) -> list[dict]:
+    """The untouched outcomes, as snapshots of ``tmp`` would show them (the link target copies aside)."""
+    return [{f"dir/{k}": v for k, v in snapshot(d).items()} for d in directories]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fuzzers
+
+
+@given(data=st.data())
+@FUZZ
+def test_a_damaged_harvest_reads_the_same_rows_or_raises(world, data) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        directory, name, done, values_only, before = setup(data, world["harvest"], tmp)
+        verify = data.draw(st.booleans(), label="verify")
+        got = outcome(lambda: rows_of(read(directory, TAP, verify=verify)))
+        if not isinstance(got, MiniGPTError):
+            if values_only and not verify:  # unverified reads trust the data bytes (rows and index): not their shapes
+                shapes = [{k: (v.dtype, v.shape) for k, v in r.items() if k != "batches"} for r in (got, world["rows"])]
+                assert shapes[0] == shapes[1], f"{name}: {done} read back rows of other shapes"
+            else:
+                assert same(got, world["rows"]), f"{name}: {done} read back other rows"
+        assert_only_repaired(before, snapshot(tmp))
+
+
+@given(data=st.data())
+@FUZZ
+def test_a_damaged_harvest_resumes_to_the_same_harvest_or_raises(world, data) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        directory, name, done, values_only, before = setup(data, world["harvest"], tmp)
+
+        def resume() -> tuple[dict, dict]:
+            manifest = harvest(world["model"], [world["lines"]], TAP, directory, **HARVEST)
+            return manifest, rows_of(read(directory, TAP, verify=True))
+
+        got = outcome(resume)
+        if not isinstance(got, MiniGPTError):
+            assert same(got[0], world["manifest"]) and same(got[1], world["rows"]), f"{name}: {done}"
+        assert_only_repaired(before, snapshot(tmp), *rights(tmp, world["harvest"]))
+
+
+@given(data=st.data(), finished=st.booleans())
+@FUZZ
+def test_a_damaged_run_resumes_to_the_same_run_or_raises(world, data, finished) -> None:
+    """A finished run resumed (nothing to train) or one killed before its last step (one step to train)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pristine = world["run" if finished else "partial"]
+        directory, name, done, values_only, before = setup(data, pristine, tmp)
+
+        def resume() -> tuple[dict, bytes]:
+            state = train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+            return state, (directory / "model.safetensors").read_bytes()
+
+        got = outcome(resume)
+        if not isinstance(got, MiniGPTError):
+            assert same(timeless(got[0]), timeless(world["state"])), f"{name}: {done} trained otherwise"
+            assert got[1] == (world["run"] / "model.safetensors").read_bytes(), f"{name}: {done} exported otherwise"
+        assert_only_repaired(before, snapshot(tmp), *rights(tmp, pristine, world["run"]))
+
+
+@given(data=st.data())
+@FUZZ
+def test_a_damaged_run_loads_the_same_model_or_raises(world, data) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        directory, name, done, values_only, before = setup(data, world["run"], tmp)
+        got = outcome(lambda: GPT.from_pretrained(directory))
+        if not isinstance(got, MiniGPTError):
+            # A plain HuggingFace directory has no checksum: the weights' bytes and config.json's values are
+            # what they say. Anything else must load as the untouched run.
+            if name == "config.json":
+                assert got.cfg == GPTConfig.from_hf(json.loads((directory / "config.json").read_text()))
+            elif not (name == "model.safetensors" and values_only):
+                assert same(got.state_dict(), world["weights"]), f"{name}: {done} loaded other weights"
+        assert_only_repaired(before, snapshot(tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the fuzzers found, kept as plain tests
+
+
+def test_a_data_directory_replaced_by_a_link_is_refused_and_nothing_is_written_through_it(world, tmp_path) -> None:
+    """DIR/data linked to DIR/training: the corpus was tokenized into the checkpoint's directory."""
+    directory = Path(shutil.copytree(world["partial"], tmp_path / "dir"))
+    shutil.rmtree(directory / "data")
+    (directory / "data").symlink_to("training")
+    before = snapshot(tmp_path)
+    with pytest.raises(TrainingError, match="data is a link, not the directory of the tokenized corpus"):
+        train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before
