@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig, MiniGPTError, TrainingError
-from minigpt.harvest import harvest, read
+from minigpt.harvest import HarvestError, harvest, read
 from minigpt.training import Settings, train
 from minigpt.training import loop as train_module
 from test_fuzz import watchdog
@@ -421,4 +421,35 @@ def test_a_data_directory_replaced_by_a_link_is_refused_and_nothing_is_written_t
     before = snapshot(tmp_path)
     with pytest.raises(TrainingError, match="data is a link, not the directory of the tokenized corpus"):
         train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("last", [0, 11], "the field 'last' is \\[0, 11\\], but this harvest's shard 0 has"),
+    ("rows", 1, "the field 'rows' is 1, but this harvest's shard 0 has"),
+    ("sha256", "0" * 64, "does not have the sha256 its record lists"),
+])
+def test_a_shard_record_changed_to_other_valid_values_is_refused_on_resume(world, tmp_path, field, value,
+                                                                            message) -> None:
+    """A resume wrote such a record into the manifest: rows another harvest would have, or a sha256 no shard has."""
+    directory = Path(shutil.copytree(world["harvest"], tmp_path / "dir"))
+    path = directory / "shards" / "shard-000000.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    before = snapshot(tmp_path)
+    with pytest.raises(HarvestError, match=f"shard-000000.*{message}"):
+        harvest(world["model"], [world["lines"]], TAP, directory, **HARVEST)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_shard_the_plan_does_not_make_is_refused_on_resume(world, tmp_path) -> None:
+    directory = Path(shutil.copytree(world["harvest"], tmp_path / "dir"))
+    shards = directory / "shards"
+    last = len(world["manifest"]["shards"])
+    record = json.loads((shards / "shard-000000.json").read_text())
+    shutil.copyfile(shards / "shard-000000.safetensors", shards / f"shard-{last:06d}.safetensors")
+    (shards / f"shard-{last:06d}.json").write_text(json.dumps({**record, "shard": last,
+                                                                "file": f"shards/shard-{last:06d}.safetensors"}))
+    before = snapshot(tmp_path)
+    with pytest.raises(HarvestError, match=f"shard-{last:06d}.safetensors is a shard this harvest does not make"):
+        harvest(world["model"], [world["lines"]], TAP, directory, **HARVEST)
     assert snapshot(tmp_path) == before
