@@ -453,3 +453,17 @@ def test_a_shard_the_plan_does_not_make_is_refused_on_resume(world, tmp_path) ->
     with pytest.raises(HarvestError, match=f"shard-{last:06d}.safetensors is a shard this harvest does not make"):
         harvest(world["model"], [world["lines"]], TAP, directory, **HARVEST)
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "file", "link in"])
+def test_a_training_directory_replaced_by_another_kind_of_file_is_refused(world, tmp_path, kind) -> None:
+    """DIR/training a pipe: the run started again from step 0 and failed with a raw FileExistsError."""
+    directory = Path(shutil.copytree(world["partial"], tmp_path / "dir"))
+    shutil.rmtree(directory / "training")
+    {"fifo": os.mkfifo, "file": lambda p: p.write_text("x"), "link in": lambda p: p.symlink_to("data")}[kind](
+        directory / "training")
+    before = snapshot(tmp_path)
+    with watchdog(WATCHDOG_SECONDS), pytest.raises(TrainingError, match="training is .*, not the directory of the "
+                                                                        "checkpoints"):
+        train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before

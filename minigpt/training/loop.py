@@ -22,7 +22,7 @@ from .. import distributed
 from ..config import END_OF_TEXT_ID, OFFICIAL, GPTConfig, is_integer
 from ..checks import check_int
 from ..errors import TrainingError
-from ..files import claim_directory, read_json
+from ..files import checked_directory, claim_directory, read_json
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data
@@ -237,6 +237,7 @@ def _open_out(out: Path, model: GPT) -> None:
     """``out`` claimed as a training run (refused unless missing, empty or one of minigpt's runs), then put
     back to its committed checkpoint before anything else: DIR's model that step's, what killed runs left removed."""
     claim_directory(out, "train", TrainingError)
+    checked_directory(out / "training", TrainingError, what="checkpoints", way_out="train into a new --out")
     state = checkpoint.load_state(out, max_bytes=checkpoint.file_limit(model))
     checkpoint.tidy(out, state)
     data.tidy(out / "data")
