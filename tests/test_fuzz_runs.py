@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -73,8 +74,12 @@ def world(tmp_path_factory) -> World:
     rows = read(root / "h", TAP, verify=True)
     state = train(docs, CFG, root / "t", RUN, save_every=1, quiet=True)
     partial = interrupted(docs, root / "partial")
+    unfinished = Path(shutil.copytree(root / "h", root / "unfinished"))  # killed before its last shard
+    (unfinished / "manifest.json").unlink()
+    for path in (unfinished / "shards").glob(f"shard-{len(manifest['shards']) - 1:06d}.*"):
+        path.unlink()
     return World({"model": model, "lines": lines, "docs": docs, "harvest": root / "h", "manifest": manifest,
-            "rows": rows_of(rows), "run": root / "t", "state": state, "partial": partial,
+            "rows": rows_of(rows), "unfinished": unfinished, "run": root / "t", "state": state, "partial": partial,
             "weights": GPT.from_pretrained(root / "t").state_dict()})
 
 
@@ -118,9 +123,10 @@ def same(a: object, b: object) -> bool:
 # Snapshots: what every path under a directory is
 
 
-def snapshot(root: Path) -> dict[str, object]:
+def snapshot(root: Path, history: bool = True) -> dict[str, object]:
     """Relative path -> sha256 of a file, ('link', target), 'dir', 'fifo' (nothing followed, nothing opened
-    but regular files)."""
+    but regular files). A training state is taken without its speeds, and without its log's numbers unless
+    ``history``."""
     seen = {}
     for here, dirs, names in os.walk(root):
         for name in dirs + names:
@@ -132,26 +138,29 @@ def snapshot(root: Path) -> dict[str, object]:
             elif stat.S_ISDIR(mode):
                 seen[key] = "dir"
             elif stat.S_ISREG(mode):
-                seen[key] = hashlib.sha256(without_timings(path.read_bytes())).hexdigest()
+                seen[key] = hashlib.sha256(without_timings(path.read_bytes(), history)).hexdigest()
             else:
                 seen[key] = "fifo" if stat.S_ISFIFO(mode) else "other"
     return seen
 
 
-def without_timings(raw: bytes) -> bytes:
-    """A training state's bytes without its log's speeds (the only field two equal runs may differ in)."""
+def without_timings(raw: bytes, history: bool = True) -> bytes:
+    """A training state's bytes without its log's speeds (the only field two equal runs may differ in), and
+    without any of its log's numbers unless ``history``."""
     try:
         state = json.loads(raw)
         assert isinstance(state, dict) and state.get("format", "").startswith("minigpt-train/")
     except (ValueError, AssertionError, AttributeError, RecursionError):
         return raw
-    return json.dumps(timeless(state)).encode()
+    return json.dumps(timeless(state, history)).encode()
 
 
-def timeless(state: dict) -> dict:
+def timeless(state: dict, history: bool = True) -> dict:
+    """``state`` without its log's speeds (and numbers, unless ``history``)."""
     log = state.get("log")
+    dropped = {"tokens_per_s"} if history else {"tokens_per_s", "loss", "lr", "grad_norm", "val_loss"}
     if isinstance(log, list):
-        state = {**state, "log": [{k: v for k, v in e.items() if k != "tokens_per_s"} if isinstance(e, dict) else e
+        state = {**state, "log": [{k: v for k, v in e.items() if k not in dropped} if isinstance(e, dict) else e
                                   for e in log]}
     return state
 
@@ -188,22 +197,26 @@ def json_paths(value: object, here: tuple = ()) -> list[tuple]:
     return out
 
 
-def mutate_json(data, path: Path) -> str:
+def mutate_json(data, path: Path) -> tuple[str, bool]:
+    """A value of the JSON file ``path`` replaced or deleted, or its bytes changed; (what, whether it was only a
+    number of a training log replaced by another: history that no checksum covers)."""
     raw = path.read_bytes()
     doc = json.loads(raw)
     where = data.draw(st.sampled_from(json_paths(doc)), label="json path")
     how = data.draw(st.sampled_from(["replace", "replace", "replace", "delete", "bytes"]), label="json op")
     if how == "bytes":
-        return mutate_bytes(data, path)
+        return mutate_bytes(data, path), False
     if how == "delete" and where:
         parent = doc
         for part in where[:-1]:
             parent = parent[part]
         del parent[where[-1]]
         path.write_text(json.dumps(doc, indent=1))
-        return f"deleted {list(where)}"
-    new = data.draw(st.sampled_from(RAW_VALUES) | st.integers().map(str)
+        return f"deleted {list(where)}", False
+    new = data.draw(st.sampled_from(RAW_VALUES) | st.integers().map(str) | st.floats().map(json.dumps)
                     | st.text(max_size=20).map(json.dumps), label="raw value")
+    history = path.name == "state.json" and len(where) == 3 and where[0] == "log" and where[2] != "step" and \
+        is_finite_number(new)
     if not where:
         path.write_text(new)
     else:
@@ -212,7 +225,15 @@ def mutate_json(data, path: Path) -> str:
             parent = parent[part]
         parent[where[-1]] = SENTINEL
         path.write_text(json.dumps(doc, indent=1).replace(json.dumps(SENTINEL), new))
-    return f"{list(where)} = {new[:40]}"
+    return f"{list(where)} = {new[:40]}", history
+
+
+def is_finite_number(text: str) -> bool:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def mutate_bytes(data, path: Path) -> str:
@@ -298,7 +319,7 @@ def mutate(data, directory: Path, outside: Path) -> tuple[str, str, bool]:
     if kind == "kind":
         done = mutate_kind(data, target, outside)
     elif kind == "json":
-        done = mutate_json(data, target)
+        done, values_only = mutate_json(data, target)
     elif kind == "header":
         done = mutate_header(data, target)
     else:
@@ -311,12 +332,15 @@ def mutate(data, directory: Path, outside: Path) -> tuple[str, str, bool]:
     return name, done, values_only
 
 
-def setup(data, pristine: Path, tmp: Path) -> tuple[Path, str, str, bool, dict]:
+def setup(data, pristine: Path, tmp: Path) -> tuple[Path, str, str, bool, object]:
+    """A mutated copy of ``pristine`` in ``tmp``/dir: (it, the path mutated, how, values only, how to look at
+    ``tmp``: a snapshot function, blind to a training log's numbers if one of them was changed)."""
     directory = Path(shutil.copytree(pristine, tmp / "dir"))
     outside = tmp / "outside"
     outside.mkdir()
     name, done, values_only = mutate(data, directory, outside)
-    return directory, name, done, values_only, snapshot(tmp)
+    history = not (values_only and name.endswith("state.json"))
+    return directory, name, done, values_only, lambda root: snapshot(root, history)
 
 
 def outcome(action) -> object:
@@ -329,9 +353,9 @@ def outcome(action) -> object:
             return e
 
 
-def rights(tmp: Path, *directories: Path) -> list[dict]:
-    """The untouched outcomes, as snapshots of ``tmp`` would show them (the link target copies aside)."""
-    return [{f"dir/{k}": v for k, v in snapshot(d).items()} for d in directories]
+def rights(look, *directories: Path) -> list[dict]:
+    """The untouched outcomes, as ``look`` at the example's directory would show them."""
+    return [{f"dir/{k}": v for k, v in look(d).items()} for d in directories]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +367,9 @@ def rights(tmp: Path, *directories: Path) -> list[dict]:
 def test_a_damaged_harvest_reads_the_same_rows_or_raises(world, data) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        directory, name, done, values_only, before = setup(data, world["harvest"], tmp)
+        directory, name, done, values_only, look = setup(data, world["harvest"], tmp)
         verify = data.draw(st.booleans(), label="verify")
+        before = look(tmp)
         got = outcome(lambda: rows_of(read(directory, TAP, verify=verify)))
         if not isinstance(got, MiniGPTError):
             if values_only and not verify:  # unverified reads trust the data bytes (rows and index): not their shapes
@@ -352,24 +377,27 @@ def test_a_damaged_harvest_reads_the_same_rows_or_raises(world, data) -> None:
                 assert shapes[0] == shapes[1], f"{name}: {done} read back rows of other shapes"
             else:
                 assert same(got, world["rows"]), f"{name}: {done} read back other rows"
-        assert_only_repaired(before, snapshot(tmp))
+        assert_only_repaired(before, look(tmp))
 
 
-@given(data=st.data())
+@given(data=st.data(), finished=st.booleans())
 @FUZZ
-def test_a_damaged_harvest_resumes_to_the_same_harvest_or_raises(world, data) -> None:
+def test_a_damaged_harvest_resumes_to_the_same_harvest_or_raises(world, data, finished) -> None:
+    """A finished harvest resumed (nothing to record) or one killed before its last shard."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        directory, name, done, values_only, before = setup(data, world["harvest"], tmp)
+        pristine = world["harvest" if finished else "unfinished"]
+        directory, name, done, values_only, look = setup(data, pristine, tmp)
 
         def resume() -> tuple[dict, dict]:
             manifest = harvest(world["model"], [world["lines"]], TAP, directory, **HARVEST)
             return manifest, rows_of(read(directory, TAP, verify=True))
 
+        before = look(tmp)
         got = outcome(resume)
         if not isinstance(got, MiniGPTError):
             assert same(got[0], world["manifest"]) and same(got[1], world["rows"]), f"{name}: {done}"
-        assert_only_repaired(before, snapshot(tmp), *rights(tmp, world["harvest"]))
+        assert_only_repaired(before, look(tmp), *rights(look, pristine, world["harvest"]))
 
 
 @given(data=st.data(), finished=st.booleans())
@@ -379,17 +407,19 @@ def test_a_damaged_run_resumes_to_the_same_run_or_raises(world, data, finished) 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pristine = world["run" if finished else "partial"]
-        directory, name, done, values_only, before = setup(data, pristine, tmp)
+        directory, name, done, values_only, look = setup(data, pristine, tmp)
 
         def resume() -> tuple[dict, bytes]:
             state = train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
             return state, (directory / "model.safetensors").read_bytes()
 
+        before = look(tmp)
         got = outcome(resume)
         if not isinstance(got, MiniGPTError):
-            assert same(timeless(got[0]), timeless(world["state"])), f"{name}: {done} trained otherwise"
+            history = not values_only  # a number of the log changed: the rest must be the same
+            assert same(timeless(got[0], history), timeless(world["state"], history)), f"{name}: {done} trained otherwise"
             assert got[1] == (world["run"] / "model.safetensors").read_bytes(), f"{name}: {done} exported otherwise"
-        assert_only_repaired(before, snapshot(tmp), *rights(tmp, pristine, world["run"]))
+        assert_only_repaired(before, look(tmp), *rights(look, pristine, world["run"]))
 
 
 @given(data=st.data())
@@ -397,7 +427,8 @@ def test_a_damaged_run_resumes_to_the_same_run_or_raises(world, data, finished) 
 def test_a_damaged_run_loads_the_same_model_or_raises(world, data) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        directory, name, done, values_only, before = setup(data, world["run"], tmp)
+        directory, name, done, values_only, look = setup(data, world["run"], tmp)
+        before = look(tmp)
         got = outcome(lambda: GPT.from_pretrained(directory))
         if not isinstance(got, MiniGPTError):
             # A plain HuggingFace directory has no checksum: the weights' bytes and config.json's values are
@@ -406,7 +437,7 @@ def test_a_damaged_run_loads_the_same_model_or_raises(world, data) -> None:
                 assert got.cfg == GPTConfig.from_hf(json.loads((directory / "config.json").read_text()))
             elif not (name == "model.safetensors" and values_only):
                 assert same(got.state_dict(), world["weights"]), f"{name}: {done} loaded other weights"
-        assert_only_repaired(before, snapshot(tmp))
+        assert_only_repaired(before, look(tmp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,5 +496,41 @@ def test_a_training_directory_replaced_by_another_kind_of_file_is_refused(world,
     before = snapshot(tmp_path)
     with watchdog(WATCHDOG_SECONDS), pytest.raises(TrainingError, match="training is .*, not the directory of the "
                                                                         "checkpoints"):
+        train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before
+
+
+def flip_first_token(directory: Path) -> None:
+    path = directory / "data" / "val.bin"
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+def drop_digests(directory: Path) -> None:
+    path = directory / "data" / "data.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "sha256"}))
+
+
+def edit_log(directory: Path, edit) -> None:
+    path = directory / "training" / "state.json"
+    state = json.loads(path.read_text())
+    edit(state["log"][0])
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (flip_first_token, r"val\.bin does not have the sha256 .*data\.json lists"),
+    (drop_digests, r"data\.json: sha256 must map train\.bin to its sha256, got None; remove .* to tokenize again"),
+    (lambda d: edit_log(d, lambda e: e.pop("loss")), r"state\.json: log\[0\] must be an object with keys"),
+    (lambda d: edit_log(d, lambda e: e.update(loss="x")), r"state\.json: log\[0\]\.loss must be a finite number"),
+    (lambda d: edit_log(d, lambda e: e.update(step=True)), r"state\.json: log\[0\] must be an object with step 1"),
+], ids=["token-flipped", "no-digests", "no-loss", "loss-text", "step-bool"])
+def test_a_resume_refuses_tokens_or_a_log_that_changed(world, tmp_path, damage, message) -> None:
+    """Found by the fuzzer: a flipped token trained (and validated) on other data; a log without a loss went on."""
+    directory = Path(shutil.copytree(world["partial"], tmp_path / "dir"))
+    damage(directory)
+    before = snapshot(tmp_path)
+    with pytest.raises(TrainingError, match=message):
         train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
     assert snapshot(tmp_path) == before
