@@ -294,12 +294,7 @@ def mutate_kind(data, path: Path, outside: Path) -> str:
     """``path`` (a file or a directory) replaced by a pipe, a link out (to a copy), a link in, or a directory."""
     how = data.draw(st.sampled_from(["fifo", "link out", "link in", "directory", "missing"]), label="kind")
     copy = outside / "copy"
-    if path.is_dir():
-        shutil.copytree(path, copy)
-        shutil.rmtree(path)
-    else:
-        shutil.copyfile(path, copy)
-        path.unlink()
+    path.rename(copy)  # moved out whole (a pipe a first mutation left inside included)
     if how == "fifo":
         os.mkfifo(path)
     elif how == "link out":
@@ -550,5 +545,30 @@ def test_a_resume_refuses_tokens_or_a_log_that_changed(world, tmp_path, damage, 
     damage(directory)
     before = snapshot(tmp_path)
     with pytest.raises(TrainingError, match=message):
+        train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_shards_directory_linked_out_is_refused_and_nothing_is_written_through_it(world, tmp_path) -> None:
+    """shards/ a link to an empty directory outside: the resumed harvest wrote its shards there."""
+    directory = Path(shutil.copytree(world["unfinished"], tmp_path / "dir"))
+    shutil.rmtree(directory / "shards")
+    (tmp_path / "outside").mkdir()
+    (directory / "shards").symlink_to(tmp_path / "outside")
+    before = snapshot(tmp_path)
+    with pytest.raises(HarvestError, match="shards is a link, not the directory of the harvest's shards"):
+        harvest(world["model"], [world["lines"]], TAP, directory, **HARVEST)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_an_export_that_is_a_directory_is_refused_before_training(world, tmp_path, name) -> None:
+    """config.json a directory, the checkpoints gone: the run trained from step 0 and failed at its first save."""
+    directory = Path(shutil.copytree(world["partial"], tmp_path / "dir"))
+    shutil.rmtree(directory / "training")
+    (directory / name).unlink()
+    (directory / name).mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(TrainingError, match=f"{name} is a directory, not the file of the model minigpt exports"):
         train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
     assert snapshot(tmp_path) == before

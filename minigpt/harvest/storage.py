@@ -119,6 +119,7 @@ def _check_directory(out: Path, settings: dict) -> str | None:
             if differ:
                 return (f"{out} holds a harvest made with other settings ({'; '.join(differ[:4])}). Run with the "
                         "same arguments to resume it, or choose another --out")
+        files.checked_directory(out / SHARDS, HarvestError, what="harvest's shards", way_out=DAMAGED)
         (out / SHARDS).mkdir(exist_ok=True)
         if not os.path.lexists(out / SETTINGS):
             write_json(out / SETTINGS, settings)

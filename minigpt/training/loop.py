@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -238,6 +239,10 @@ def _open_out(out: Path, model: GPT) -> None:
     back to its committed checkpoint before anything else: DIR's model that step's, what killed runs left removed."""
     claim_directory(out, "train", TrainingError)
     checked_directory(out / "training", TrainingError, what="checkpoints", way_out="train into a new --out")
+    for name in (checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE):  # the export replaces a file, never a directory
+        if os.path.isdir(out / name) and not os.path.islink(out / name):
+            raise TrainingError(f"{out / name} is a directory, not the file of the model minigpt exports there; "
+                                "train into a new --out")
     state = checkpoint.load_state(out, max_bytes=checkpoint.file_limit(model))
     checkpoint.tidy(out, state)
     data.tidy(out / "data")
