@@ -572,3 +572,15 @@ def test_an_export_that_is_a_directory_is_refused_before_training(world, tmp_pat
     with pytest.raises(TrainingError, match=f"{name} is a directory, not the file of the model minigpt exports"):
         train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
     assert snapshot(tmp_path) == before
+
+
+def test_a_token_file_that_is_a_directory_is_refused_before_tokenizing(world, tmp_path) -> None:
+    """data.json gone and val.bin a directory: tokenizing failed on val.bin and removed the train.bin there."""
+    directory = Path(shutil.copytree(world["partial"], tmp_path / "dir"))
+    (directory / "data" / "data.json").unlink()
+    (directory / "data" / "val.bin").unlink()
+    (directory / "data" / "val.bin").mkdir()
+    before = snapshot(tmp_path)
+    with pytest.raises(TrainingError, match="val.bin is not a regular file, so not minigpt's tokens"):
+        train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before

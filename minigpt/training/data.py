@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
     way_out = f"remove {directory} to tokenize again"
     files.checked_directory(directory, TrainingError, what="tokenized corpus", way_out=way_out)
     if not os.path.lexists(meta_path):
+        for name in _FILES:  # written by replacing what is there: a directory or a pipe there is not minigpt's
+            if os.path.lexists(directory / name) and not stat.S_ISREG(os.lstat(directory / name).st_mode):
+                raise TrainingError(f"{directory / name} is not a regular file, so not minigpt's tokens; {way_out}")
         return _tokenize(paths, directory, identity, lines)
     meta = files.read_json(files.checked_file(meta_path, directory, TrainingError, what="tokenized corpus",
                                               way_out=way_out), TrainingError, way_out)
