@@ -183,6 +183,21 @@ def checked_file(path: Path, root: Path, error: type[MiniGPTError], *, what: str
     return real
 
 
+def checked_directory(path: Path, error: type[MiniGPTError], *, what: str, way_out: str) -> Path:
+    """``path`` if it is missing or a plain directory (not a link: what minigpt writes there stays inside its
+    own output directory); else ``error``, without anything written or read through it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise error(f"cannot look at {path} ({e.strerror or e}); {way_out}") from None
+    if not stat.S_ISDIR(mode):
+        kind = "a link" if stat.S_ISLNK(mode) else "a regular file" if stat.S_ISREG(mode) else _kind(mode)
+        raise error(f"{path} is {kind}, not the directory of the {what} minigpt makes there; {way_out}")
+    return path
+
+
 def check_regular_file(path: Path, error: type[MiniGPTError], way_out: str) -> Path:
     """``path`` if it is a regular file (a link to one counts), looked at without opening it; else ``error``.
 

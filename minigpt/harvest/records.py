@@ -66,6 +66,15 @@ def check_record(record: object, path: Path, number: int | None = None) -> dict:
     return record
 
 
+def check_planned(record: dict, planned: dict, path: Path) -> None:
+    """HarvestError unless a finished shard's ``record`` holds what the harvest's plan gives that shard
+    (``planned``: its rows, tokens, windows, first and last): a resume keeps only shards of this very plan."""
+    for key, value in planned.items():
+        if record[key] != value:
+            raise HarvestError(f"{path}: the field {key!r} is {record[key]!r}, but this harvest's shard {planned['shard']} "
+                               f"has {value!r}; the record was changed after it was written: {DAMAGED}")
+
+
 def check_manifest(manifest: object, path: Path) -> dict:
     """The manifest, checked where the reader relies on it: its format, ``row_shapes`` and every shard's record."""
     if not isinstance(manifest, dict):

@@ -30,7 +30,7 @@ from ..taps import QUERY_KEY_TAPS, StopForward, TapCall, select
 from .. import corpus
 from . import storage
 from .guard import check_harvest_memory
-from .records import FORMAT
+from .records import DAMAGED, FORMAT, check_planned
 from .storage import Buffers, ShardWriter
 from .windows import Shard, rows_of, shards, windows
 
@@ -79,7 +79,7 @@ def harvest(model, data: str | Path | Iterable[str | Path], taps: str | Iterable
                     "positions": keep_positions, "shard_bytes": shard_bytes, "rows_per_shard": rows_per_shard}
         storage.prepare(out, settings, rank, world)
         done = {k: v for k, v in storage.finished_shards(out).items() if k % world == rank}
-        mine = (shard for shard in plan if shard.index % world == rank)
+        mine = _as_planned((shard for shard in plan if shard.index % world == rank), done, out)
         if quiet or rank != 0:
             todo, progress = (shard for shard in mine if shard.index not in done), None
         else:
@@ -130,13 +130,17 @@ def _plan(model, files: list[Path], lines: bool, context: int, max_tokens: int |
 def _record_shards(recorder: Recorder, writer: ShardWriter, todo: Iterable[Shard], batch_size: int,
                    progress) -> list[dict]:
     """Each shard of ``todo`` run and handed to the writer; the records of those written."""
-    for shard in todo:
-        buffers = writer.take()
-        recorder.record(shard, buffers, batch_size, progress)
-        writer.put(shard.index, buffers, shard.rows, _describe(shard))
-        if progress is not None:
-            progress.shards += 1
-            progress.set_postfix_str(f"shards {progress.shards}/{progress.shards_total}")
+    try:
+        for shard in todo:
+            buffers = writer.take()
+            recorder.record(shard, buffers, batch_size, progress)
+            writer.put(shard.index, buffers, shard.rows, _describe(shard))
+            if progress is not None:
+                progress.shards += 1
+                progress.set_postfix_str(f"shards {progress.shards}/{progress.shards_total}")
+    except BaseException:
+        writer.wait()  # the shards handed over are written before the error comes out, nothing after it
+        raise
     return writer.close()
 
 
@@ -295,6 +299,22 @@ def _describe(shard: Shard) -> dict:
     first, last = shard.windows[0], shard.windows[-1]
     return {"shard": shard.index, "tokens": shard.tokens, "windows": len(shard.windows),
             "first": [first.document, first.start], "last": [last.document, last.start + len(last.tokens) - 1]}
+
+
+def _as_planned(mine: Iterable[Shard], done: dict[int, dict], out: Path) -> Iterator[Shard]:
+    """``mine``, each finished shard's record checked against its shard of the plan as it comes, and, at the
+    end, no finished shard left that the plan does not make (HarvestError, naming the record)."""
+    planned = set()
+    for shard in mine:
+        if shard.index in done:
+            check_planned(done[shard.index], {**_describe(shard), "rows": shard.rows},
+                          storage.shard_path(out, shard.index).with_suffix(".json"))
+        planned.add(shard.index)
+        yield shard
+    extra = sorted(set(done) - planned)
+    if extra:
+        raise HarvestError(f"{storage.shard_path(out, extra[0])} is a shard this harvest does not make (it makes "
+                           f"{len(planned)}); {DAMAGED}")
 
 
 def _progress(mine: Iterable[Shard], rank: int, world: int, done: dict[int, dict]) -> tuple[list[Shard], object]:

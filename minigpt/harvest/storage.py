@@ -75,6 +75,10 @@ def finished_shards(directory: Path) -> dict[int, dict]:
             size = files.checked_file(path, directory, HarvestError, what="harvest", way_out=DAMAGED).stat().st_size
             if size != record["bytes"]:
                 raise HarvestError(f"{path} holds {size:,} bytes, its record {record['bytes']:,}; {DAMAGED}")
+            # The whole shard is read: a resume keeps only shards that are what their records say.
+            if files.file_sha256(path) != record["sha256"]:
+                raise HarvestError(f"{path} does not have the sha256 its record lists; it was changed after it was "
+                                   f"written: {DAMAGED}")
             done[number] = record
     if strays:
         raise HarvestError(f"{directory / SHARDS} holds files the harvest did not write ({', '.join(strays[:5])}); "
@@ -115,6 +119,7 @@ def _check_directory(out: Path, settings: dict) -> str | None:
             if differ:
                 return (f"{out} holds a harvest made with other settings ({'; '.join(differ[:4])}). Run with the "
                         "same arguments to resume it, or choose another --out")
+        files.checked_directory(out / SHARDS, HarvestError, what="harvest's shards", way_out=DAMAGED)
         (out / SHARDS).mkdir(exist_ok=True)
         if not os.path.lexists(out / SETTINGS):
             write_json(out / SETTINGS, settings)
@@ -213,10 +218,14 @@ class ShardWriter:
         self._raise_if_failed()
         self.todo.put((index, buffers, rows, meta))
 
-    def close(self) -> list[dict]:
-        """Wait until every shard handed over is on disk; their records."""
+    def wait(self) -> None:
+        """Wait until every shard handed over is on disk (or its writing failed)."""
         self.todo.put(None)
         self.thread.join()
+
+    def close(self) -> list[dict]:
+        """Wait until every shard handed over is on disk; their records."""
+        self.wait()
         self._raise_if_failed()
         return self.written
 

@@ -6,7 +6,8 @@ is encoded with GPT-2's BPE and followed by ``<|endoftext|>``, as GPT-2 itself w
 corpus too small to give both a window is split inside its token stream instead: the last
 ``val_fraction`` of it is held out.) The two streams are written once to ``DIR/data/train.bin`` and
 ``val.bin`` (uint16, nanoGPT's format) with ``data.json`` beside them (each written atomically:
-minigpt.files), and memory-mapped from then on.
+minigpt.files; data.json lists the two files' sha256, checked when a run is resumed), and memory-mapped
+from then on.
 
 Windows: non-overlapping runs of ``context + 1`` tokens, window i starting at token i * context:
 inputs are its first ``context`` tokens, targets the ``context`` after each. Order: each epoch is a
@@ -17,8 +18,10 @@ windows at the same step.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +48,13 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
     identity = {"format": DATA_FORMAT, "corpus": {"files": corpus.fingerprint(paths), "lines": lines},
                 "tokenizer": "gpt2 (tiktoken)", "val_fraction": val_fraction, "seed": seed}
     meta_path = directory / "data.json"
-    if not os.path.lexists(meta_path):
-        return _tokenize(paths, directory, identity, lines)
     way_out = f"remove {directory} to tokenize again"
+    files.checked_directory(directory, TrainingError, what="tokenized corpus", way_out=way_out)
+    if not os.path.lexists(meta_path):
+        for name in _FILES:  # written by replacing what is there: a directory or a pipe there is not minigpt's
+            if os.path.lexists(directory / name) and not stat.S_ISREG(os.lstat(directory / name).st_mode):
+                raise TrainingError(f"{directory / name} is not a regular file, so not minigpt's tokens; {way_out}")
+        return _tokenize(paths, directory, identity, lines)
     meta = files.read_json(files.checked_file(meta_path, directory, TrainingError, what="tokenized corpus",
                                               way_out=way_out), TrainingError, way_out)
     differing = [k for k in identity if not isinstance(meta, dict) or meta.get(k) != identity[k]]
@@ -60,6 +67,14 @@ def prepare(data, directory: Path, *, val_fraction: float, seed: int, lines: boo
         if not (is_integer(meta.get(field)) and 2 <= meta[field] < 2**48):
             raise TrainingError(f"{meta_path}: {field} must be an integer in [2, 2**48), got {meta.get(field)!r}; "
                                 f"{way_out}")
+    digests = meta.get("sha256")
+    for split in ("train", "val"):  # the tokens are read once: a resumed run trains on the very tokens it began with
+        name = f"{split}.bin"
+        if not (isinstance(digests, dict) and isinstance(digests.get(name), str)):
+            raise TrainingError(f"{meta_path}: sha256 must map {name} to its sha256, got {digests!r}; {way_out}")
+        if files.file_sha256(token_file(directory, split, meta[f"{split}_tokens"])) != digests[name]:
+            raise TrainingError(f"{directory / name} does not have the sha256 {meta_path} lists: it was changed after "
+                                f"it was written; {way_out}")
     return meta
 
 
@@ -90,7 +105,9 @@ def _tokenize(paths: list[Path], directory: Path, identity: dict, lines: bool) -
     if len(train) < 2:
         raise TrainingError(f"the corpus ({len(paths)} files, {documents} documents) gives only {len(train)} "
                             "training tokens; give more text")
-    meta = {**identity, "documents": documents, "split": split, "train_tokens": len(train), "val_tokens": len(val)}
+    meta = {**identity, "documents": documents, "split": split, "train_tokens": len(train), "val_tokens": len(val),
+            "sha256": {f"{name}.bin": hashlib.sha256(tokens).hexdigest() for name, tokens in (("train", train),
+                                                                                           ("val", val))}}
     _write(directory, {"train": train, "val": val}, meta)
     return meta
 
@@ -111,6 +128,19 @@ def _write(directory: Path, streams: dict[str, np.ndarray], meta: dict) -> None:
                             "some space (or raise the file-size limit, ulimit -f) and run the same command again") from e
 
 
+def token_file(directory: Path, split: str, tokens: int | None = None) -> Path:
+    """``directory``/``split``.bin, checked before it is opened: a regular file inside ``directory`` holding a
+    whole, non-zero number of tokens (``tokens`` of them, when given)."""
+    way_out = f"remove {directory} to tokenize again"
+    path = files.checked_file(directory / f"{split}.bin", directory, TrainingError, what="tokenized corpus",
+                              way_out=way_out)
+    size, width = os.stat(path).st_size, np.dtype(TOKEN_DTYPE).itemsize
+    if size == 0 or size % width or (tokens is not None and size != tokens * width):
+        wanted = f"{tokens:,} tokens ({tokens * width:,} bytes)" if tokens is not None else "a whole number of tokens"
+        raise TrainingError(f"{path} holds {size:,} bytes, not {wanted} of {width} bytes each; {way_out}")
+    return path
+
+
 @dataclass
 class Windows:
     """The windows of one split: ``windows[i]`` -> (inputs, targets), each [context] int64."""
@@ -120,16 +150,8 @@ class Windows:
 
     @classmethod
     def open(cls, directory: Path, split: str, context: int, tokens: int | None = None) -> Windows:
-        """``directory``/``split``.bin memory-mapped, checked before it is opened: a regular file inside
-        ``directory`` holding a whole, non-zero number of tokens (``tokens`` of them, when given)."""
-        way_out = f"remove {directory} to tokenize again"
-        path = files.checked_file(directory / f"{split}.bin", directory, TrainingError, what="tokenized corpus",
-                                  way_out=way_out)
-        size, width = os.stat(path).st_size, np.dtype(TOKEN_DTYPE).itemsize
-        if size == 0 or size % width or (tokens is not None and size != tokens * width):
-            wanted = f"{tokens:,} tokens ({tokens * width:,} bytes)" if tokens is not None else "a whole number of tokens"
-            raise TrainingError(f"{path} holds {size:,} bytes, not {wanted} of {width} bytes each; {way_out}")
-        return cls(np.memmap(path, dtype=TOKEN_DTYPE, mode="r"), context)
+        """``directory``/``split``.bin memory-mapped, checked by ``token_file`` before it is opened."""
+        return cls(np.memmap(token_file(directory, split, tokens), dtype=TOKEN_DTYPE, mode="r"), context)
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context)

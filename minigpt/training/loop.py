@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -22,7 +23,7 @@ from .. import distributed
 from ..config import END_OF_TEXT_ID, GPTConfig, config_of, is_integer
 from ..checks import check_int
 from ..errors import TrainingError
-from ..files import claim_directory
+from ..files import checked_directory, claim_directory
 from ..inputs import check_placement
 from ..model import GPT
 from . import checkpoint, data, eval as metrics
@@ -228,6 +229,11 @@ def _open_out(out: Path, model: GPT) -> None:
     """``out`` claimed as a training run (refused unless missing, empty or one of minigpt's runs), then put
     back to its committed checkpoint before anything else: DIR's model that step's, what killed runs left removed."""
     claim_directory(out, "train", TrainingError)
+    checked_directory(out / "training", TrainingError, what="checkpoints", way_out="train into a new --out")
+    for name in (checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE):  # the export replaces a file, never a directory
+        if os.path.isdir(out / name) and not os.path.islink(out / name):
+            raise TrainingError(f"{out / name} is a directory, not the file of the model minigpt exports there; "
+                                "train into a new --out")
     state = checkpoint.load_state(out, max_bytes=checkpoint.file_limit(model))
     checkpoint.tidy(out, state)
     data.tidy(out / "data")

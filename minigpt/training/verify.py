@@ -47,8 +47,7 @@ def state_fields(state: object, path: Path, names_of_step: Callable[[int, int], 
     if not isinstance(log, list) or len(log) != step:
         raise bad(path, "log", f"a list of {step} entries (one per step)", log)
     for i, entry in enumerate(log):
-        if not isinstance(entry, dict) or entry.get("step") != i + 1:
-            raise bad(path, f"log[{i}]", f"an object with step {i + 1}", entry)
+        log_entry(entry, i, path)
     listed = state.get("files")
     expected = set(names_of_step(step, world))
     if not isinstance(listed, dict) or set(listed) != expected:
@@ -67,6 +66,25 @@ def state_fields(state: object, path: Path, names_of_step: Callable[[int, int], 
     if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
         raise bad(path, "param_groups", "a list of objects (AdamW's parameter groups)", groups)
     return state
+
+
+# A step's log entry: the keys of a step trained and of one skipped (a NaN loss), each may add val_loss.
+_TRAINED, _SKIPPED = {"step", "loss", "lr", "grad_norm", "tokens_per_s"}, {"step", "lr", "skipped"}
+
+
+def log_entry(entry: object, i: int, path: Path) -> None:
+    """``log[i]`` as the training loop writes it: step i + 1, its keys, finite numbers (a skipped step's reason)."""
+    if not (isinstance(entry, dict) and is_integer(entry.get("step")) and entry["step"] == i + 1):
+        raise bad(path, f"log[{i}]", f"an object with step {i + 1}", entry)
+    keys = _SKIPPED if "skipped" in entry else _TRAINED
+    if not keys <= set(entry) <= keys | {"val_loss"}:
+        raise bad(path, f"log[{i}]", f"an object with keys {sorted(keys)} (and val_loss)", sorted(entry))
+    for key in set(entry) - {"step", "skipped"}:
+        value = entry[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(path, f"log[{i}].{key}", "a finite number", value)
+    if not isinstance(entry.get("skipped", ""), str):
+        raise bad(path, f"log[{i}].skipped", "a text (why the step was skipped)", entry["skipped"])
 
 
 def param_groups(saved: list[dict], ours: list[dict], path: Path) -> None:
