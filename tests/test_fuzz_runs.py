@@ -584,3 +584,16 @@ def test_a_token_file_that_is_a_directory_is_refused_before_tokenizing(world, tm
     with pytest.raises(TrainingError, match="val.bin is not a regular file, so not minigpt's tokens"):
         train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
     assert snapshot(tmp_path) == before
+
+
+def test_a_config_json_in_the_state_with_other_keys_is_refused(world, tmp_path) -> None:
+    """state.json's config_json with architectures null: the resume exported that config.json."""
+    directory = Path(shutil.copytree(world["run"], tmp_path / "dir"))
+    path = directory / "training" / "state.json"
+    state = json.loads(path.read_text())
+    state["config_json"]["architectures"] = None
+    path.write_text(json.dumps(state))
+    before = snapshot(tmp_path)
+    with pytest.raises(TrainingError, match="state.json: config_json must be the config.json of the model"):
+        train(world["docs"], CFG, directory, RUN, save_every=1, quiet=True)
+    assert snapshot(tmp_path) == before

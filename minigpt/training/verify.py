@@ -57,7 +57,10 @@ def state_fields(state: object, path: Path, names_of_step: Callable[[int, int], 
             raise bad(path, f"files[{name!r}]", "a sha256 (64 hex digits)", digest)
     config_json = state.get("config_json")
     try:
-        fits = isinstance(config_json, dict) and asdict(GPTConfig.from_hf(config_json)) == state.get("config")
+        # Exactly what save_pretrained wrote for the float32 model (the export's config.json is made from it).
+        cfg = GPTConfig.from_hf(config_json) if isinstance(config_json, dict) else None
+        fits = cfg is not None and asdict(cfg) == state.get("config") and \
+            config_json == {**cfg.to_hf(), "torch_dtype": "float32"}
     except (CheckpointError, TypeError, ValueError, KeyError):
         fits = False
     if not fits:
