@@ -71,23 +71,36 @@ def state_fields(state: object, path: Path, names_of_step: Callable[[int, int], 
     return state
 
 
-# A step's log entry: the keys of a step trained and of one skipped (a NaN loss), each may add val_loss.
+# A step's log entry: the keys of a step trained and of one skipped (a NaN loss); an evaluation step adds
+# val_loss and (rank 0) a text sample, the last step val_loss_full and the baselines (a dict of numbers).
 _TRAINED, _SKIPPED = {"step", "loss", "lr", "grad_norm", "tokens_per_s"}, {"step", "lr", "skipped"}
+_EVALUATION = {"val_loss": "number", "val_loss_full": "number", "sample": "text", "baselines": "numbers"}
 
 
 def log_entry(entry: object, i: int, path: Path) -> None:
-    """``log[i]`` as the training loop writes it: step i + 1, its keys, finite numbers (a skipped step's reason)."""
+    """``log[i]`` as the training loop writes it: step i + 1, its keys, finite numbers (a skipped step's reason,
+    an evaluation's sample as text, the baselines as numbers)."""
     if not (isinstance(entry, dict) and is_integer(entry.get("step")) and entry["step"] == i + 1):
         raise bad(path, f"log[{i}]", f"an object with step {i + 1}", entry)
     keys = _SKIPPED if "skipped" in entry else _TRAINED
-    if not keys <= set(entry) <= keys | {"val_loss"}:
-        raise bad(path, f"log[{i}]", f"an object with keys {sorted(keys)} (and val_loss)", sorted(entry))
-    for key in set(entry) - {"step", "skipped"}:
-        value = entry[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(path, f"log[{i}].{key}", "a finite number", value)
-    if not isinstance(entry.get("skipped", ""), str):
-        raise bad(path, f"log[{i}].skipped", "a text (why the step was skipped)", entry["skipped"])
+    if not keys <= set(entry) <= keys | set(_EVALUATION):
+        raise bad(path, f"log[{i}]", f"an object with keys {sorted(keys)} (and {', '.join(_EVALUATION)})",
+                  sorted(entry))
+    for key in set(entry) - {"step"}:
+        kind = "text" if key == "skipped" else _EVALUATION.get(key, "number")
+        if not _is(kind, entry[key]):
+            raise bad(path, f"log[{i}].{key}", {"number": "a finite number", "text": "a text",
+                                                "numbers": "an object of finite numbers"}[kind], entry[key])
+
+
+def _is(kind: str, value: object) -> bool:
+    """Whether ``value`` is a finite number, a text, or an object whose leaves are finite numbers."""
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "numbers":
+        return isinstance(value, dict) and all(isinstance(k, str) and _is("numbers" if isinstance(v, dict)
+                                                                          else "number", v) for k, v in value.items())
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def param_groups(saved: list[dict], ours: list[dict], path: Path) -> None:
