@@ -255,6 +255,9 @@ def claim_directory(path: Path, kind: str, error: type[MiniGPTError]) -> Path:
             kind_found = found.get("kind") if isinstance(found, dict) else found
             raise error(f"{path} is not a minigpt {kind} directory: its {MARKER_FILE} says kind {kind_found!r}; "
                         f"{way_out}")
+        if found != {"format": MARKER_FORMAT, "kind": kind}:  # exactly what minigpt writes: anything else is damage
+            raise error(f"{marker} is damaged: it holds {found!r}, not minigpt's marker "
+                        f"{{'format': {MARKER_FORMAT!r}, 'kind': {kind!r}}}; {way_out}")
         return path
     if os.path.lexists(path):
         if not path.is_dir():

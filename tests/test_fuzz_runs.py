@@ -141,7 +141,9 @@ def snapshot(root: Path, history: bool = True) -> dict[str, object]:
             elif stat.S_ISDIR(mode):
                 seen[key] = "dir"
             elif stat.S_ISREG(mode):
-                seen[key] = hashlib.sha256(without_timings(path.read_bytes(), history)).hexdigest()
+                raw = path.read_bytes()
+                raw = metrics_without_timings(raw, history) if name == "metrics.jsonl" else without_timings(raw, history)
+                seen[key] = hashlib.sha256(raw).hexdigest()
             else:
                 seen[key] = "fifo" if stat.S_ISFIFO(mode) else "other"
     return seen
@@ -155,13 +157,25 @@ def without_timings(raw: bytes, history: bool = True) -> bytes:
         assert isinstance(state, dict) and state.get("format", "").startswith("minigpt-train/")
     except (ValueError, AssertionError, AttributeError, RecursionError):
         return raw
-    return json.dumps(timeless(state, history)).encode()
+    return json.dumps(timeless(state, history), sort_keys=True).encode()  # JSON has no key order
+
+
+def metrics_without_timings(raw: bytes, history: bool = True) -> bytes:
+    """metrics.jsonl without its speeds (tokens/s and the MFU made of them), line by line, as ``timeless``."""
+    try:
+        lines = [json.loads(line) for line in raw.decode().splitlines()]
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return raw
+    entries = timeless({"log": lines}, history)["log"]
+    return json.dumps([{k: v for k, v in e.items() if k != "mfu"} if isinstance(e, dict) else e
+                       for e in entries], sort_keys=True).encode()
 
 
 def timeless(state: dict, history: bool = True) -> dict:
     """``state`` without its log's speeds (and numbers, unless ``history``)."""
     log = state.get("log")
-    dropped = {"tokens_per_s"} if history else {"tokens_per_s", "loss", "lr", "grad_norm", "val_loss"}
+    dropped = {"tokens_per_s"} if history else {"tokens_per_s", "loss", "lr", "grad_norm", "val_loss", "val_loss_full",
+                                                "sample", "baselines"}
     if isinstance(log, list):
         state = {**state, "log": [{k: v for k, v in e.items() if k not in dropped} if isinstance(e, dict) else e
                                   for e in log]}

@@ -13,8 +13,11 @@ training uses (non-overlapping, ``context`` + 1 tokens each).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import corpus, files
 from ..config import END_OF_TEXT, END_OF_TEXT_ID, GPTConfig
-from ..errors import InputError, TrainingError
+from ..errors import InputError, MiniGPTWarning, TrainingError
 from ..model import GPT
 from .baselines import baselines
 from .data import TOKEN_DTYPE, Windows
@@ -82,29 +85,37 @@ def mfu(tokens_per_s: float, per_token: float, peak: float | None) -> float | No
     return None if peak is None else tokens_per_s * per_token / peak
 
 
-def truncate_metrics(out: Path, step: int) -> None:
-    """Keep metrics.jsonl's lines up to ``step`` (the committed one): a resumed run writes the rest again."""
+def costs(model: GPT, context: int) -> tuple[float, float | None]:
+    """(FLOPs per token of a training step, the device's stated peak FLOP/s or None): what the MFU is made of."""
+    per_token = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), context)
+    return per_token, peak_flops(model.unembedding.device)
+
+
+def metrics_line(entry: dict, cost: tuple[float, float | None]) -> str:
+    """One line of metrics.jsonl for a log entry: its numbers and the MFU (non-finite numbers as null: strict JSON)."""
+    line = {**entry, "mfu": mfu(entry.get("tokens_per_s", 0.0), *cost)}
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}) + "\n"
+
+
+def rewrite_metrics(out: Path, log: list[dict], cost: tuple[float, float | None]) -> None:
+    """metrics.jsonl made anew from the committed log (a resumed run writes the rest again). It is never read:
+    whatever stands under its name (a file cut short, a pipe, a link) is replaced, nothing is followed."""
     path = out / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: the run writes it again
-            continue
-    if not kept:  # as before the run's first step: no file
-        path.unlink()
-    elif "".join(kept) != path.read_text(encoding="utf-8"):
-        files.write_atomically(path, lambda temporary: temporary.write_text("".join(kept), encoding="utf-8"))
+    text = "".join(metrics_line(entry, cost) for entry in log)
+    try:
+        if not text:  # as before the run's first step: no file
+            if os.path.lexists(path) and not os.path.isdir(path):
+                path.unlink()
+            return
+        files.write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    except OSError as e:
+        raise TrainingError(f"cannot write {path} ({e.strerror or e}); remove what stands there and run again") from e
 
 
-def append_metrics(out: Path, entry: dict) -> None:
-    """One line of metrics.jsonl (non-finite numbers as null: strict JSON)."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in entry.items()}
+def append_metrics(out: Path, entry: dict, cost: tuple[float, float | None]) -> None:
+    """Add a step's line to metrics.jsonl (made anew by ``rewrite_metrics`` at the start of the run)."""
     with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean) + "\n")
+        f.write(metrics_line(entry, cost))
 
 
 @torch.no_grad()
@@ -142,7 +153,14 @@ def plot_losses(out: Path, log: list[dict]) -> Path | None:
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
     path = out / LOSS_PLOT
-    files.write_atomically(path, lambda temporary: fig.savefig(temporary, format="png", dpi=80))
+    try:
+        files.write_atomically(path, lambda temporary: fig.savefig(temporary, format="png", dpi=80))
+    except OSError as e:  # a picture of the log: the run and its checkpoint do not depend on it
+        with contextlib.suppress(OSError):
+            files.temporary_path(path).unlink(missing_ok=True)
+        warnings.warn(f"cannot write {path} ({e.strerror or e}); training goes on without the loss curve",
+                      MiniGPTWarning, stacklevel=2)
+        return None
     return path
 
 

@@ -85,7 +85,7 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
 
         state = _resume(out, identity, model, optimizer, rank)
         if rank == 0:
-            metrics.truncate_metrics(out, state["step"])
+            metrics.rewrite_metrics(out, state["log"], metrics.costs(model, settings.context))
         model.train()
         ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
         step_fn = ddp or model
@@ -98,7 +98,7 @@ def train(data_paths, size: str | GPTConfig | Path | None, out: str | Path, sett
         except TrainingError:  # a failed run leaves the directory as its last checkpoint: metrics too
             if rank == 0:
                 saved = checkpoint.load_state(out, check=False)
-                metrics.truncate_metrics(out, saved["step"] if saved else 0)
+                metrics.rewrite_metrics(out, saved["log"] if saved else [], metrics.costs(model, settings.context))
             raise
         progress.close()
         model.eval()
@@ -114,8 +114,7 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
     committed = state["step"] or None  # the checkpoint on disk: named if training diverges
     skipped = sum("skipped" in entry for entry in state["log"])
     schedule = s if state["schedule_steps"] == s.steps else replace(s, steps=state["schedule_steps"])
-    cost = metrics.flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), s.context)
-    peak = metrics.peak_flops(device)
+    cost = metrics.costs(model, s.context)
     while state["step"] < s.steps:
         started = time.perf_counter()
         step = state["step"]
@@ -140,7 +139,7 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
         state["log"].append(entry)
         _show(progress, entry)
         if rank == 0:
-            metrics.append_metrics(out, {**entry, "mfu": metrics.mfu(entry.get("tokens_per_s", 0.0), cost, peak)})
+            metrics.append_metrics(out, entry, cost)
         if step % save_every == 0 or step == s.steps:
             checkpoint.save(out, model, optimizer, state, rank, world, committed)
             committed = step
