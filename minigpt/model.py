@@ -7,25 +7,21 @@ Shapes: B batch, S sequence, D d_model, H heads, d d_head, M d_mlp, V vocabulary
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import UNSET, check_bool, renamed_keyword
 from .circuits import full_ov_circuit, ov_circuit, qk_circuit
 from .config import ACTIVATIONS, GPTConfig
-from .errors import InputError
 from .generate import generate, stream
-from .inputs import as_tokens, check_tokens, str_tokens, token_id, tokens
+from .inputs import check_tokens, str_tokens, token_id, tokens
 from .kv_cache import KVCache
-from .memory import check_budget, estimate_trace_bytes
-from .taps import NO_TAPS, Edit, Keep, Positions, StopForward, TapCall, TapFilter, select_until, tap_names
-from .trace import Trace
+from .memory import estimate_trace_bytes
+from .running import run
+from .taps import NO_TAPS, TapCall, tap_names
 from .weight_views import W_E, W_in, W_K, W_O, W_out, W_pos, W_Q, W_U, W_V, b_in, b_K, b_O, b_out, b_Q, b_V
 from .weights import load_model, parameter_shapes, random_model, save_pretrained
 
@@ -179,24 +175,6 @@ def padded_layout(S: int, mask: torch.Tensor | None, device: torch.device) -> tu
     return position_ids, (causal & mask[:, None, None, :]) | itself
 
 
-def _stop_before_logits(taps: TapFilter | Iterable[TapFilter], edits: Mapping[str, Edit] | None,
-                        stop_at: str | None, logits: bool) -> str | None:
-    """run's ``stop_at`` once ``logits`` is weighed: with ``logits=False``, ``ln_f`` unless it stops earlier.
-
-    Raises InputError where ``logits=False`` contradicts the call: the tap ``logits`` named in ``taps``,
-    in ``edits`` or as ``stop_at`` (a glob or predicate that matches it simply leaves it out).
-    """
-    check_bool(logits, "logits")
-    if logits:
-        return stop_at
-    named = taps == "logits" or (isinstance(taps, (list, tuple, set, frozenset)) and "logits" in taps)
-    if named or stop_at == "logits" or (isinstance(edits, Mapping) and "logits" in edits):
-        where = "taps" if named else "stop_at" if stop_at == "logits" else "edits"
-        raise InputError(f"logits=False skips the unembedding, but {where} asks for the tap 'logits'; leave "
-                         "logits=True (the default) to compute it, or drop 'logits' from " + where)
-    return stop_at or "ln_f"
-
-
 class GPT(nn.Module):
     """GPT-2 with named taps. ``model(tokens)`` -> logits; ``model.run(...)`` -> (logits, trace)."""
 
@@ -218,7 +196,7 @@ class GPT(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] (int) -> logits [B, S, V].
 
-        mask [B, S] (True = real token) for a padded batch. With a ``cache`` (see generate.py) the
+        mask [B, S] (True = real token) for a padded batch. With a ``cache`` (kv_cache.py) the
         tokens continue the sequences it holds and attend over its keys and values too.
         """
         check_tokens(tokens, self.cfg)
@@ -240,45 +218,10 @@ class GPT(nn.Module):
 
     # -- The API: everything below calls forward(); none of it is maths. -------------------------
 
-    def run(self, inputs: str | Sequence | torch.Tensor, taps: TapFilter | Iterable[TapFilter] = (),
-            edits: Mapping[str, Edit] | None = None, *, attention_mask: torch.Tensor | None = None,
-            grad: bool = False, to: torch.device | str | None = None, store_dtype: torch.dtype | None = None,
-            keep_positions: Positions = None, stop_at: str | None = None, logits: bool = True,
-            dtype: torch.dtype | None = UNSET, positions: Positions = UNSET) -> tuple[torch.Tensor | None, Trace]:
-        """Run once, recording ``taps`` and applying ``edits`` -> (logits [B, S, V], trace).
-
-        taps: tap names, glob patterns, predicates of the name (``lambda name: name.endswith("resid_post")``),
-        or a list of them.
-
-        inputs: text, ids, a list of texts or of id lists (any lengths: padded on the right, see
-        trace.mask), or an int tensor [S] or [B, S] (with an HF-style ``attention_mask`` [B, S] if padded).
-        edits: tap name or pattern -> function (tensor -> same-shaped tensor) or replacement tensor, for
-        this call only. The trace's tensors are detached unless ``grad=True``; ``to`` (a device),
-        ``store_dtype`` and ``keep_positions`` (``"last"``: each row's last real token) shape what it
-        keeps (see Keep). ``stop_at``: end the forward after that tap; the logits are then None.
-        ``logits=False``: the same, ending after ``ln_f`` (the [V, D] unembedding is never computed, nor
-        counted by the memory guard) -> (None, trace); the tap ``logits`` asked for by name or edited
-        is then an InputError, and a glob or predicate leaves it out.
-        ``dtype`` and ``positions`` are the old names of ``store_dtype`` and ``keep_positions`` (deprecated).
-        """
-        store_dtype = renamed_keyword(store_dtype, dtype, ("store_dtype", "dtype"))
-        keep_positions = renamed_keyword(keep_positions, positions, ("keep_positions", "positions"))
-        tokens, mask = as_tokens(inputs, self.cfg, self.unembedding.device, lambda: self.tokenizer,
-                                 attention_mask=attention_mask)  # the ids' values are checked in forward
-        stop_at = _stop_before_logits(taps, edits, stop_at, logits)
-        keep = Keep(select_until(taps, self.tap_names, stop_at), keep_positions=keep_positions,
-                    store_dtype=store_dtype, device=to, grad=grad, stop_at=stop_at)
-        call = TapCall.build(self.tap_names, keep, edits, seq=tokens.shape[1], mask=mask)
-        check_budget(self, call, *tokens.shape)
-        logits = None
-        with torch.set_grad_enabled(grad), contextlib.suppress(StopForward):
-            logits = self(tokens, call, mask=mask)
-        real = mask if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
-        return logits, Trace(call.trace, self.cfg.n_layer, real)
-
-    # Generation (KV cache, sampling, taps and edits at every step), the memory estimate and the
-    # tokenizer's conveniences live in their own modules; these are their functions as methods.
-    generate, stream, estimate_trace_bytes = generate, stream, estimate_trace_bytes
+    # One recorded and edited run (running.py), generation (KV cache, sampling, taps and edits at every
+    # step), the memory estimate and the tokenizer's conveniences live in their own modules; these are
+    # their functions as methods.
+    run, generate, stream, estimate_trace_bytes = run, generate, stream, estimate_trace_bytes
     tokens, str_tokens, token_id = tokens, str_tokens, token_id
 
     @property
