@@ -58,9 +58,9 @@ DJANGO_VERSION = "5.1.4"
 DJANGO_SHA256 = "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a"
 SHIPPED = ROOT / "minigpt" / "assets" / NAME
 CONFIG = GPTConfig(n_embd=192, n_layer=6, n_head=6, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-SETTINGS = Settings(steps=340, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=34,
-                    weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.02, eval_every=100,
-                    eval_windows=64, seed=0)
+SETTINGS = Settings(steps=3600, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=200,
+                    weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.02, eval_every=400,
+                    eval_windows=64, seed=0, precision="bf16")
 
 
 def fetch_django(directory: Path) -> Path:
@@ -259,7 +259,7 @@ def main() -> None:
     settings = replace(SETTINGS, steps=args.steps)
     load_before, sampler, started = load(), LoadSampler(), time.perf_counter()
     sampler.start()
-    state = train([args.work / "corpus"], CONFIG, args.work / "run", settings, save_every=50)
+    state = train([args.work / "corpus"], CONFIG, args.work / "run", settings, save_every=100)
     export(args, provenance, state, settings, {"seconds": round(time.perf_counter() - started, 1),
                                                "load_before": load_before, "load_after": load(), **sampler.summary()})
 

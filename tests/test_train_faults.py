@@ -104,8 +104,8 @@ def poisoned_at(step_index: int, monkeypatch) -> None:
         now["step"] = step
         return real_lr(step, s)
 
-    def loss(model, inputs, targets):
-        value = real_loss(model, inputs, targets)
+    def loss(model, inputs, targets, autocast=None):
+        value = real_loss(model, inputs, targets, autocast)
         return value * float("nan") if now["step"] == step_index and torch.is_grad_enabled() else value
 
     monkeypatch.setattr(train_module, "learning_rate", lr)

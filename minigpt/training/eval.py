@@ -38,10 +38,12 @@ PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L4": 121e12, "A10
 SAMPLE_TOKENS, SAMPLE_SEED = 32, 0  # after <|endoftext|> (a document's start), seeded: comparable runs
 
 
-def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of inputs [B, S] against targets [B, S] (bf16 autocast on a GPU)."""
-    on_gpu = inputs.device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+            autocast: bool | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of inputs [B, S] against targets [B, S]; the forward under bf16
+    autocast if ``autocast`` (None: on a GPU only). The loss itself is taken in float32."""
+    device = inputs.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" if autocast is None else autocast):
         logits = model(inputs)  # [B, S, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
@@ -56,7 +58,8 @@ def evaluate(model: GPT, windows: Windows, s: Settings, rank: int, world: int) -
     total = torch.zeros(2, dtype=torch.float64, device=model.unembedding.device)  # loss sum, windows
     for start in range(0, len(mine), s.batch_size):
         chosen = mine[start:start + s.batch_size]
-        total += torch.tensor([loss_of(model, *windows.batch(chosen, model.unembedding.device)).item() * len(chosen),
+        batch = windows.batch(chosen, model.unembedding.device)
+        total += torch.tensor([loss_of(model, *batch, s.autocast(total.device)).item() * len(chosen),
                                len(chosen)], dtype=torch.float64, device=total.device)
     if world > 1:
         torch.distributed.all_reduce(total)

@@ -121,7 +121,7 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
         lr = learning_rate(step, schedule)
         micro_batches = order.for_step(step, s.batch_size, s.grad_accum, rank, world)
         batches = [train_windows.batch(w, device) for w in micro_batches]
-        loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, s.grad_clip)
+        loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, s.grad_clip, s.autocast(device))
         state["step"] = step = step + 1
         if math.isfinite(loss) and math.isfinite(norm):
             entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
@@ -164,7 +164,8 @@ def _evaluations(entry: dict, model: GPT, windows: tuple[data.Windows, data.Wind
 
 
 def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float,
-               batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float) -> tuple[float, float]:
+               batches: list[tuple[torch.Tensor, torch.Tensor]], grad_clip: float,
+               autocast: bool | None = None) -> tuple[float, float]:
     """One optimizer step over this process's micro-batches (inputs, targets [B, S]) -> (loss, gradient norm).
 
     The loss is the mean over every process's windows; under DDP the gradients are averaged across
@@ -177,7 +178,7 @@ def train_step(model: GPT, ddp, step_fn, optimizer: torch.optim.AdamW, lr: float
     for micro, (inputs, targets) in enumerate(batches):
         last = micro == len(batches) - 1
         with contextlib.nullcontext() if last or ddp is None else ddp.no_sync():
-            micro_loss = loss_of(step_fn, inputs, targets) / len(batches)
+            micro_loss = loss_of(step_fn, inputs, targets, autocast) / len(batches)
             micro_loss.backward()
         loss += micro_loss.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
@@ -261,6 +262,7 @@ def _resume(out: Path, identity: dict, model: GPT, optimizer, rank: int) -> dict
     if saved is None:
         return {**identity, "step": 0, "log": [], "schedule_steps": identity["settings"]["steps"], "threads": threads}
     steps, saved_steps = identity["settings"]["steps"], saved["settings"]["steps"]
+    saved["settings"] = {**asdict(Settings()), **saved["settings"]}  # a field added since: its default then
     differing = [k for k in identity if _json(saved.get(k)) != _json(identity[k])]
     if differing == ["settings"] and _json({**saved["settings"], "steps": steps}) == _json(identity["settings"]):
         if steps < saved_steps:  # only --steps differs: more is an extension, fewer is refused

@@ -43,6 +43,8 @@ class Settings:
     eval_every: int = _knob(100, "steps between validation losses (and at the last step)")
     eval_windows: int = _knob(64, "validation windows per evaluation")
     seed: int = _knob(0, "seed of the initial weights, the split, the window order and dropout")
+    precision: str = _knob("auto", "bf16 autocast of the forward: 'auto' (on a GPU only), 'bf16' (on any device: "
+                           "faster on CPUs with AMX or AVX-512 bf16), 'fp32' (never)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +62,10 @@ class Settings:
                             f"min_lr; with a small --lr give --min-lr too (e.g. a tenth of it: {self.lr / 10:g})")
         if problems:
             raise TrainingError("bad training settings: " + "; ".join(problems))
+
+    def autocast(self, device: torch.device | str) -> bool:
+        """Whether the forward runs under bf16 autocast on ``device``."""
+        return self.precision == "bf16" or (self.precision == "auto" and torch.device(device).type == "cuda")
 
     def global_batch(self, world: int) -> int:
         """Windows per optimizer step, all processes together."""
@@ -92,6 +98,15 @@ def _dropout(value: object, name: str) -> float | None:
                                                   error=TrainingError)
 
 
+def _precision(value: object, name: str) -> str:
+    if value not in PRECISIONS:
+        raise TrainingError(f"{name} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 def _seed(value: object, name: str) -> int:
     return check_int(value, name, 0, MAX_SEED, error=TrainingError)
 
@@ -100,16 +115,17 @@ def _seed(value: object, name: str) -> int:
 _RULES: dict[str, Callable[[object, str], object]] = {
     **dict.fromkeys(("steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"), _size(1)),
     "warmup": _size(0), **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip"), _rate),
-    "beta1": _below_one, "beta2": _below_one, "dropout": _dropout, "val_fraction": _held_out, "seed": _seed}
+    "beta1": _below_one, "beta2": _below_one, "dropout": _dropout, "val_fraction": _held_out, "seed": _seed,
+    "precision": _precision}
 
 
 def check_fits(s: Settings, cfg: GPTConfig, device: torch.device) -> None:
     """Refuse (MemoryBudgetError), before the model is built, a model of ``cfg`` whose training step
     with ``s`` would not fit in the memory free on ``device``: an absurd config (n_layer=10**9), a
     batch too big. Counts at least the weights, gradients and AdamW states (``least_values``), one
-    micro-batch's activations (bf16 under a GPU's autocast) and the step's windows."""
+    micro-batch's activations (bf16 under autocast) and the step's windows."""
     device = torch.device(device)
     parts = training_bytes(cfg, least_values(cfg), s.batch_size, s.context, s.grad_accum,
-                           2 if device.type == "cuda" else 4)
+                           2 if s.autocast(device) else 4)
     check_training_fits(parts, device, "use a smaller --batch-size or --context (more --grad-accum keeps the "
                         "global batch), fewer --grad-accum if the step's windows are the most, or a smaller model (--size)")
