@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minigpt import GPT, TrainingError
+from minigpt import GPT, CheckpointError, TrainingError
 from minigpt import files
 from minigpt.training import Settings, checkpoint, train
 from minigpt.training import loop as train_module
@@ -170,6 +170,28 @@ def cli(*args: str, limit_bytes: int | None = None) -> subprocess.CompletedProce
                           preexec_fn=limit if limit_bytes is not None else None)
 
 
+# Loading a run's directory
+
+
+def test_loading_a_run_reads_the_committed_step_and_refuses_a_changed_one(at_step_2, whole, tmp_path) -> None:
+    out = copy_of(at_step_2, tmp_path / "run")
+    committed = GPT.from_pretrained(out).state_dict()
+    (out / "model.safetensors").write_bytes(whole[1])  # an export that is not the committed step's
+    loaded = GPT.from_pretrained(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in committed.items())
+    assert "step 2 as committed" in loaded.provenance
+    (out / "training" / "model-2.safetensors").write_bytes(whole[1])  # the committed file itself changed
+    with pytest.raises(CheckpointError, match="does not have the sha256"):
+        GPT.from_pretrained(out)
+    state = json.loads((out / "training" / "state.json").read_text())
+    (out / "training" / "state.json").write_text(json.dumps({**state, "step": "2"}))
+    with pytest.raises(CheckpointError, match="'step' must be a positive integer"):
+        GPT.from_pretrained(out)
+    (out / "training" / "state.json").write_text(json.dumps({**state, "config_json": None}))
+    with pytest.raises(CheckpointError, match="config_json"):
+        GPT.from_pretrained(out)
+
+
 # A kill at every point of a save
 
 
@@ -207,6 +229,12 @@ def test_killed_at_every_point_of_a_save_the_export_is_the_committed_step_and_th
     step_2_weights = (at_step_2 / "model.safetensors").read_bytes()
     config = (at_step_2 / "config.json").read_bytes()
     real_save = checkpoint.save
+    models, lagged = {}, 0  # step -> the model of that step's export; kills that left the export behind
+    for step, weights in ((2, step_2_weights), (4, whole[1])):
+        (tmp_path / f"step{step}").mkdir()
+        (tmp_path / f"step{step}" / "model.safetensors").write_bytes(weights)
+        (tmp_path / f"step{step}" / "config.json").write_bytes(config)
+        models[step] = GPT.from_pretrained(tmp_path / f"step{step}").state_dict()
     for n in range(1, 100):
         out = copy_of(at_step_2, tmp_path / f"run{n}")
         for name, blob in FOREIGN.items():
@@ -228,10 +256,15 @@ def test_killed_at_every_point_of_a_save_the_export_is_the_committed_step_and_th
                 finished = None
         if not killer.dead:  # the save makes fewer changes than n: every point was tried
             assert n > 8 and losses(finished) == losses(whole[0])
+            assert lagged, "no kill fell between the commit and the export"
             break
-        assert checkpoint.load_state(out)["step"] in (2, 4)
+        committed = checkpoint.load_state(out)["step"]
+        assert committed in (2, 4)
         assert (out / "model.safetensors").read_bytes() in (step_2_weights, whole[1])  # whole, one step or the other
-        assert GPT.from_pretrained(out) is not None
+        # Any command loading the directory sees the committed step, even before the export is repaired.
+        lagged += (out / "model.safetensors").read_bytes() != (step_2_weights, whole[1])[committed == 4]
+        loaded = GPT.from_pretrained(out).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in models[committed].items()), n
         # The same command makes the export the committed step's before anything else ...
         with monkeypatch.context() as m:
             m.setattr(train_module, "_data", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))

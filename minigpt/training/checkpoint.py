@@ -13,8 +13,10 @@ A checkpoint is written beside the previous one under new names, each file flush
 (minigpt.files), then committed by renaming state.json into place; then DIR's model.safetensors and
 config.json become the new step's (``export``) and the previous step's files are removed (``tidy``).
 Killed at any moment, DIR holds a whole committed checkpoint (the new one or the one before), never
-two steps mixed; killed between the commit and the export, DIR's model is the step before until the
-next run, which makes it the committed one before anything else. A checkpoint with NaN or inf in its
+two steps mixed; killed between the commit and the export, DIR's model.safetensors is the step before
+until the next run, which makes it the committed one before anything else; meanwhile
+``GPT.from_pretrained(DIR)`` (and so every minigpt command) loads the committed step's own files
+(minigpt/run_layout.py knows where they are). A checkpoint with NaN or inf in its
 weights or AdamW's state is never written, and one that cannot be written (a full disk, a file-size
 limit) leaves nothing of itself. Nothing here is pickled.
 """
@@ -31,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import files
+from ..run_layout import state_path, step_weights
 from ..errors import CheckpointError, TrainingError
 from ..files import file_sha256, write_atomically
 from ..weights import CONFIG_FILE, WEIGHTS_FILE, from_hf_state_dict, read_safetensors, save_pretrained
@@ -41,10 +44,6 @@ STATE_FORMAT = "minigpt-train/2"
 STEP_FILE = re.compile(r"(model|optimizer)-[0-9]+\.safetensors|rng-[0-9]+-rank[0-9]+\.safetensors")
 STAGING = re.compile(r"model-[0-9]+")
 _WRITE_FAILURES = (OSError, SafetensorError)  # safetensors reports a full disk as its own error
-
-
-def state_path(out: Path) -> Path:
-    return out / "training" / "state.json"
 
 
 def step_files(step: int, world: int) -> list[str]:
@@ -102,7 +101,7 @@ def _write(out: Path, model, optimizer, state: dict, rank: int, world: int) -> d
         return None
     staging = training / f"model-{step}"
     save_pretrained(model, staging)  # config.json + model.safetensors, each written atomically
-    files.commit(staging / WEIGHTS_FILE, training / f"model-{step}.safetensors")
+    files.commit(staging / WEIGHTS_FILE, step_weights(out, step))
     _save_tensors(training / f"optimizer-{step}.safetensors", optimizer_tensors(optimizer))
     committed = {**state, "format": STATE_FORMAT, "world_size": world, "param_groups": param_groups_of(optimizer),
                  "config_json": files.read_json(staging / CONFIG_FILE, TrainingError, "train again"),
@@ -192,7 +191,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 def export(out: Path, state: dict) -> None:
     """Make DIR/model.safetensors and config.json those of ``state``'s step (a hard link, else a copy);
     nothing is written where they already are."""
-    weights = out / "training" / f"model-{state['step']}.safetensors"
+    weights = step_weights(out, state["step"])
     if not _same(out / WEIGHTS_FILE, weights, state["files"][weights.name]):
         def place(path: Path) -> None:
             path.unlink(missing_ok=True)  # this process's own temporary name, left by a killed one of the same id

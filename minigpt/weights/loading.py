@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from .. import files, run_layout
+from ..config import GPTConfig
 from ..errors import CheckpointError
-from .. import files
 from ..files import file_sha256, read_json
 from ..inputs import check_placement
 from .hub import hub_directory
@@ -102,13 +104,9 @@ def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype
     """
     device = check_placement(dtype, device)
     directory, root, source = locate(name_or_dir)
-    config = directory / CONFIG_FILE
-    if not (config.exists() or config.is_symlink()):
-        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; a GPT-2 checkpoint directory holds "
-                              f"{CONFIG_FILE} and {WEIGHTS_FILE}")
-    cfg = read_config(checked_file(config, root))
+    cfg, paths, source = _checkpoint_files(directory, root, source)
     with ExitStack() as stack:
-        header, where = read_header(weight_files(directory, root), stack)
+        header, where = read_header(paths, stack)
         chosen, twins = plan(header, cfg, lambda c: parameter_shapes(model_class, c))
         model = build_on_meta(model_class, cfg)
         try:
@@ -128,6 +126,43 @@ def load_model(model_class: type, name_or_dir: str | Path, *, dtype: torch.dtype
     model.load_state_dict(state, strict=True, assign=True)
     model.provenance = source
     return model
+
+
+def _checkpoint_files(directory: Path, root: Path, source: str) -> tuple[GPTConfig, list[Path], str]:
+    """(config, the weight files, the source) of a checkpoint directory. A ``minigpt train`` run's
+    directory gives the step its state.json commits: its export (DIR/model.safetensors, config.json)
+    when that is the committed step, else the step's own files (a run killed between its commit and
+    its export, or read while the trainer writes a checkpoint)."""
+    for _attempt in range(2):  # the trainer may commit a newer step and remove this one meanwhile: look again
+        committed = run_layout.committed_model(directory)
+        if committed is None or _exported(directory, committed):
+            break
+        try:
+            weights = checked_file(committed.weights, root)
+            if file_sha256(weights) != committed.sha256:
+                raise CheckpointError(f"{weights} does not have the sha256 that {run_layout.state_path(directory)} "
+                                      "commits: the run was changed after it was written; train again")
+        except (CheckpointError, OSError):
+            if run_layout.committed_model(directory) != committed:
+                continue
+            raise
+        return (GPTConfig.from_hf(committed.config_json), [weights],
+                f"{source}, step {committed.step} as committed ({committed.weights.name}; the run's export "
+                "lags it until `minigpt train` runs over it again)")
+    config = directory / CONFIG_FILE
+    if not (config.exists() or config.is_symlink()):
+        raise CheckpointError(f"{directory} has no {CONFIG_FILE}; a GPT-2 checkpoint directory holds "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+    return read_config(checked_file(config, root)), weight_files(directory, root), source
+
+
+def _exported(directory: Path, committed: run_layout.Committed) -> bool:
+    """Whether the run's DIR/model.safetensors is the committed step's file and config.json its config."""
+    try:
+        same = os.path.samefile(directory / WEIGHTS_FILE, committed.weights)
+        return same and read_json(directory / CONFIG_FILE, CheckpointError, "") == committed.config_json
+    except (OSError, CheckpointError):
+        return False
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
