@@ -134,3 +134,31 @@ def test_eval_refuses_a_context_the_model_lacks_and_too_little_text(run, corpus,
     short.write_text("too short")
     with pytest.raises(TrainingError, match="less than one window"):
         extras.evaluate_file(model, [short], context=16)
+
+
+def test_precision_bf16_autocasts_the_forward_on_a_cpu_and_is_part_of_the_run(corpus, run, tmp_path) -> None:
+    """--precision bf16 trains under bf16 autocast on a CPU (losses differ from float32's, stay finite);
+    resuming it with another precision is refused; a bad value is refused when the settings are built."""
+    with pytest.raises(TrainingError, match="precision must be one of auto, bf16, fp32"):
+        Settings(precision="fp16")
+    assert Settings(precision="bf16").autocast("cpu") and not Settings().autocast("cpu")
+    assert Settings().autocast("cuda") and not Settings(precision="fp32").autocast("cuda")
+    out = tmp_path / "bf16"
+    state = train(corpus, CFG, out, replace(QUICK, precision="bf16"), save_every=2, quiet=True)
+    fp32 = [e["loss"] for e in run[1]["log"]]
+    bf16 = [e["loss"] for e in state["log"]]
+    assert all(math.isfinite(x) for x in bf16) and bf16 != fp32
+    assert bf16[0] == pytest.approx(fp32[0], abs=0.05)  # the same model and windows, computed in bf16
+    with pytest.raises(TrainingError, match="other settings"):
+        train(corpus, CFG, out, replace(QUICK, precision="fp32"), save_every=2, quiet=True)
+
+
+def test_a_run_saved_before_precision_existed_resumes_as_auto(corpus, tmp_path) -> None:
+    out = tmp_path / "old"
+    short = replace(QUICK, steps=2)
+    train(corpus, CFG, out, short, save_every=2, quiet=True)
+    state_file = out / "training" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]["precision"]  # as written before the field existed
+    state_file.write_text(json.dumps(state))
+    assert train(corpus, CFG, out, replace(short, steps=4), save_every=2, quiet=True)["step"] == 4
