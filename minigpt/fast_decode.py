@@ -2,15 +2,18 @@
 
 Not needed to understand generation (``generate.py`` and ``kv_cache.py`` are): this is the same
 step made fast. On a GPU the step runs as a CUDA graph over a ``StaticKVCache`` whose shapes never
-change; on a CPU it runs compiled over the plain ``KVCache`` with one-row linear layers rewritten
-(``RowDot``). The compiled step and its cache belong to the model, so one call uses them at a time
-(``one_at_a_time``). ``CompiledStep`` is what the generation loop calls.
+change; on a CPU it runs compiled over the plain ``KVCache``, at batch 1 with one-row linear layers
+rewritten (``RowDot``) where that measures faster. The compiled step and its cache belong to the
+model, so one call uses them at a time (``one_at_a_time``). ``CompiledStep`` is what the generation loop calls.
 
 Shapes: B batch, H heads, d d_head, n the positions of one forward call, V vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
+import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -97,21 +100,23 @@ def compiled_decoder(model: GPT, batch: int, length: int) -> tuple[KVCache, Call
     few shapes are ever compiled) and mode="reduce-overhead", i.e. CUDA graphs: one graph launch
     per token. Each shape keeps its cache, whose buffers keep their addresses, so its graph is
     never re-recorded. CPU: no graphs to replay, so the dynamic cache (attention reads only the
-    positions held) under ``dynamic=True``, one graph for every length, with one-row linear
-    layers as row-by-row dot products (``RowDot``). The step: tokens [B, 1] -> logits [B, V].
+    positions held) under ``dynamic=True``, one graph for every length; at batch 1, one-row linear
+    layers as row-by-row dot products (``RowDot``) where that measures faster on this CPU
+    (``rowdot_pays``). The step: tokens [B, 1] -> logits [B, V].
     """
     device, dtype = model.embed.weight.device, model.embed.weight.dtype
     made = model.__dict__.setdefault("_decoders", {})
     if device.type != "cuda":
-        if "cpu" not in made:
+        rows = batch == 1 and rowdot_pays(model.unembedding)
+        if ("cpu", rows) not in made:
             def cpu_step(tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-                with RowDot():
+                with RowDot() if rows else contextlib.nullcontext():
                     return model(tokens, NO_TAPS, cache)[:, -1]
 
             # Store rather than recompute: else inductor would redo ln_f (or GELU) for every weight row.
-            made["cpu"] = torch.compile(cpu_step, dynamic=True, fullgraph=True,
-                                        options={"realize_cpu_opcount_threshold": 1})
-        return KVCache(model.cfg, batch, length, dtype=dtype, device=device), made["cpu"]
+            made["cpu", rows] = torch.compile(cpu_step, dynamic=True, fullgraph=True,
+                                              options={"realize_cpu_opcount_threshold": 1} if rows else None)
+        return KVCache(model.cfg, batch, length, dtype=dtype, device=device), made["cpu", rows]
     capacity = min(model.cfg.n_positions, -(-length // 256) * 256)
     key = (batch, capacity, device, dtype)
     if key not in made:
@@ -128,12 +133,41 @@ def compiled_decoder(model: GPT, batch: int, length: int) -> tuple[KVCache, Call
     return cache, step
 
 
+# rowdot_pays's verdicts: (weight shape, dtype, threads) -> whether RowDot is faster.
+ROWDOT_VERDICTS: dict[tuple, bool] = {}
+
+
+def rowdot_pays(weight: torch.Tensor, calls: int = 9) -> bool:
+    """Whether RowDot's compiled one-row product beats the BLAS library's on this CPU, for ``weight``
+    [out, in] (the unembedding, most of a decode step's bytes): measured once per shape, dtype and
+    thread count, the two alternating ``calls`` times, medians compared (RowDot must win by 5%).
+
+    The answer depends on the CPU: on the AMD EPYC measured, MKL read a one-row product's weights at
+    about half the memory bandwidth and RowDot won 2.5x per step; on an Intel Xeon with AMX, MKL was
+    the faster (decoding 21 against 19 tokens/s at one thread)."""
+    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in ROWDOT_VERDICTS:
+        with torch.inference_mode():
+            row = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            rowdot = torch.compile(lambda w, x: (w * x).sum(-1), dynamic=False, fullgraph=True)
+            times: dict[str, list[float]] = {"blas": [], "rowdot": []}
+            for call in range(calls + 1):  # the first round warms both (and compiles rowdot)
+                for name, fn in (("blas", F.linear), ("rowdot", rowdot)):
+                    started = time.perf_counter()
+                    fn(row, weight) if name == "blas" else fn(weight, row)
+                    if call:
+                        times[name].append(time.perf_counter() - started)
+        ROWDOT_VERDICTS[key] = statistics.median(times["rowdot"]) < 0.95 * statistics.median(times["blas"])
+    return ROWDOT_VERDICTS[key]
+
+
 class RowDot(TorchFunctionMode):
     """Inside a compiled CPU step: a linear layer on one row as one dot product per weight row.
 
     nn.Linear keeps weights [out, in]; for a single input row MKL reads them at well under the
-    memory bandwidth (about 17 GB/s where a plain read runs at 37+ on the machine measured), while
-    inductor compiles ``(w * x).sum(-1)`` into one vectorised pass over the rows that reaches it.
+    memory bandwidth on some CPUs (about 17 GB/s where a plain read runs at 37+ on an AMD EPYC), while
+    inductor compiles ``(w * x).sum(-1)`` into one vectorised pass over the rows that reaches it. On
+    others MKL is the faster: ``rowdot_pays`` measures which.
     Batches of several rows keep MKL's matrix product, which reuses each weight across the rows.
     """
 

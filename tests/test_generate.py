@@ -364,14 +364,30 @@ def test_logits_that_give_no_distribution_are_an_input_error(poison: float, temp
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
-def test_compiled_decoding_equals_eager() -> None:
-    """compile=True (on CPU: dynamic shapes, one-row linears as row dot products) gives the same tokens."""
+@pytest.mark.parametrize("rowdot", [True, False])
+def test_compiled_decoding_equals_eager(rowdot: bool, monkeypatch) -> None:
+    """compile=True (on CPU: dynamic shapes; at batch 1 one-row linears as row dot products where that
+    measures faster, else the library's) gives the same tokens either way."""
+    from minigpt import fast_decode
+    monkeypatch.setattr(fast_decode, "rowdot_pays", lambda weight: rowdot)
     model = tiny(dtype=torch.float32)
     for prompt in ([[1, 2, 3]], [[1, 2, 3], [4, 5, 6]], [[9, 8, 7, 6, 5]]):
         expected = model.generate(prompt, 10, temperature=0)
         assert torch.equal(model.generate(prompt, 10, temperature=0, compile=True), expected)
         assert torch.equal(model.generate(prompt, 10, temperature=0.8, seed=4, compile=True),
                            model.generate(prompt, 10, temperature=0.8, seed=4))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_rowdot_is_chosen_by_measurement_once_per_shape_dtype_and_threads(monkeypatch) -> None:
+    from minigpt import fast_decode
+    monkeypatch.setattr(fast_decode, "ROWDOT_VERDICTS", {})
+    weight = torch.randn(40, 16)
+    verdict = fast_decode.rowdot_pays(weight, calls=3)
+    assert isinstance(verdict, bool) and fast_decode.ROWDOT_VERDICTS == {((40, 16), torch.float32,
+                                                                        torch.get_num_threads()): verdict}
+    fast_decode.ROWDOT_VERDICTS[(40, 16), torch.float32, torch.get_num_threads()] = not verdict
+    assert fast_decode.rowdot_pays(weight) is (not verdict)  # measured once: the verdict is kept
 
 
 @given(case=cases(), data=st.data())

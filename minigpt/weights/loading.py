@@ -40,11 +40,15 @@ def shipped_description(name: str) -> str:
     """What a shipped model is, from the TRAINING.json beside it: a label no one can take for OpenAI's GPT-2."""
     try:
         record = read_json(SHIPPED[name] / "TRAINING.json", CheckpointError, "reinstall minigpt")
-        cfg = record["config"]
+        cfg, corpus = record["config"], record["corpus"]
+        sources = " and ".join(source["name"] for source in corpus.get("sources", [])) or "Python 3.11 documentation"
+        whole = record.get("validation_loss_as_shipped_all_windows")
+        loss = (f"validation loss {whole:.2f}, an interpolated bigram {record['baselines']['bigram_interpolated']:.2f}"
+                if whole is not None else f"validation loss {record['final_validation_loss']:.2f}")
         return (f"{name}: a small GPT-2 ({cfg['n_layer']} blocks, d_model {cfg['n_embd']}, "
-                f"{record['parameters'] / 1e6:.1f}M parameters) trained by minigpt on the Python 3.11 documentation "
-                f"(validation loss {record['final_validation_loss']:.2f}), {SHIPPED_MARK}")
-    except (CheckpointError, ValueError, KeyError, TypeError):
+                f"{record['parameters'] / 1e6:.1f}M parameters) trained by minigpt on the {sources} ({loss}), "
+                f"{SHIPPED_MARK}")
+    except (CheckpointError, ValueError, KeyError, TypeError, AttributeError):
         return f"{name}: a small model trained by minigpt, {SHIPPED_MARK}"
 
 
