@@ -11,8 +11,10 @@ libraries are given that bf16 batch as it is and convert it to float32 inside th
 
 The SAE: d_sae = 8 x d_in latents, float32, in two architectures, each a row pair: ReLU + L1 (coefficient
 1e-3; SAELens's StandardTrainingSAE) and top-k (k 32, --quick 8; SAELens's TopKTrainingSAE with its
-defaults). SAELens's copy starts from minigpt's initial weights (``SAE.initialise``: unit decoder rows,
-b_dec the batch's geometric median). Both optimise with Adam at the same lr and betas, constant lr.
+defaults: pre-activations scaled by the decoder rows' norms, 1 here, and the latents divided by them). SAELens's copy starts from minigpt's initial weights (``SAE.initialise``: unit decoder rows,
+b_dec the batch's geometric median). Both optimise with Adam at the same lr and betas, constant lr. A latent
+counts as dead after 1000 steps without firing on either side (SAELens's default window; minigpt counts it
+in rows), so no auxiliary loss starts within the bench's calls on either side.
 
 A call is one whole optimizer step as each library's training loop runs it:
   minigpt   encode, decode, loss (squared error + L1, + the auxiliary-k loss of dead latents), backward,
@@ -51,6 +53,7 @@ from .report import table
 
 EXPANSION = 8  # d_sae = EXPANSION x d_in
 L1_COEFFICIENT = 1e-3
+DEAD_WINDOW_STEPS = 1000  # SAELens's default dead_feature_window: minigpt is given the same window, in rows
 ARCHITECTURES = ("relu", "topk")
 SAELENS_MISSING = "SAELens is not installed (pip install -e '.[bench]' or pip install sae-lens)"
 Step = Callable[[], float]  # one optimizer step, returning its loss
@@ -68,14 +71,15 @@ def harvested_rows(quick: bool, directory: Path) -> tuple[torch.Tensor, str]:
 
 
 def settings_for(activation: str, d_in: int, rows: int, quick: bool) -> SAESettings:
-    """The SAE both sides train: 8 x d_in latents, ReLU + L1 or top-k, Adam at minigpt's default lr."""
+    """The SAE both sides train: 8 x d_in latents, ReLU + L1 or top-k, Adam at minigpt's default lr; a latent
+    is dead after SAELens's window (so that neither side's auxiliary loss starts within the bench's calls)."""
     k = (8 if quick else 32) if activation == "topk" else None
     return SAESettings(d_sae=EXPANSION * d_in, activation=activation, k=k, l1_coefficient=L1_COEFFICIENT,
-                       batch_size=rows)
+                       batch_size=rows, dead_after=DEAD_WINDOW_STEPS * rows)
 
 
 def minigpt_step(sae: SAE, s: SAESettings, x: torch.Tensor) -> Step:
-    """``probes.sae``'s step on x [n, d_in] as a call returning the step's loss (the optimizer as ``train`` builds it)."""
+    """``probes.sae``'s step on x [n, d_in] as a call returning the step's loss (Adam as ``train`` builds it)."""
     optimizer = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.beta1, s.beta2))
     since_fired = torch.zeros(s.d_sae, dtype=torch.long)
     steps = itertools.count()
@@ -182,9 +186,9 @@ def markdown(section: dict) -> str:
     return (f"One SAE training step (encode, decode, loss, backward, Adam, each library's per-step upkeep) on "
             f"{section['rows_per_step']} harvested bf16 rows of {section['tap']} ({section['model']}, "
             f"{section['device']}); d_in {section['d_in']}, d_sae {section['d_sae']}, ReLU + L1 "
-            f"({section['l1_coefficient']}) and top-k (k {section['k']}); SAELens {section['saelens'] or '-'}; contenders alternate in shuffled order, "
-            "medians over all calls; x_saelens_time: time over SAELens's step for the same architecture (lower is "
-            f"better). First-step losses, minigpt vs SAELens, relative difference: {agreement or '-'}.{skipped}\n\n"
+            f"({section['l1_coefficient']}) and top-k (k {section['k']}); SAELens {section['saelens'] or '-'}; "
+            "contenders alternate in shuffled order, medians over all calls; x_saelens_time: time over SAELens's step "
+            f"for the same architecture (lower is better). First-step losses, minigpt vs SAELens, relative difference: {agreement or '-'}.{skipped}\n\n"
             + table(section["rows"]))
 
 
