@@ -11,8 +11,9 @@ libraries are given that bf16 batch as it is and convert it to float32 inside th
 
 The SAE: d_sae = 8 x d_in latents, float32, in two architectures, each a row pair: ReLU + L1 (coefficient
 1e-3; SAELens's StandardTrainingSAE) and top-k (k 32, --quick 8; SAELens's TopKTrainingSAE with its
-defaults: pre-activations scaled by the decoder rows' norms, 1 here, and the latents divided by them). SAELens's copy starts from minigpt's initial weights (``SAE.initialise``: unit decoder rows,
-b_dec the batch's geometric median). Both optimise with Adam at the same lr and betas, constant lr. A latent
+defaults: pre-activations scaled by the decoder rows' norms, 1 here, and the latents divided by them).
+SAELens's copy starts from minigpt's initial weights (``SAE.initialise``: unit decoder rows, b_dec the
+batch's geometric median). Both optimise with Adam at the same lr and betas, constant lr. A latent
 counts as dead after 1000 steps without firing on either side (SAELens's default window; minigpt counts it
 in rows), so no auxiliary loss starts within the bench's calls on either side.
 
@@ -188,7 +189,8 @@ def markdown(section: dict) -> str:
             f"{section['device']}); d_in {section['d_in']}, d_sae {section['d_sae']}, ReLU + L1 "
             f"({section['l1_coefficient']}) and top-k (k {section['k']}); SAELens {section['saelens'] or '-'}; "
             "contenders alternate in shuffled order, medians over all calls; x_saelens_time: time over SAELens's step "
-            f"for the same architecture (lower is better). First-step losses, minigpt vs SAELens, relative difference: {agreement or '-'}.{skipped}\n\n"
+            f"for the same architecture (lower is better). First-step losses, minigpt vs SAELens, relative "
+            f"difference: {agreement or '-'}.{skipped}\n\n"
             + table(section["rows"]))
 
 
