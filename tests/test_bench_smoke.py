@@ -181,3 +181,42 @@ def test_the_hf_harvester_writes_minigpts_shards_and_the_harvest_row_is_complete
     assert all(math.isfinite(v) and v > 0 for v in section["target_values"].values())
     assert section["written_bytes_per_call"] > section["tokens"] * row_bytes
     assert 0 < section["peak"]["peak_extra_bytes"] <= section["peak_bound_bytes"]
+
+
+def test_sae_row_steps_minigpt_and_saelens_from_the_same_loss(tmp_path) -> None:
+    """The sae concern (--quick): both libraries' first steps on the same harvested bf16 batch from the same
+    weights give the same loss, every contender is timed, and the section and both targets land in the report."""
+    pytest.importorskip("sae_lens.training.sae_trainer", reason="SAELens is not installed (pip install -e '.[bench]')")
+    from scripts.bench import sae
+
+    args = cli.parse_args(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-forward", "--no-load", "--sae"])
+    full = cli.run(args, log=lambda _: None)
+    section = full["sae"]
+    rows = {r["contender"]: r for r in section["rows"]}
+    assert set(rows) == {"minigpt relu", "SAELens relu", "minigpt topk", "SAELens topk"}
+    assert section["saelens_skipped"] is None and section["d_sae"] == sae.EXPANSION * section["d_in"] == 8 * 64
+    for activation in sae.ARCHITECTURES:
+        ours, theirs = rows[f"minigpt {activation}"], rows[f"SAELens {activation}"]
+        assert ours["first_step_loss"] == pytest.approx(theirs["first_step_loss"], rel=1e-5), activation
+        assert section["first_step_loss_relative_difference"][activation] < 1e-5
+        assert theirs["x_saelens_time"] == 1.0 and math.isfinite(ours["x_saelens_time"])
+    assert all(r["median_s"] > 0 and r["rows_per_s"] > 0 and r["calls"] >= 2 for r in rows.values())
+    checked = {t["key"]: t for t in full["targets"]}
+    assert {"sae.step_vs_saelens", "sae.topk_step_vs_saelens"} <= set(checked)
+    assert checked["sae.step_vs_saelens"]["value"] == section["target_values"]["sae.step_vs_saelens"]
+    assert "### sae" in (tmp_path / "bench.md").read_text(encoding="utf-8")
+
+
+def test_sae_row_without_saelens_times_minigpt_alone_and_says_so(tmp_path, monkeypatch) -> None:
+    """Where SAELens cannot be imported the sae section keeps minigpt's rows, says why the others are missing,
+    and reports no target value."""
+    from scripts.bench import sae
+
+    monkeypatch.setattr(sae, "saelens_version", lambda: None)
+    args = cli.parse_args(["--quick", "--threads", "1", "--out", str(tmp_path), "--no-forward", "--no-load", "--sae"])
+    section = sae.measure(args, log=lambda _: None)
+    assert [r["contender"] for r in section["rows"]] == ["minigpt relu", "minigpt topk"]
+    assert all(r["x_saelens_time"] is None and r["median_s"] > 0 for r in section["rows"])
+    assert section["target_values"] == {} and section["first_step_loss_relative_difference"] == {}
+    assert "SAELens is not installed" in section["saelens_skipped"]
+    assert "SAELens rows skipped" in sae.markdown(section)

@@ -6,7 +6,7 @@ for it, and its section lands in bench.json and bench.md.
 """
 from __future__ import annotations
 
-from . import decode, forward, harvest, load, path_patching, train
+from . import decode, forward, harvest, load, path_patching, sae, train
 from .concern import Concern
 
 CONCERNS: dict[str, Concern] = {c.name: c for c in [
@@ -16,4 +16,5 @@ CONCERNS: dict[str, Concern] = {c.name: c for c in [
     harvest.CONCERN,
     train.CONCERN,
     path_patching.CONCERN,
+    sae.CONCERN,
 ]}

@@ -43,6 +43,9 @@ TARGETS = [
     Target("train.step_vs_hf", "training step (forward, backward, AdamW): minigpt time over the faster HF's", "<=", 1.0),
     Target("patching.sweep_vs_hf", "path patching swept over sender heads: minigpt time over the faster HF + hooks "
            "sweep's", "<=", 1.0),
+    Target("sae.step_vs_saelens", "SAE training step on harvested bf16 rows: minigpt time over SAELens's", "<=", 1.0),
+    Target("sae.topk_step_vs_saelens", "SAE training step on harvested bf16 rows, top-k: minigpt time over SAELens's",
+           "<=", 1.0),
     Target("decode.batch1_vs_hf", "decode, batch 1: minigpt time per token over HF generate's", "<=", 1.0),
     Target("decode.compiled_batch1_x_floor", "decode, batch 1, compile=True: time per token / memory floor", "<=", 1.3),
 ]
