@@ -2,9 +2,9 @@
 
 A claim that random weights already show says nothing about training: it is either re-thought (a
 statistic that separates trained from random weights, measured on both: the numbers are beside each
-finding in probes/) or relabelled as architectural. Checked over several seeds for the shipped model's
-shape (pydoc-tiny: 8 blocks, d_model 64, 4 heads) and GPT-2 small's (12 blocks, 768; a short text and
-two seeds, as a random GPT-2 small costs seconds on a CPU).
+finding in probes/) or relabelled as architectural. Checked over several seeds for the shipped models'
+shapes (docs-small: 6 blocks, d_model 192, 6 heads; pydoc-tiny: 8 blocks, d_model 64, 4 heads) and GPT-2
+small's (12 blocks, 768; a short text and two seeds, as a random GPT-2 small costs seconds on a CPU).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from probes._common import Finding
 TEXT = ("The open() function opens a file and returns a file object. The mode argument is a string that says "
         "how the file is to be opened: 'r' for reading, 'w' for writing and 'a' for appending.")
 SHORT = "The open() function opens a file and returns a file object. The mode"  # 15 tokens
-TINY = GPTConfig(vocab_size=50257, n_positions=256, n_embd=64, n_layer=8, n_head=4)
+TINY = GPTConfig(vocab_size=50257, n_positions=256, n_embd=64, n_layer=8, n_head=4)  # pydoc-tiny's
+DOCS_SMALL = GPTConfig(vocab_size=50257, n_positions=256, n_embd=192, n_layer=6, n_head=6)
 
 
 def trained_claims(model: GPT, text: str) -> dict[str, Finding]:
@@ -40,9 +41,10 @@ def assert_none_holds(found: dict[str, Finding]) -> None:
     assert not holding, f"needs-trained findings that hold on random weights: {holding}"
 
 
+@pytest.mark.parametrize("shape", [DOCS_SMALL, TINY], ids=["docs-small", "pydoc-tiny"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_no_trained_finding_holds_on_random_weights_of_the_shipped_shape(seed: int) -> None:
-    found = trained_claims(GPT.random(TINY, seed=seed), TEXT)
+def test_no_trained_finding_holds_on_random_weights_of_the_shipped_shapes(shape: GPTConfig, seed: int) -> None:
+    found = trained_claims(GPT.random(shape, seed=seed), TEXT)
     assert {"reconstruction.near_line", "interventions.scale_0.1.later_blocks", "distributions.tails",
             "interventions.mlp_noise.slightly_negative", "induction.heads", "attention_sink.sink"} <= set(found)
     assert_none_holds(found)
