@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt import GPT, GPTConfig
+from minigpt import GPT, GPTConfig, fast_decode
 from minigpt.config import DTYPES
 
 from . import harness
@@ -96,12 +96,15 @@ def measure(model_dir: str | Path | None = None, device: str = "cpu", dtype: tor
         times = harness.time_round_robin({name: timed(name, call) for name, call in contenders.items()}, device.type,
                                          warmup=0, repeats=repeats, threads=torch.get_num_threads(), log=log)
         reference = outputs.get("HF generate")
+        rowdot = batch == 1 and device.type == "cpu" and fast_decode.rowdot_pays(model.unembedding)
         for name, timings in times.items():
             step = timings.headline() / new_tokens
             rows.append({"contender": name, "batch": batch, "tokens_per_s": round(batch / step, 1),
                          "ms_per_step": round(step * 1e3, 2), "x_floor": round(step / floor_s, 2),
                          "floor_ms_per_step": round(floor_s * 1e3, 2), "copy_GBps": round(bandwidth / 1e9, 1),
-                         "same_as_hf": None if reference is None else bool(torch.equal(outputs[name], reference))})
+                         "same_as_hf": None if reference is None else bool(torch.equal(outputs[name], reference)),
+                         "one_row_linears": ("RowDot (measured faster)" if rowdot else "BLAS (measured faster)")
+                         if "compile" in name and device.type == "cpu" and batch == 1 else "-"})
     return rows
 
 
@@ -113,6 +116,8 @@ def target_values(rows: list[dict]) -> dict[str, float]:
         values["decode.batch1_vs_hf"] = step["minigpt", 1]["ms_per_step"] / step["HF generate", 1]["ms_per_step"]
     if ("minigpt compile=True", 1) in step:
         values["decode.compiled_batch1_x_floor"] = step["minigpt compile=True", 1]["x_floor"]
+        values["decode.compiled_batch1_vs_eager"] = (step["minigpt compile=True", 1]["ms_per_step"]
+                                                     / step["minigpt", 1]["ms_per_step"])
     return values
 
 
