@@ -96,7 +96,7 @@ def measure(model_dir: str | Path | None = None, device: str = "cpu", dtype: tor
         times = harness.time_round_robin({name: timed(name, call) for name, call in contenders.items()}, device.type,
                                          warmup=0, repeats=repeats, threads=torch.get_num_threads(), log=log)
         reference = outputs.get("HF generate")
-        rowdot = batch == 1 and device.type == "cpu" and fast_decode.rowdot_pays(model.unembedding)
+        rowdot = compile and batch == 1 and device.type == "cpu" and fast_decode.rowdot_pays(model.unembedding)
         for name, timings in times.items():
             step = timings.headline() / new_tokens
             rows.append({"contender": name, "batch": batch, "tokens_per_s": round(batch / step, 1),
