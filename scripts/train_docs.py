@@ -4,6 +4,7 @@
     .venv/bin/python scripts/train_docs.py --out DIR            # fetch the corpora, train, export to DIR
     .venv/bin/python scripts/train_docs.py --sweep              # the short runs of docs/SWEEP.md
     .venv/bin/python scripts/train_docs.py --out DIR --export-only   # export a run stopped early, as it is
+    .venv/bin/python scripts/train_docs.py --out DIR --measure-only  # measure DIR's model again into its record
 
 Not shipped yet: the run this session's shared cores allowed was worse than pydoc-tiny (docs/SWEEP.md,
 docs/docs-small-TRAINING.json); minigpt/assets/docs-small is where it goes once a run is better.
@@ -50,6 +51,7 @@ from minigpt.files import file_sha256, read_json, write_json  # noqa: E402
 from minigpt.training import Settings, checkpoint, evaluate, train  # noqa: E402
 from minigpt.training.baselines import baselines, induction_scores, top_heads, uniform_induction_score  # noqa: E402
 from minigpt.training.data import Windows  # noqa: E402
+from minigpt.weights.loading import write_checksums  # noqa: E402
 from scripts.train_small import PACKAGE, PACKAGE_SHA256, corpus_sha256, extract_sources, fetch_package  # noqa: E402
 from scripts.train_small import flatten  # noqa: E402
 
@@ -187,7 +189,7 @@ def measure(out: Path, run: Path, settings: Settings) -> dict:
     """The shipped (bf16) weights on every validation window, the baselines on those windows, the induction heads."""
     model = GPT.from_pretrained(out)
     windows = Windows.open(run / "data", "val", settings.context)
-    every = replace(settings, eval_windows=len(windows), batch_size=16)
+    every = replace(settings, eval_windows=len(windows), batch_size=16, precision="fp32")  # as it is used: float32
     loss = evaluate(model, windows, every, 0, 1)
     train_tokens = Windows.open(run / "data", "train", settings.context).tokens
     base = baselines(train_tokens, windows, model.cfg.vocab_size)
@@ -232,6 +234,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="run the short runs of docs/SWEEP.md instead")
     p.add_argument("--export-only", action="store_true",
                    help="export the last checkpoint of --work/run as it is, without training (a run stopped early)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="measure the model in --out again (loss, baselines, induction) and update its TRAINING.json")
     p.add_argument("--deb", type=Path, default=None, help=f"a {PACKAGE} .deb (default: apt-get download it)")
     p.add_argument("--django", type=Path, default=None, help=f"Django-{DJANGO_VERSION}.tar.gz (default: pip download it)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "train-docs", help="corpus and checkpoints")
@@ -242,6 +246,13 @@ def main() -> None:
         p.error("give --out DIR (the shipped model is remade only when asked: --out minigpt/assets/docs-small)")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.measure_only:
+        kept = read_json(args.out / "TRAINING.json", TrainingError, "export it first")
+        settings = Settings(**kept["settings"])
+        write_json(args.out / "TRAINING.json", {**kept, **measure(args.out, args.work / "run", settings),
+                                                "weights_sha256": file_sha256(args.out / "model.safetensors")})
+        write_checksums(args.out)
+        return
     if args.export_only:
         state = checkpoint.load_state(args.work / "run")
         if state is None:
@@ -268,6 +279,7 @@ def export(args: argparse.Namespace, provenance: dict, state: dict, settings: Se
     """The checkpoint of --work/run in bf16 to --out, with its TRAINING.json."""
     GPT.from_pretrained(args.work / "run").save_pretrained(args.out, dtype=torch.bfloat16)
     write_json(args.out / "TRAINING.json", record(args, provenance, state, settings, timing))
+    write_checksums(args.out)  # what the loader checks on every load of a shipped model
     print(f"done in {timing['seconds'] / 60:.1f} min; the model is in {args.out}", file=sys.stderr)
 
 

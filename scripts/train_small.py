@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from minigpt import GPT, GPTConfig, TrainingError  # noqa: E402
 from minigpt.files import read_json, write_json  # noqa: E402
 from minigpt.training import Settings, train  # noqa: E402
+from minigpt.weights.loading import write_checksums  # noqa: E402
 
 PACKAGE, VERSION = "python3.11-doc", "3.11.2-6+deb12u9"
 PACKAGE_SHA256 = "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be"
@@ -169,6 +170,7 @@ def main() -> None:
         "torch": torch.__version__, "made_by": "scripts/train_small.py",
     }
     write_json(args.out / "TRAINING.json", record)
+    write_checksums(args.out)  # what the loader checks on every load of a shipped model
     print(f"validation loss {validation[-1][1]} after {settings.steps} steps ({seconds / 60:.1f} min); "
           f"the model is in {args.out}", file=sys.stderr)
 

@@ -141,3 +141,14 @@ def test_checksums_that_are_missing_or_incomplete_are_refused(shipped_copy, chan
         os.mkfifo(sums)  # never opened
     with pytest.raises(CheckpointError, match="SHA256SUMS"):
         GPT.from_pretrained("pydoc-tiny")
+
+
+def test_the_scripts_write_the_checksums_the_loader_checks(tmp_path) -> None:
+    """write_checksums (called by scripts/train_small.py and train_docs.py) gives the shipped SHA256SUMS."""
+    import shutil
+
+    from minigpt.weights.loading import write_checksums
+    for name in ("config.json", "model.safetensors", "TRAINING.json"):
+        shutil.copy(DIRECTORY / name, tmp_path / name)
+    write_checksums(tmp_path)
+    assert (tmp_path / "SHA256SUMS").read_text() == (DIRECTORY / "SHA256SUMS").read_text()

@@ -52,6 +52,13 @@ def shipped_description(name: str) -> str:
         return f"{name}: a small model trained by minigpt, {SHIPPED_MARK}"
 
 
+def write_checksums(directory: Path, names: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE, "TRAINING.json")) -> None:
+    """DIR/SHA256SUMS for a model to ship: the sha256 of each of ``names``, in the format
+    ``verified_shipped`` checks (``sha256sum -c`` reads it too)."""
+    files.write_atomically(Path(directory) / CHECKSUMS, lambda path: path.write_text(
+        "".join(f"{file_sha256(Path(directory) / name)}  {name}\n" for name in sorted(names)), encoding="utf-8"))
+
+
 def verified_shipped(name: str) -> Path:
     """The directory of the shipped model ``name``, once each file its SHA256SUMS lists has that sha256.
 
