@@ -10,13 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, OFFICIAL, config_of
+from .config import DTYPES, OFFICIAL, OFFLINE_MODEL, config_of
 from .errors import HubUnreachableError, InputError
 from .model import GPT
 
 Subcommands = argparse._SubParsersAction  # what add_parser is called on
-# The model a command falls back to offline with --trained-if-offline (see weights.SHIPPED).
-OFFLINE_MODEL = "pydoc-tiny"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

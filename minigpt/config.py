@@ -24,6 +24,8 @@ ACTIVATIONS = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # GPT-2's end-of-text token: it ends every document, and generation may stop at it.
 END_OF_TEXT, END_OF_TEXT_ID = "<|endoftext|>", 50256
+# The best trained model that ships with minigpt (minigpt/assets), what commands fall back to offline.
+OFFLINE_MODEL = "pydoc-tiny"
 
 
 @dataclass(frozen=True)

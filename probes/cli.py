@@ -10,6 +10,7 @@ import argparse
 import torch
 
 from minigpt.command import Subcommands, add_model_args, load_model, output_dir
+from minigpt.config import OFFLINE_MODEL
 
 from .final_norm import check_final_norm
 from .reconstruction import reconstruct
@@ -19,7 +20,7 @@ def add_report(commands: Subcommands) -> None:
     p = commands.add_parser("report", help="run every probe on a text: index.html, report.json and figures",
                             description="Run every probe of the lecture notes on TEXT and write OUT/index.html, "
                             "OUT/report.json and the PNG figures. Offline with nothing cached, it falls back to "
-                            "pydoc-tiny, the small model trained by minigpt that ships with it (--trained-if-offline "
+                            f"{OFFLINE_MODEL}, the small model trained by minigpt that ships with it (--trained-if-offline "
                             "is on), and the page says so; --random gives random weights of the --model size.")
     p.add_argument("text")
     p.add_argument("--out", default="report", help="directory for the report (created if missing; default: report)")

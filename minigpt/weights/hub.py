@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..config import OFFLINE_MODEL
 from ..errors import CheckpointError, HubError, HubUnreachableError
 from .reading import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, index_shards
 
@@ -62,7 +63,7 @@ def _hub_fetch(repo_id: str, local_only: bool) -> Path:
             f"cannot get {repo_id!r}: the hub is unreachable (offline, or HF_HUB_OFFLINE=1) and the model "
             f"is not in the local cache. On a connected machine run `minigpt download {repo_id} DIR` "
             "and pass DIR instead of the name; or use the small model trained by minigpt that ships with it "
-            "(`--model pydoc-tiny`, `--trained-if-offline`, GPT.from_pretrained('pydoc-tiny')), or random weights of "
+            f"(`--model {OFFLINE_MODEL}`, `--trained-if-offline`, GPT.from_pretrained('{OFFLINE_MODEL}')), or random weights of "
             "the same shape (`--random-if-offline`, GPT.random(size))") from e
     except RepositoryNotFoundError as e:
         raise HubError(f"no model {repo_id!r} on the hub (or it is private); check the name, "
