@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 # GPT-2's end-of-text token: it ends every document, and generation may stop at it.
 END_OF_TEXT, END_OF_TEXT_ID = "<|endoftext|>", 50256
 # The best trained model that ships with minigpt (minigpt/assets), what commands fall back to offline.
-OFFLINE_MODEL = "pydoc-tiny"
+OFFLINE_MODEL = "docs-small"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""The small trained GPT-2 shipped in minigpt/assets/pydoc-tiny: its record, transformers loading it with
-equal logits, that it is trained, and that the main job falls back to it offline (and --random does not)."""
+"""The small trained GPT-2s shipped in minigpt/assets: docs-small (the offline default) and pydoc-tiny.
+Their records, transformers loading them with equal logits, that they are trained (docs-small: better
+than counting on its whole validation split, with induction heads), and that the main job falls back
+to docs-small offline (and --random does not)."""
 from __future__ import annotations
 
 import json
@@ -41,9 +43,10 @@ def test_the_record_describes_the_files_beside_it(record) -> None:
     assert "NOT OpenAI's GPT-2" in model.provenance and "Python 3.11 documentation" in model.provenance
 
 
-def test_transformers_loads_it_with_equal_logits() -> None:
-    hf = GPT2LMHeadModel.from_pretrained(DIRECTORY, attn_implementation="eager", torch_dtype=torch.float64).eval()
-    ours = GPT.from_pretrained("pydoc-tiny", dtype=torch.float64)
+@pytest.mark.parametrize("name", ["docs-small", "pydoc-tiny"])
+def test_transformers_loads_it_with_equal_logits(name: str) -> None:
+    hf = GPT2LMHeadModel.from_pretrained(SHIPPED[name], attn_implementation="eager", torch_dtype=torch.float64).eval()
+    ours = GPT.from_pretrained(name, dtype=torch.float64)
     tokens = ours.tokens(DOC_TEXT)
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -67,6 +70,47 @@ def test_it_is_trained(record) -> None:
     assert curve == sorted(curve, reverse=True) and curve[-1] < math.log(trained.cfg.vocab_size) - 4
 
 
+# docs-small, the offline default
+
+
+@pytest.fixture(scope="module")
+def docs_record() -> dict:
+    return json.loads((SHIPPED["docs-small"] / "TRAINING.json").read_text(encoding="utf-8"))
+
+
+def test_docs_small_record_describes_the_files_beside_it(docs_record) -> None:
+    directory = SHIPPED["docs-small"]
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    assert GPTConfig.from_hf(config) == GPTConfig(**docs_record["config"])
+    model = GPT.from_pretrained("docs-small")
+    assert sum(p.numel() for p in model.parameters()) == docs_record["parameters"]
+    assert (directory / "model.safetensors").stat().st_size <= 26 * 2**20  # about 25 MB in bf16
+    import hashlib
+    assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == docs_record["weights_sha256"]
+    sources = docs_record["corpus"]["sources"]
+    assert [source["name"] for source in sources] == ["Python 3.11 documentation", "Django documentation"]
+    assert all(source["license"] and source["package_sha256"] == source["expected_package_sha256"] for source in sources)
+    assert docs_record["steps_done"] == docs_record["settings"]["steps"] and docs_record["threads"] >= 1
+    assert docs_record["machine"] and docs_record["seconds"] > 0
+    assert "NOT OpenAI's GPT-2" in model.provenance and "Django documentation" in model.provenance
+
+
+@torch.no_grad()
+def test_docs_small_beats_counting_on_its_whole_validation_split(docs_record) -> None:
+    """At least 0.5 nats below the interpolated bigram on the same windows, every validation window;
+    and it copies in context better than it guesses (no head reaches the report's induction score yet)."""
+    from probes.induction import induction_scores
+    base = docs_record["baselines"]
+    loss = docs_record["validation_loss_as_shipped_all_windows"]
+    assert docs_record["validation_windows"] * docs_record["settings"]["context"] >= 0.9 * docs_record["corpus"]["val_tokens"]
+    assert loss <= base["bigram_interpolated"] - 0.5 and base["bigram_interpolated"] < base["bigram_add_k"]
+    assert docs_record["below_interpolated_bigram"] == pytest.approx(base["bigram_interpolated"] - loss, abs=1e-3)
+    model = GPT.from_pretrained("docs-small")
+    assert loss_on(model, DOC_TEXT) < loss_on(GPT.from_pretrained("pydoc-tiny"), DOC_TEXT)
+    found = induction_scores(model, n=20, batch=4, seed=0)
+    assert found.induction_loss < found.loss_first.mean().item()
+
+
 def report_offline(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hub"),
            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -81,17 +125,17 @@ def report_offline(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedPro
 def test_offline_the_main_job_reports_on_the_shipped_model(tmp_path) -> None:
     done, page = report_offline(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "falling back to pydoc-tiny" in done.stderr
+    assert "falling back to docs-small" in done.stderr
     assert "A small model trained by minigpt, not OpenAI's GPT-2" in page and "RANDOM weights" not in page
     payload = json.loads((tmp_path / "report" / "report.json").read_text(encoding="utf-8"))
-    assert payload["model"]["random_weights"] is False and payload["model"]["config"]["n_layer"] == 8
+    assert payload["model"]["random_weights"] is False and payload["model"]["config"]["n_layer"] == 6
 
 
 @pytest.mark.slow
 def test_offline_random_still_gives_random_weights(tmp_path) -> None:
     done, page = report_offline(tmp_path, "--random")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "RANDOM weights, not a trained GPT-2" in page and "pydoc-tiny" not in page
+    assert "RANDOM weights, not a trained GPT-2" in page and "docs-small" not in page
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from .initialise import build_on_meta, parameter_shapes
 from .names import check_twins, finite, plan, warn_if_not_finite
 from .reading import CONFIG_FILE, WEIGHTS_FILE, checked_file, read_config, read_header, weight_files
 
-# Trained models that come with minigpt (made by scripts/train_small.py), by the name that loads them.
-SHIPPED = {"pydoc-tiny": Path(__file__).parent.parent / "assets" / "pydoc-tiny"}
+# Trained models that come with minigpt (made by scripts/train_docs.py and train_small.py), by the name that loads them.
+SHIPPED = {name: Path(__file__).parent.parent / "assets" / name for name in ("docs-small", "pydoc-tiny")}
 # Beside each shipped model: the sha256 of its files, checked on every load (``verified_shipped``).
 CHECKSUMS = "SHA256SUMS"
 _CHECKSUM_LINE = re.compile(r"(?P<sha256>[0-9a-f]{64}) [ *](?P<name>[A-Za-z0-9_.-]+)")
