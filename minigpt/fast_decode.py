@@ -143,18 +143,20 @@ def rowdot_pays(weight: torch.Tensor, calls: int = 9) -> bool:
     thread count, the two alternating ``calls`` times, medians compared (RowDot must win by 5%).
 
     The answer depends on the CPU: on the AMD EPYC measured, MKL read a one-row product's weights at
-    about half the memory bandwidth and RowDot won 2.5x per step; on an Intel Xeon with AMX, MKL was
-    the faster (decoding 21 against 19 tokens/s at one thread)."""
+    about half the memory bandwidth and the compiled step with RowDot decoded 2.5x as fast as eager;
+    on an Intel Xeon with AMX, MKL was the faster (compiled, 21 tokens/s without RowDot against 19
+    with it at one thread)."""
     key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
     if key not in ROWDOT_VERDICTS:
         with torch.inference_mode():
             row = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
             rowdot = torch.compile(lambda w, x: (w * x).sum(-1), dynamic=False, fullgraph=True)
-            times: dict[str, list[float]] = {"blas": [], "rowdot": []}
+            ways = {"blas": lambda: F.linear(row, weight), "rowdot": lambda: rowdot(weight, row)}
+            times: dict[str, list[float]] = {name: [] for name in ways}
             for call in range(calls + 1):  # the first round warms both (and compiles rowdot)
-                for name, fn in (("blas", F.linear), ("rowdot", rowdot)):
+                for name, way in ways.items():
                     started = time.perf_counter()
-                    fn(row, weight) if name == "blas" else fn(weight, row)
+                    way()
                     if call:
                         times[name].append(time.perf_counter() - started)
         ROWDOT_VERDICTS[key] = statistics.median(times["rowdot"]) < 0.95 * statistics.median(times["blas"])

@@ -8,6 +8,7 @@ step state.json commits, even when a run was killed between the commit and the e
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,21 @@ def committed_model(out: Path) -> Committed | None:
     if not (is_integer(step) and step >= 1):
         raise CheckpointError(f"{path}: 'step' must be a positive integer, got {step!r}; {damaged}")
     weights = step_weights(out, step)
-    digest = (state.get("files") or {}).get(weights.name) if isinstance(state.get("files"), dict) else None
+    listed = state.get("files")
+    digest = listed.get(weights.name) if isinstance(listed, dict) else None
     config_json = state.get("config_json")
     if not isinstance(digest, str) or not isinstance(config_json, dict):
         raise CheckpointError(f"{path} must list the sha256 of {weights.name} under 'files' and the model's "
                               f"config under 'config_json'; {damaged}")
     return Committed(step, weights, digest, config_json)
+
+
+def holds_weights(export: Path, weights: Path, digest: str) -> bool:
+    """Whether ``export`` (DIR/model.safetensors) is a regular file with ``weights``' bytes: the same
+    file (the trainer's hard link), or one whose sha256 is ``digest`` (a copy, where links are not allowed)."""
+    try:
+        if not stat.S_ISREG(os.lstat(export).st_mode):
+            return False
+        return os.path.samefile(export, weights) or files.file_sha256(export) == digest
+    except OSError:
+        return False

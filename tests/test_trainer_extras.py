@@ -139,7 +139,7 @@ def test_eval_refuses_a_context_the_model_lacks_and_too_little_text(run, corpus,
 def test_precision_bf16_autocasts_the_forward_on_a_cpu_and_is_part_of_the_run(corpus, run, tmp_path) -> None:
     """--precision bf16 trains under bf16 autocast on a CPU (losses differ from float32's, stay finite);
     resuming it with another precision is refused; a bad value is refused when the settings are built."""
-    with pytest.raises(TrainingError, match="precision must be one of auto, bf16, fp32"):
+    with pytest.raises(TrainingError, match="precision must be one of 'auto', 'bf16', 'fp32', got 'fp16'"):
         Settings(precision="fp16")
     assert Settings(precision="bf16").autocast("cpu") and not Settings().autocast("cpu")
     assert Settings().autocast("cuda") and not Settings(precision="fp32").autocast("cuda")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import files
-from ..run_layout import state_path, step_weights
+from ..run_layout import holds_weights, state_path, step_weights
 from ..errors import CheckpointError, TrainingError
 from ..files import file_sha256, write_atomically
 from ..weights import CONFIG_FILE, WEIGHTS_FILE, from_hf_state_dict, read_safetensors, save_pretrained
@@ -192,7 +191,7 @@ def export(out: Path, state: dict) -> None:
     """Make DIR/model.safetensors and config.json those of ``state``'s step (a hard link, else a copy);
     nothing is written where they already are."""
     weights = step_weights(out, state["step"])
-    if not _same(out / WEIGHTS_FILE, weights, state["files"][weights.name]):
+    if not holds_weights(out / WEIGHTS_FILE, weights, state["files"][weights.name]):
         def place(path: Path) -> None:
             path.unlink(missing_ok=True)  # this process's own temporary name, left by a killed one of the same id
             try:
@@ -207,16 +206,6 @@ def export(out: Path, state: dict) -> None:
         config = None  # missing or not JSON: written again
     if config != state["config_json"]:
         files.write_json(out / CONFIG_FILE, state["config_json"])  # save_pretrained's bytes: one writer
-
-
-def _same(export: Path, weights: Path, digest: str) -> bool:
-    """Whether ``export`` is a regular file with ``weights``' bytes (the same file, or its sha256 ``digest``)."""
-    try:
-        if not stat.S_ISREG(os.lstat(export).st_mode):
-            return False
-        return os.path.samefile(export, weights) or file_sha256(export) == digest
-    except OSError:
-        return False
 
 
 def tidy(out: Path, state: dict | None) -> None:

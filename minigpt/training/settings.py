@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..checks import check_float, check_int
+from ..checks import check_choice, check_float, check_int
 from ..config import GPTConfig
 from ..errors import TrainingError
 from ..memory import check_training_fits, training_bytes
@@ -98,13 +98,11 @@ def _dropout(value: object, name: str) -> float | None:
                                                   error=TrainingError)
 
 
-def _precision(value: object, name: str) -> str:
-    if value not in PRECISIONS:
-        raise TrainingError(f"{name} must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    return value
-
-
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _precision(value: object, name: str) -> str:
+    return check_choice(value, name, PRECISIONS, error=TrainingError)
 
 
 def _seed(value: object, name: str) -> int:

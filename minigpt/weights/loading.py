@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import os
 import re
 from contextlib import ExitStack
 from pathlib import Path
@@ -168,11 +167,12 @@ def _checkpoint_files(directory: Path, root: Path, source: str) -> tuple[GPTConf
 
 
 def _exported(directory: Path, committed: run_layout.Committed) -> bool:
-    """Whether the run's DIR/model.safetensors is the committed step's file and config.json its config."""
+    """Whether the run's DIR/model.safetensors holds the committed step's weights and config.json its config."""
+    if not run_layout.holds_weights(directory / WEIGHTS_FILE, committed.weights, committed.sha256):
+        return False
     try:
-        same = os.path.samefile(directory / WEIGHTS_FILE, committed.weights)
-        return same and read_json(directory / CONFIG_FILE, CheckpointError, "") == committed.config_json
-    except (OSError, CheckpointError):
+        return read_json(directory / CONFIG_FILE, CheckpointError, "") == committed.config_json
+    except CheckpointError:
         return False
 
 
