@@ -70,8 +70,10 @@ def test_training_is_deterministic_and_learns(corpus, tmp_path) -> None:
     assert len(val) == 10 and val[-1] < val[0]
 
 
-def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(corpus, tmp_path, monkeypatch) -> None:
-    whole = train(corpus, CFG, tmp_path / "whole", QUICK, save_every=2, quiet=True)
+@pytest.mark.parametrize("repeat", [0.0, 0.5])
+def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(corpus, tmp_path, monkeypatch, repeat) -> None:
+    quick = replace(QUICK, repeat=repeat)
+    whole = train(corpus, CFG, tmp_path / "whole", quick, save_every=2, quiet=True)
 
     real = train_module.learning_rate
 
@@ -82,17 +84,41 @@ def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(corpus, tmp_path, 
 
     monkeypatch.setattr(train_module, "learning_rate", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(corpus, CFG, tmp_path / "resumed", QUICK, save_every=2, quiet=True)
+        train(corpus, CFG, tmp_path / "resumed", quick, save_every=2, quiet=True)
     monkeypatch.setattr(train_module, "learning_rate", real)
     saved = json.loads((tmp_path / "resumed" / "training" / "state.json").read_text())
     assert saved["step"] == 2
-    resumed = train(corpus, CFG, tmp_path / "resumed", QUICK, save_every=2, quiet=True)
+    resumed = train(corpus, CFG, tmp_path / "resumed", quick, save_every=2, quiet=True)
     assert losses(resumed) == losses(whole)  # bit for bit: weights, AdamW's moments, data position, dropout
     assert [e.get("val_loss") for e in resumed["log"]] == [e.get("val_loss") for e in whole["log"]]
     a, b = GPT.from_pretrained(tmp_path / "whole"), GPT.from_pretrained(tmp_path / "resumed")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     # Run again when finished: nothing to do, the same state.
-    assert losses(train(corpus, CFG, tmp_path / "resumed", QUICK, save_every=2, quiet=True)) == losses(whole)
+    assert losses(train(corpus, CFG, tmp_path / "resumed", quick, save_every=2, quiet=True)) == losses(whole)
+
+
+def test_repeats_write_a_prefix_twice_in_training_windows_only_and_keep_the_order(corpus, tmp_path) -> None:
+    from minigpt.training.data import SHORTEST_REPEAT, Order, Windows
+
+    plain, repeating = Order(1000, 5), Order(1000, 5, repeat=0.3, context=256)
+    a, b = plain.take(1990, 40), repeating.take(1990, 40)  # across an epoch's end
+    assert a.windows == b.windows and not any(a.repeats)
+    many = repeating.take(0, 1000).repeats
+    assert 0.25 < sum(map(bool, many)) / 1000 < 0.35
+    assert min(r for r in many if r) >= SHORTEST_REPEAT and max(many) <= 128 and len(set(many)) > 50
+    windows = Windows(torch.arange(100).numpy().astype("uint16"), 10)
+    inputs, targets = windows.batch([2, 3], torch.device("cpu"), [4, 0])
+    assert inputs[0].tolist() == [20, 21, 22, 23, 20, 21, 22, 23, 24, 25]
+    assert targets[0].tolist() == [21, 22, 23, 20, 21, 22, 23, 24, 25, 26]
+    assert inputs[1].tolist() == list(range(30, 40)) and targets[1].tolist() == list(range(31, 41))
+    # In a run, the training windows are the repeating ones
+    quick = replace(QUICK, steps=3, eval_every=1, dropout=0.0)
+    with_repeats = train(corpus, CFG, tmp_path / "r", replace(quick, repeat=1.0), quiet=True)
+    without = train(corpus, CFG, tmp_path / "p", quick, quiet=True)
+    assert losses(with_repeats) != losses(without)
+    assert with_repeats["log"][0]["loss"] != without["log"][0]["loss"]
+    with pytest.raises(TrainingError, match="repeat must be"):
+        replace(quick, repeat=1.5)
 
 
 def test_killed_while_writing_a_checkpoint_it_resumes_from_the_one_before(corpus, tmp_path, monkeypatch) -> None:

@@ -15,6 +15,12 @@ seeded permutation of the training windows, one after the other without end, and
 ``global_batch`` windows from s * global_batch on. So where the data stands is the step number alone:
 a resumed run, or one over another number of processes with the same global batch, sees the same
 windows at the same step.
+
+Repeats (``Settings.repeat``): a seeded fraction of each epoch's windows (drawn after the epoch's
+permutation, which is so the same with or without them) write their first L tokens twice and go on
+with the text after them: at ``context`` 256, L is drawn from 8 to 128. Predicting the second copy
+pays only to a model that finds the earlier occurrence of the current token and copies what came next:
+the induction heads that plain text at a small budget does not make worth learning.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import random
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -156,21 +163,38 @@ class Windows:
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context)
 
-    def batch(self, indices: list[int] | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows ``indices`` -> (inputs, targets), each [len(indices), context] int64 on ``device``."""
+    def batch(self, indices: list[int] | torch.Tensor, device: torch.device,
+              repeats: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows ``indices`` -> (inputs, targets), each [len(indices), context] int64 on ``device``.
+        ``repeats[j]`` > 0: row j writes its first ``repeats[j]`` tokens twice, then goes on from there."""
         rows = np.stack([self.tokens[i * self.context: i * self.context + self.context + 1] for i in indices])
+        for j, length in enumerate(repeats or []):
+            if length:
+                rows[j] = np.concatenate([rows[j, :length], rows[j, :self.context + 1 - length]])
         rows = torch.from_numpy(rows.astype(np.int64)).to(device)
         return rows[:, :-1], rows[:, 1:]
 
 
+SHORTEST_REPEAT = 8  # tokens: a repeated prefix is at least this long (and at most half the window)
+
+
+class Picks(NamedTuple):
+    """One micro-batch: its windows and, for each, the length of its repeated prefix (0: none)."""
+
+    windows: list[int]
+    repeats: list[int]
+
+
 class Order:
-    """The endless sequence of training windows: epoch after epoch, each a permutation seeded by (seed, epoch)."""
+    """The endless sequence of training windows: epoch after epoch, each a permutation seeded by (seed, epoch),
+    a ``repeat`` fraction of each epoch's windows repeating a prefix (see the module's docstring)."""
 
-    def __init__(self, n_windows: int, seed: int):
-        self.n, self.seed = n_windows, seed
+    def __init__(self, n_windows: int, seed: int, repeat: float = 0.0, context: int = 2 * SHORTEST_REPEAT):
+        self.n, self.seed, self.repeat, self.context = n_windows, seed, repeat, context
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.long)
+        self._repeats = torch.zeros(0, dtype=torch.long)
 
-    def for_step(self, step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[list[int]]:
+    def for_step(self, step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[Picks]:
         """This process's windows at ``step``: ``grad_accum`` micro-batches of ``batch_size``.
 
         The step's ``batch_size * grad_accum * world`` windows are dealt micro-batch by micro-batch,
@@ -180,13 +204,23 @@ class Order:
         first = step * batch_size * grad_accum * world
         return [self.take(first + (micro * world + rank) * batch_size, batch_size) for micro in range(grad_accum)]
 
-    def take(self, start: int, count: int) -> list[int]:
+    def take(self, start: int, count: int) -> Picks:
         """Windows ``start`` .. ``start + count - 1`` of the endless sequence."""
-        taken = []
+        taken = Picks([], [])
         for position in range(start, start + count):
             epoch, offset = divmod(position, self.n)
             if epoch != self._epoch:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._epoch, self._permutation = epoch, torch.randperm(self.n, generator=generator)
-            taken.append(int(self._permutation[offset]))
+                self._new_epoch(epoch)
+            taken.windows.append(int(self._permutation[offset]))
+            taken.repeats.append(int(self._repeats[offset]))
         return taken
+
+    def _new_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        self._epoch, self._permutation = epoch, torch.randperm(self.n, generator=generator)
+        self._repeats = torch.zeros(self.n, dtype=torch.long)
+        longest = (self.context + 1) // 2
+        if self.repeat and longest >= SHORTEST_REPEAT:  # drawn after the permutation: it is the same without them
+            chosen = torch.rand(self.n, generator=generator) < self.repeat
+            lengths = torch.randint(SHORTEST_REPEAT, longest + 1, (self.n,), generator=generator)
+            self._repeats = torch.where(chosen, lengths, 0)

@@ -45,6 +45,9 @@ class Settings:
     seed: int = _knob(0, "seed of the initial weights, the split, the window order and dropout")
     precision: str = _knob("auto", "bf16 autocast of the forward: 'auto' (on a GPU only), 'bf16' (on any device: "
                            "faster on CPUs with AMX or AVX-512 bf16), 'fp32' (never)")
+    repeat: float = _knob(0.0, "fraction of the training windows that write a prefix of themselves twice (its length "
+                          "drawn from 8 to context/2): copying then pays, so induction heads form in a short run; "
+                          "validation windows never repeat")
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,6 +104,10 @@ def _dropout(value: object, name: str) -> float | None:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def _fraction(value: object, name: str) -> float:
+    return check_float(value, name, 0, 1, error=TrainingError)
+
+
 def _precision(value: object, name: str) -> str:
     return check_choice(value, name, PRECISIONS, error=TrainingError)
 
@@ -114,7 +121,7 @@ _RULES: dict[str, Callable[[object, str], object]] = {
     **dict.fromkeys(("steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"), _size(1)),
     "warmup": _size(0), **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip"), _rate),
     "beta1": _below_one, "beta2": _below_one, "dropout": _dropout, "val_fraction": _held_out, "seed": _seed,
-    "precision": _precision}
+    "precision": _precision, "repeat": _fraction}
 
 
 def check_fits(s: Settings, cfg: GPTConfig, device: torch.device) -> None:
