@@ -106,8 +106,9 @@ def train_step(sae: SAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, s: S
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
-        sums = torch.cat([torch.stack([loss, squared.sum(), l1.sum(), aux.sum(), (z > 0).sum().to(loss)]),
-                          mine.sum(0), mine.pow(2).sum().reshape(1), (z > 0).sum(0).to(loss)]).double()
+        fired = z.sign().sum(0)  # [d_sae] rows each latent fired in (z >= 0; half the time of (z > 0).sum(0)'s cast)
+        sums = torch.cat([torch.stack([loss, squared.sum(), l1.sum(), aux.sum(), fired.sum()]),
+                          mine.sum(0), mine.pow(2).sum().reshape(1), fired]).double()
         if world > 1:
             torch.distributed.all_reduce(sums)
     return _account(sums, len(x), sae.d_in, since_fired, s, step)

@@ -61,7 +61,8 @@ class SAE(torch.nn.Module):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> (x - b_dec) @ W_enc + b_enc [..., d_sae] (b_dec subtracted before encoding)."""
-        return (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        centred = x.to(self.dtype) - self.b_dec
+        return torch.addmm(self.b_enc, centred.flatten(0, -2), self.W_enc).unflatten(0, centred.shape[:-1])
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Pre-activations [..., d_sae] -> latents [..., d_sae]: ReLU, or each row's top k then ReLU."""
