@@ -19,8 +19,8 @@ windows at the same step.
 Repeats (``Settings.repeat``): a seeded fraction of each epoch's windows (drawn after the epoch's
 permutation, which is so the same with or without them) write their first L tokens twice and go on
 with the text after them: at ``context`` 256, L is drawn from 8 to 128. Predicting the second copy
-pays only to a model that finds the earlier occurrence of the current token and copies what came next:
-the induction heads that plain text at a small budget does not make worth learning.
+pays only to a model that finds the earlier occurrence of the current token and copies what came next,
+which is what an induction head does.
 """
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ class Settings:
     precision: str = _knob("auto", "bf16 autocast of the forward: 'auto' (on a GPU only), 'bf16' (on any device: "
                            "faster on CPUs with AMX or AVX-512 bf16), 'fp32' (never)")
     repeat: float = _knob(0.0, "fraction of the training windows that write a prefix of themselves twice (its length "
-                          "drawn from 8 to context/2): copying then pays, so induction heads form in a short run; "
-                          "validation windows never repeat")
+                          "drawn from 8 to context/2), so that copying pays (an aid to induction heads; on docs-small's "
+                          "budget it was not enough: docs/SWEEP.md); validation windows never repeat")
 
     def __post_init__(self) -> None:
         problems = []
