@@ -134,7 +134,8 @@ def test_hostile_training_settings_are_refused_when_built(change, message) -> No
 def test_the_largest_seed_runs_the_window_order_and_numpy_numbers_become_python_ones() -> None:
     from minigpt.training.data import Order
 
-    assert len(Order(10, MAX_SEED, repeat=0.5, context=64).take(0, 25).windows) == 25  # the order's generator takes seed * 1_000_003 + epoch
+    # the order's generator takes seed * 1_000_003 + epoch
+    assert len(Order(10, MAX_SEED, repeat=0.5, context=64).take(0, 25).windows) == 25
     s = Settings(batch_size=np.int64(4), seed=np.uint32(7), lr=np.float32(0.5), min_lr=np.float64(0.25))
     assert (s.batch_size, s.seed, s.lr, s.min_lr) == (4, 7, 0.5, 0.25)
     assert all(type(v) in (int, float) for v in (s.batch_size, s.seed, s.lr, s.min_lr))

@@ -77,6 +77,9 @@ def test_encode_decode_relu_and_topk() -> None:
             assert torch.equal(z.gather(-1, top), torch.relu(pre.gather(-1, top)))
             assert z.sum() == z.gather(-1, top).sum()
         torch.testing.assert_close(sae(x), z @ sae.W_dec + sae.b_dec)
+        # any leading shape, a single vector too: row by row the same latents
+        torch.testing.assert_close(sae.encode(x[0]), z[0])
+        torch.testing.assert_close(sae.encode(torch.stack([x, x])), torch.stack([z, z]))
 
 
 def test_initialisation_ties_encoder_to_decoder_and_centres_b_dec() -> None:

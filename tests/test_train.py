@@ -119,6 +119,8 @@ def test_repeats_write_a_prefix_twice_in_training_windows_only_and_keep_the_orde
     assert with_repeats["log"][0]["loss"] != without["log"][0]["loss"]
     with pytest.raises(TrainingError, match="repeat must be"):
         replace(quick, repeat=1.5)
+    with pytest.raises(TrainingError, match="repeat needs a context of at least 16 tokens"):
+        replace(quick, context=15, repeat=0.5)
 
 
 def test_killed_while_writing_a_checkpoint_it_resumes_from_the_one_before(corpus, tmp_path, monkeypatch) -> None:

@@ -189,7 +189,7 @@ class Order:
     """The endless sequence of training windows: epoch after epoch, each a permutation seeded by (seed, epoch),
     a ``repeat`` fraction of each epoch's windows repeating a prefix (see the module's docstring)."""
 
-    def __init__(self, n_windows: int, seed: int, repeat: float = 0.0, context: int = 2 * SHORTEST_REPEAT):
+    def __init__(self, n_windows: int, seed: int, repeat: float = 0.0, context: int = 0):
         self.n, self.seed, self.repeat, self.context = n_windows, seed, repeat, context
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.long)
         self._repeats = torch.zeros(0, dtype=torch.long)
@@ -220,7 +220,7 @@ class Order:
         self._epoch, self._permutation = epoch, torch.randperm(self.n, generator=generator)
         self._repeats = torch.zeros(self.n, dtype=torch.long)
         longest = (self.context + 1) // 2
-        if self.repeat and longest >= SHORTEST_REPEAT:  # drawn after the permutation: it is the same without them
+        if self.repeat:  # drawn after the permutation: it is the same without them
             chosen = torch.rand(self.n, generator=generator) < self.repeat
             lengths = torch.randint(SHORTEST_REPEAT, longest + 1, (self.n,), generator=generator)
             self._repeats = torch.where(chosen, lengths, 0)

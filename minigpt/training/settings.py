@@ -12,6 +12,7 @@ from ..config import GPTConfig
 from ..errors import TrainingError
 from ..memory import check_training_fits, training_bytes
 from ..weights.names import least_values
+from .data import SHORTEST_REPEAT
 
 # The window order seeds a 64-bit generator with seed * 1_000_003 + epoch (training/data.py's Order):
 # below 2**44, that leaves room for 2**59 epochs.
@@ -63,6 +64,10 @@ class Settings:
         if not problems and self.min_lr > self.lr:
             problems.append(f"min_lr ({self.min_lr!r}) must be <= lr ({self.lr!r}): the cosine decays from lr to "
                             f"min_lr; with a small --lr give --min-lr too (e.g. a tenth of it: {self.lr / 10:g})")
+        if not problems and self.repeat and self.context < 2 * SHORTEST_REPEAT:
+            problems.append(f"repeat needs a context of at least {2 * SHORTEST_REPEAT} tokens (a window writes a "
+                            f"prefix of {SHORTEST_REPEAT} or more twice), got {self.context}: give a longer "
+                            "--context or --repeat 0")
         if problems:
             raise TrainingError("bad training settings: " + "; ".join(problems))
 

@@ -62,7 +62,8 @@ class SAE(torch.nn.Module):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> (x - b_dec) @ W_enc + b_enc [..., d_sae] (b_dec subtracted before encoding)."""
         centred = x.to(self.dtype) - self.b_dec
-        return torch.addmm(self.b_enc, centred.flatten(0, -2), self.W_enc).unflatten(0, centred.shape[:-1])
+        rows = torch.addmm(self.b_enc, centred.reshape(-1, self.d_in), self.W_enc)  # the bias added in the matmul
+        return rows.reshape(*centred.shape[:-1], self.d_sae)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Pre-activations [..., d_sae] -> latents [..., d_sae]: ReLU, or each row's top k then ReLU."""
