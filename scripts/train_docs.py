@@ -51,9 +51,10 @@ sys.path.insert(0, str(ROOT))
 from minigpt import GPT, GPTConfig, TrainingError  # noqa: E402
 from minigpt.files import file_sha256, read_json, write_json  # noqa: E402
 from minigpt.training import Settings, checkpoint, evaluate, train  # noqa: E402
-from minigpt.training.baselines import baselines, induction_scores, top_heads, uniform_induction_score  # noqa: E402
+from minigpt.training.baselines import baselines  # noqa: E402
 from minigpt.training.data import Windows  # noqa: E402
 from minigpt.weights.loading import write_checksums  # noqa: E402
+from probes.induction import induction_scores  # noqa: E402
 from scripts.train_small import PACKAGE, PACKAGE_SHA256, corpus_sha256, extract_sources, fetch_package  # noqa: E402
 from scripts.train_small import flatten  # noqa: E402
 
@@ -195,15 +196,24 @@ def measure(out: Path, run: Path, settings: Settings) -> dict:
     loss = evaluate(model, windows, every, 0, 1)
     train_tokens = Windows.open(run / "data", "train", settings.context).tokens
     base = baselines(train_tokens, windows, model.cfg.vocab_size)
-    scores = induction_scores(model)
+    found = induction_scores(model, n=50, batch=8, seed=0)
     return {"validation_loss_as_shipped_all_windows": round(loss, 4), "validation_windows": len(windows),
             "baselines": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in base.items()},
             "below_interpolated_bigram": round(base["bigram_interpolated"] - loss, 4),
-            "induction": {"method": "minigpt.training.baselines.induction_scores: 8 sequences of 50 random tokens "
-                                    "written twice; mean attention from each second-copy token to the token after "
-                                    "its first occurrence", "top_heads": top_heads(scores),
-                          "uniform_attention_score": round(uniform_induction_score(), 4),
-                          "per_head": [[round(float(x), 4) for x in row] for row in scores]}}
+            "induction": {"method": "probes.induction.induction_scores(model, n=50, batch=8, seed=0): 8 rows of 50 "
+                                    "distinct random tokens written twice; mean attention from each second-copy token "
+                                    "to the token after its first occurrence", "top_heads": top_heads(found.scores),
+                          "uniform_attention_score": round(found.chance, 4),
+                          "loss_first_half": round(found.loss_first.mean().item(), 4),
+                          "loss_repeat": round(found.induction_loss, 4),
+                          "per_head": [[round(float(x), 4) for x in row] for row in found.scores]}}
+
+
+def top_heads(scores: torch.Tensor, count: int = 5) -> list[dict]:
+    """The ``count`` best heads of scores [n_layer, n_head] -> [{"head": "L.H", "score"}, ...], best first."""
+    n_head = scores.shape[1]
+    return [{"head": f"{int(i) // n_head}.{int(i) % n_head}", "score": round(float(scores.flatten()[i]), 4)}
+            for i in scores.flatten().argsort(descending=True)[:count]]
 
 
 def record(args: argparse.Namespace, provenance: dict, state: dict, settings: Settings, timing: dict) -> dict:

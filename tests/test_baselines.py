@@ -1,13 +1,10 @@
-"""Count baselines on hand-computed corpora, and the induction score on patterns whose score is known."""
+"""Count baselines on hand-computed corpora."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
-from minigpt.training.baselines import (K_GRID, LAMBDA_GRID, baselines, fit_smoothing, induction_scores, top_heads,
-                                        uniform_induction_score)
+from minigpt.training.baselines import K_GRID, LAMBDA_GRID, baselines, fit_smoothing
 from minigpt.training.data import Windows
 
 FIXED = {"unigram_k": 1.0, "bigram_k": 1.0, "lambda": 0.5}
@@ -55,35 +52,6 @@ def test_the_interpolated_bigram_beats_the_unigram_on_bigram_structure():
 def test_fit_smoothing_takes_the_best_grid_value_on_the_held_out_tail():
     fitted = fit_smoothing(markov(20_000, 50, seed=2), 50)
     assert fitted["lambda"] >= 0.8  # the next token is the bigram's nine times in ten
-
-
-def stub(patterns: torch.Tensor) -> SimpleNamespace:
-    """A model whose every layer's attention pattern is ``patterns`` [B, H, Q, K]."""
-    n_layer = 2
-    trace = {f"blocks.{i}.attn.pattern": patterns for i in range(n_layer)}
-    return SimpleNamespace(cfg=SimpleNamespace(vocab_size=2000, n_layer=n_layer, n_head=patterns.shape[1]),
-                           run=lambda ids, taps: (None, trace))
-
-
-def test_induction_scores_read_the_token_after_the_previous_occurrence():
-    length = 5
-    perfect = torch.zeros(1, 2, 2 * length, 2 * length)
-    for q in range(2 * length):
-        perfect[0, 0, q, max(q - length + 1, 0)] = 1.0  # head 0: induction from the second copy on
-        perfect[0, 1, q, q] = 1.0  # head 1: each token on itself
-    scores = induction_scores(stub(perfect), length=length, batch=1)
-    assert scores.shape == (2, 2)
-    assert scores[:, 0].tolist() == [1.0, 1.0] and scores[:, 1].tolist() == [0.0, 0.0]
-    assert top_heads(scores, 2) == [{"head": "0.0", "score": 1.0}, {"head": "1.0", "score": 1.0}]
-
-
-def test_induction_score_of_uniform_causal_attention():
-    length = 4
-    uniform = torch.tril(torch.ones(2 * length, 2 * length))
-    uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None]  # [1, 1, Q, K]
-    expected = (1 / 5 + 1 / 6 + 1 / 7 + 1 / 8) / 4  # queries 4..7 each spread over q + 1 keys
-    assert uniform_induction_score(length) == pytest.approx(expected)
-    assert induction_scores(stub(uniform), length=length, batch=1)[0, 0].item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("tokens, vocab", [([0, 5], 4), ([1], 4), ([-1, 0], 4)])

@@ -1,4 +1,4 @@
-"""What a validation loss is worth: count-based baselines on the same windows, and the induction score.
+"""What a validation loss is worth: count-based baselines on the same windows.
 
 ``baselines(train_tokens, val_windows, vocab_size)`` gives the loss (mean nats per predicted token)
 of four models that need no training, on exactly the (input, target) pairs of the validation
@@ -115,38 +115,3 @@ def baselines(train_tokens: np.ndarray, val_windows: Windows, vocab_size: int, *
                                                              smoothing["unigram_k"]).mean()),
         "smoothing": dict(smoothing), "tokens": int(len(following)),
     }
-
-
-@torch.no_grad()
-def induction_scores(model, *, length: int = 50, batch: int = 8, seed: int = 0) -> torch.Tensor:
-    """Each head's induction score -> [n_layer, n_head] in [0, 1].
-
-    On ``batch`` sequences of ``length`` random tokens (ids seeded, drawn from 1000 .. vocab-1 to
-    avoid the commonest ones) written twice, the mean attention weight that a position of the second
-    copy puts on the token just after the previous occurrence of its own token (query t, key
-    t - length + 1): the pattern of a head that copies what came next last time.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    first = torch.randint(1000, model.cfg.vocab_size, (batch, length), generator=generator)
-    ids = torch.cat([first, first], dim=1)  # [B, 2L]
-    _, trace = model.run(ids, "blocks.*.attn.pattern")
-    queries = torch.arange(length, 2 * length)
-    scores = torch.zeros(model.cfg.n_layer, model.cfg.n_head)
-    for layer in range(model.cfg.n_layer):
-        pattern = trace[f"blocks.{layer}.attn.pattern"].float()  # [B, H, 2L, 2L]
-        scores[layer] = pattern[:, :, queries, queries - length + 1].mean(dim=(0, 2))
-    return scores
-
-
-def uniform_induction_score(length: int = 50) -> float:
-    """The induction score of a head that attends evenly to every earlier position (chance level):
-    the mean over the second copy's queries t = length .. 2 length - 1 of 1 / (t + 1)."""
-    return sum(1 / (t + 1) for t in range(length, 2 * length)) / length
-
-
-def top_heads(scores: torch.Tensor, count: int = 5) -> list[dict]:
-    """The ``count`` heads with the highest scores [n_layer, n_head] -> [{"head": "L.H", "score"}, ...]."""
-    order = scores.flatten().argsort(descending=True)[:count]
-    n_head = scores.shape[1]
-    return [{"head": f"{int(i) // n_head}.{int(i) % n_head}", "score": round(float(scores.flatten()[i]), 4)}
-            for i in order]
