@@ -70,9 +70,9 @@ def test_training_is_deterministic_and_learns(corpus, tmp_path) -> None:
     assert len(val) == 10 and val[-1] < val[0]
 
 
-@pytest.mark.parametrize("repeat", [0.0, 0.5])
-def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(corpus, tmp_path, monkeypatch, repeat) -> None:
-    quick = replace(QUICK, repeat=repeat)
+@pytest.mark.parametrize("repeat, tokens", [(0.0, "text"), (0.5, "text"), (0.5, "random")])
+def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(corpus, tmp_path, monkeypatch, repeat, tokens) -> None:
+    quick = replace(QUICK, repeat=repeat, repeat_tokens=tokens)
     whole = train(corpus, CFG, tmp_path / "whole", quick, save_every=2, quiet=True)
 
     real = train_module.learning_rate
@@ -121,6 +121,27 @@ def test_repeats_write_a_prefix_twice_in_training_windows_only_and_keep_the_orde
         replace(quick, repeat=1.5)
     with pytest.raises(TrainingError, match="repeat needs a context of at least 16 tokens"):
         replace(quick, context=15, repeat=0.5)
+
+
+def test_random_repeats_write_seeded_uniform_ids_twice_then_the_text_and_keep_the_text_draws() -> None:
+    from minigpt.training.data import Order, Windows
+
+    text, random = Order(1000, 5, repeat=0.3, context=64), Order(1000, 5, repeat=0.3, context=64, random=True)
+    a, b = text.take(990, 40), random.take(990, 40)  # across an epoch's end
+    assert (a.windows, a.repeats) == (b.windows, b.repeats) and not any(a.seeds)
+    repeating = [seed for seed, length in zip(b.seeds, b.repeats) if length]
+    assert len(repeating) > 5 and len(set(repeating)) == len(repeating)  # a seed of its own for each
+    assert b == Order(1000, 5, repeat=0.3, context=64, random=True).take(990, 40)  # the same draws again
+    windows = Windows(torch.arange(100).numpy().astype("uint16"), 10)
+    inputs, targets = windows.batch([2, 3, 4], torch.device("cpu"), [4, 0, 5], ([7, 0, 7], 50257))
+    drawn = inputs[0, :4].tolist()
+    assert inputs[0].tolist() == drawn + drawn + [20, 21] and targets[0].tolist() == drawn[1:] + drawn + [20, 21, 22]
+    assert inputs[2, :4].tolist() == drawn and inputs[2, 5:9].tolist() == drawn  # seed 7 again: the same ids first
+    assert inputs[2, :5].tolist() == inputs[2, 5:].tolist() and targets[2, -1].item() == 40  # then window 4's text
+    assert inputs[1].tolist() == list(range(30, 40))
+    assert all(0 <= t < 50257 for t in drawn) and len(set(drawn)) > 1
+    with pytest.raises(TrainingError, match="repeat_tokens must be one of"):
+        Settings(repeat_tokens="noise")
 
 
 def test_killed_while_writing_a_checkpoint_it_resumes_from_the_one_before(corpus, tmp_path, monkeypatch) -> None:

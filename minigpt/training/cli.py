@@ -23,7 +23,7 @@ Started again with the same arguments over the same --out, it goes on from the l
 
 def add_command(commands: Subcommands) -> None:
     """Register ``train`` and ``eval`` on the ``minigpt`` parser's subcommands."""
-    from .settings import PRECISIONS, Settings
+    from .settings import CHOICES, Settings
 
     _add_eval(commands)
 
@@ -54,7 +54,7 @@ def add_command(commands: Subcommands) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
     for f in fields(Settings):
         kind = {int: int, str: str}.get(typing.get_type_hints(Settings)[f.name], float)
-        choices = {"choices": PRECISIONS} if f.name == "precision" else {}
+        choices = {"choices": CHOICES[f.name]} if f.name in CHOICES else {}
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=f.metadata["help"],
                        **choices)
     p.set_defaults(func=run)

@@ -20,7 +20,9 @@ Repeats (``Settings.repeat``): a seeded fraction of each epoch's windows (drawn 
 permutation, which is so the same with or without them) write their first L tokens twice and go on
 with the text after them: at ``context`` 256, L is drawn from 8 to 128. Predicting the second copy
 pays only to a model that finds the earlier occurrence of the current token and copies what came next,
-which is what an induction head does.
+which is what an induction head does. With ``Settings.repeat_tokens`` "random" the repeated run is
+instead L token ids drawn uniformly from the whole vocabulary (seeded per window), written twice, with
+the window's text after them: nothing but the copy predicts those tokens, as in the induction test.
 """
 from __future__ import annotations
 
@@ -163,13 +165,18 @@ class Windows:
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.context)
 
-    def batch(self, indices: list[int] | torch.Tensor, device: torch.device,
-              repeats: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: list[int] | torch.Tensor, device: torch.device, repeats: list[int] | None = None,
+              random: tuple[list[int], int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows ``indices`` -> (inputs, targets), each [len(indices), context] int64 on ``device``.
-        ``repeats[j]`` > 0: row j writes its first ``repeats[j]`` tokens twice, then goes on from there."""
+        ``repeats[j]`` > 0: row j writes its first ``repeats[j]`` tokens twice, then goes on from there;
+        with ``random`` = (seeds, vocab_size), row j writes ``repeats[j]`` ids drawn uniformly from
+        [0, vocab_size) by a generator seeded with ``seeds[j]`` twice instead, then its own text."""
         rows = np.stack([self.tokens[i * self.context: i * self.context + self.context + 1] for i in indices])
         for j, length in enumerate(repeats or []):
-            if length:
+            if length and random is not None:
+                drawn = torch.randint(random[1], (length,), generator=torch.Generator().manual_seed(random[0][j]))
+                rows[j] = np.concatenate([drawn.numpy(), drawn.numpy(), rows[j, :self.context + 1 - 2 * length]])
+            elif length:
                 rows[j] = np.concatenate([rows[j, :length], rows[j, :self.context + 1 - length]])
         rows = torch.from_numpy(rows.astype(np.int64)).to(device)
         return rows[:, :-1], rows[:, 1:]
@@ -179,20 +186,23 @@ SHORTEST_REPEAT = 8  # tokens: a repeated prefix is at least this long (and at m
 
 
 class Picks(NamedTuple):
-    """One micro-batch: its windows and, for each, the length of its repeated prefix (0: none)."""
+    """One micro-batch: its windows and, for each, the length of its repeated prefix (0: none) and the
+    seed of its random prefix (``Order``'s ``random``; else 0)."""
 
     windows: list[int]
     repeats: list[int]
+    seeds: list[int]
 
 
 class Order:
     """The endless sequence of training windows: epoch after epoch, each a permutation seeded by (seed, epoch),
-    a ``repeat`` fraction of each epoch's windows repeating a prefix (see the module's docstring)."""
+    a ``repeat`` fraction of each epoch's windows repeating a prefix (see the module's docstring); with
+    ``random``, each of those also gets the seed of its random prefix."""
 
-    def __init__(self, n_windows: int, seed: int, repeat: float = 0.0, context: int = 0):
-        self.n, self.seed, self.repeat, self.context = n_windows, seed, repeat, context
+    def __init__(self, n_windows: int, seed: int, repeat: float = 0.0, context: int = 0, random: bool = False):
+        self.n, self.seed, self.repeat, self.context, self.random = n_windows, seed, repeat, context, random
         self._epoch, self._permutation = -1, torch.empty(0, dtype=torch.long)
-        self._repeats = torch.zeros(0, dtype=torch.long)
+        self._repeats = self._seeds = torch.zeros(0, dtype=torch.long)
 
     def for_step(self, step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> list[Picks]:
         """This process's windows at ``step``: ``grad_accum`` micro-batches of ``batch_size``.
@@ -206,21 +216,24 @@ class Order:
 
     def take(self, start: int, count: int) -> Picks:
         """Windows ``start`` .. ``start + count - 1`` of the endless sequence."""
-        taken = Picks([], [])
+        taken = Picks([], [], [])
         for position in range(start, start + count):
             epoch, offset = divmod(position, self.n)
             if epoch != self._epoch:
                 self._new_epoch(epoch)
             taken.windows.append(int(self._permutation[offset]))
             taken.repeats.append(int(self._repeats[offset]))
+            taken.seeds.append(int(self._seeds[offset]))
         return taken
 
     def _new_epoch(self, epoch: int) -> None:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         self._epoch, self._permutation = epoch, torch.randperm(self.n, generator=generator)
-        self._repeats = torch.zeros(self.n, dtype=torch.long)
+        self._repeats = self._seeds = torch.zeros(self.n, dtype=torch.long)
         longest = (self.context + 1) // 2
         if self.repeat:  # drawn after the permutation: it is the same without them
             chosen = torch.rand(self.n, generator=generator) < self.repeat
             lengths = torch.randint(SHORTEST_REPEAT, longest + 1, (self.n,), generator=generator)
             self._repeats = torch.where(chosen, lengths, 0)
+            if self.random:  # drawn last: the text repeats' draws are the same without them
+                self._seeds = torch.randint(0, 2**62, (self.n,), generator=generator)

@@ -47,8 +47,10 @@ class Settings:
     precision: str = _knob("auto", "bf16 autocast of the forward: 'auto' (on a GPU only), 'bf16' (on any device: "
                            "faster on CPUs with AMX or AVX-512 bf16), 'fp32' (never)")
     repeat: float = _knob(0.0, "fraction of the training windows that write a prefix of themselves twice (its length "
-                          "drawn from 8 to context/2), so that copying pays (an aid to induction heads; on docs-small's "
-                          "budget it was not enough: docs/SWEEP.md); validation windows never repeat")
+                          "drawn from 8 to context/2), so that copying pays (an aid to induction heads: docs/SWEEP.md); "
+                          "validation windows never repeat")
+    repeat_tokens: str = _knob("text", "what a repeating window writes twice: 'text' (its own first tokens) or 'random' "
+                               "(ids drawn uniformly from the vocabulary, then its text: only the copy predicts them)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -107,6 +109,8 @@ def _dropout(value: object, name: str) -> float | None:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+REPEAT_TOKENS = ("text", "random")
+CHOICES = {"precision": PRECISIONS, "repeat_tokens": REPEAT_TOKENS}  # the fields whose values are named
 
 
 def _fraction(value: object, name: str) -> float:
@@ -115,6 +119,10 @@ def _fraction(value: object, name: str) -> float:
 
 def _precision(value: object, name: str) -> str:
     return check_choice(value, name, PRECISIONS, error=TrainingError)
+
+
+def _repeat_tokens(value: object, name: str) -> str:
+    return check_choice(value, name, REPEAT_TOKENS, error=TrainingError)
 
 
 def _seed(value: object, name: str) -> int:
@@ -126,7 +134,7 @@ _RULES: dict[str, Callable[[object, str], object]] = {
     **dict.fromkeys(("steps", "batch_size", "grad_accum", "context", "eval_every", "eval_windows"), _size(1)),
     "warmup": _size(0), **dict.fromkeys(("lr", "min_lr", "weight_decay", "grad_clip"), _rate),
     "beta1": _below_one, "beta2": _below_one, "dropout": _dropout, "val_fraction": _held_out, "seed": _seed,
-    "precision": _precision, "repeat": _fraction}
+    "precision": _precision, "repeat": _fraction, "repeat_tokens": _repeat_tokens}
 
 
 def check_fits(s: Settings, cfg: GPTConfig, device: torch.device) -> None:
