@@ -111,6 +111,7 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
     (rank, world), (train_windows, _) = ranks, windows
     random = s.repeat_tokens == "random"
     order = data.Order(len(train_windows), s.seed, s.repeat, s.context, random)
+    vocab_size = model.cfg.vocab_size
     device = model.unembedding.device
     committed = state["step"] or None  # the checkpoint on disk: named if training diverges
     skipped = sum("skipped" in entry for entry in state["log"])
@@ -121,7 +122,7 @@ def _steps(state: dict, model: GPT, ddp, step_fn, optimizer, windows: tuple[data
         step = state["step"]
         lr = learning_rate(step, schedule)
         micro_batches = order.for_step(step, s.batch_size, s.grad_accum, rank, world)
-        batches = [train_windows.batch(p.windows, device, p.repeats, (p.seeds, model.cfg.vocab_size) if random else None)
+        batches = [train_windows.batch(p.windows, device, p.repeats, (p.seeds, vocab_size) if random else None)
                    for p in micro_batches]
         loss, norm = train_step(model, ddp, step_fn, optimizer, lr, batches, s.grad_clip, s.autocast(device))
         state["step"] = step = step + 1

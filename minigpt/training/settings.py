@@ -47,10 +47,11 @@ class Settings:
     precision: str = _knob("auto", "bf16 autocast of the forward: 'auto' (on a GPU only), 'bf16' (on any device: "
                            "faster on CPUs with AMX or AVX-512 bf16), 'fp32' (never)")
     repeat: float = _knob(0.0, "fraction of the training windows that write a prefix of themselves twice (its length "
-                          "drawn from 8 to context/2), so that copying pays (meant for induction heads; at docs-small's budget "
-                          "none formed: docs/SWEEP.md); validation windows never repeat")
-    repeat_tokens: str = _knob("text", "what a repeating window writes twice: 'text' (its own first tokens) or 'random' "
-                               "(ids drawn uniformly from the vocabulary, then its text: only the copy predicts them)")
+                          "drawn from 8 to context/2), so that copying pays (meant for induction heads; at "
+                          "docs-small's budget none formed: docs/SWEEP.md); validation windows never repeat")
+    repeat_tokens: str = _knob("text", "what a repeating window writes twice: 'text' (its own first tokens) or "
+                               "'random' (ids drawn uniformly from the vocabulary, then its text: only the copy "
+                               "predicts them)")
 
     def __post_init__(self) -> None:
         problems = []
